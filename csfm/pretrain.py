@@ -1,0 +1,119 @@
+"""Generative masked pretraining (MAE style) of the encoder on signals and reports.
+
+Per sample, 75 % of the signal patch tokens and 50 % of the text tokens are masked; the
+encoder sees CLS + the kept tokens only; a light transformer decoder gets every position
+back (mask tokens where masked) and predicts the masked patches (MSE on per-patch
+normalised samples) and the masked text tokens (cross-entropy).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from csfm.batch import Batch
+from csfm.config import ModelConfig
+from csfm.model import CSFMEncoder, SequenceLayout, Transformer
+from csfm_kernels import gather_kept, random_masking, scatter_with_mask_token
+from csfm_kernels.patch_embed import PATCH_LEN
+
+
+@dataclass
+class PretrainOutput:
+    """loss = signal_weight * signal_loss + text_weight * text_loss (scalars);
+    pred_patches [sum P, 25] decoder output for every patch (normalised units);
+    patch_mask [sum P] bool: which patches were masked; n_patch [B] patches per sample."""
+
+    loss: torch.Tensor
+    signal_loss: torch.Tensor
+    text_loss: torch.Tensor
+    pred_patches: torch.Tensor
+    patch_mask: torch.Tensor
+    n_patch: torch.Tensor
+
+
+def normalise_patches(patches: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Per-patch zero mean, unit variance: [P, 25] -> [P, 25] (MAE's normalised targets)."""
+    mean = patches.mean(-1, keepdim=True)
+    var = patches.var(-1, unbiased=False, keepdim=True)
+    return (patches - mean) / torch.sqrt(var + eps)
+
+
+def _token_ids(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Channel-type id and position of every patch token: ([sum P], [sum P]) int64."""
+    chans, positions = [], []
+    for x, ids in zip(batch.signals, batch.channel_ids):
+        per_channel = x.shape[1] // PATCH_LEN
+        chans.append(ids.repeat_interleave(per_channel))
+        positions.append(torch.arange(per_channel, device=x.device).repeat(x.shape[0]))
+    return torch.cat(chans), torch.cat(positions)
+
+
+class MaskedPretrainer(nn.Module):
+    """The encoder plus the pretraining decoder and its heads."""
+
+    def __init__(self, config: ModelConfig, backend: str = "auto", signal_weight: float = 1.0,
+                 text_weight: float = 0.5) -> None:
+        super().__init__()
+        self.config, self.signal_weight, self.text_weight = config, signal_weight, text_weight
+        self.encoder = CSFMEncoder(config, backend)
+        dd = config.decoder_dim
+        self.decoder_embed = nn.Linear(config.dim, dd)
+        self.signal_mask_token = nn.Parameter(torch.zeros(1, 1, dd))
+        self.text_mask_token = nn.Parameter(torch.zeros(1, 1, dd))
+        self.decoder_channel_embedding = nn.Parameter(0.02 * torch.randn(config.n_channel_types, dd))
+        self.decoder_pos_embedding = nn.Parameter(0.02 * torch.randn(config.n_positions, dd))
+        self.decoder_text_pos_embedding = nn.Parameter(0.02 * torch.randn(config.max_text_tokens, dd))
+        self.decoder = Transformer(dd, config.decoder_depth, config.decoder_heads, dd // config.decoder_heads,
+                                   config.decoder_mlp_dim, dropout=0.0)
+        self.patch_head = nn.Linear(dd, PATCH_LEN)
+        self.text_head = nn.Linear(dd, config.vocab_size)
+
+    def forward(self, batch: Batch, signal_ratio: float = 0.75, text_ratio: float = 0.5,
+                generator: torch.Generator | None = None) -> PretrainOutput:
+        enc, backend = self.encoder, self.encoder._op_backend()
+        patch_rows, n_patch = enc.embed_signals(batch)
+        text_rows, n_text = enc.embed_text(batch)
+        signal_plan = random_masking(n_patch.cpu(), signal_ratio, generator, device=patch_rows.device)
+        text_plan = random_masking(n_text.cpu(), text_ratio, generator, device=patch_rows.device)
+        kept_patch = gather_kept(patch_rows, signal_plan, backend=backend)
+        kept_text = gather_kept(text_rows.to(patch_rows.dtype), text_plan, backend=backend)
+        encoded = enc.encode(kept_patch, signal_plan.n_kept, kept_text, text_plan.n_kept)
+
+        cls_rows, kept_patch, kept_text = encoded.layout.split(self.decoder_embed(encoded.tokens))
+        chan, pos = _token_ids(batch)
+        full_patch = scatter_with_mask_token(kept_patch, signal_plan, self.signal_mask_token, backend=backend)
+        full_patch = full_patch + self.decoder_channel_embedding[chan] + self.decoder_pos_embedding[pos]
+        full_text = scatter_with_mask_token(kept_text, text_plan, self.text_mask_token, backend=backend)
+        text_pos = torch.cat([torch.arange(int(n)) for n in n_text.tolist()]).to(full_text.device)
+        full_text = full_text + self.decoder_text_pos_embedding[text_pos]
+
+        layout = SequenceLayout.of(n_patch, n_text)
+        states = self.decoder(layout.pack(cls_rows, full_patch, full_text), layout.cu_seqlens,
+                              layout.max_seqlen, backend=backend)
+        _, patch_states, text_states = layout.split(states)
+        pred = self.patch_head(patch_states)
+        signal_loss = self._signal_loss(batch, pred, signal_plan.mask)
+        text_loss = self._text_loss(batch, text_states, text_plan.mask)
+        loss = self.signal_weight * signal_loss + self.text_weight * text_loss
+        return PretrainOutput(loss, signal_loss, text_loss, pred, signal_plan.mask, n_patch)
+
+    def _signal_loss(self, batch: Batch, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """MSE on normalised patches at masked positions whose samples are mostly valid."""
+        patches = torch.cat([x.reshape(-1, PATCH_LEN) for x in batch.signals]).to(pred.device)
+        valid = torch.cat([v.reshape(-1, PATCH_LEN) for v in batch.valid]).to(pred.device)
+        use = mask & (valid.float().mean(-1) >= 0.5)
+        if not bool(use.any()):
+            return pred.sum() * 0.0
+        err = (pred[use].float() - normalise_patches(patches[use].float())) ** 2
+        return err.mean()
+
+    def _text_loss(self, batch: Batch, text_states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of the masked text tokens (0 when the batch has none)."""
+        if not bool(mask.any()):
+            return text_states.sum() * 0.0
+        targets = torch.cat(batch.text_ids).to(text_states.device)[mask]
+        logits = self.text_head(text_states[mask]).float()
+        return F.cross_entropy(logits, targets)

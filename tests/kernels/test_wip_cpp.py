@@ -1,0 +1,475 @@
+"""Scratch tests for the C++ CPU kernels in csrc/ (module ``csfm_kernels._C``).
+
+Every kernel is compared against plain torch (F.layer_norm / F.linear / index_select, autograd
+for the backward). The built ``_C`` shared object is loaded directly, so these tests do not
+depend on the rest of the ``csfm_kernels`` package. Build first:
+``python setup.py build_ext --inplace``.
+
+Run ``python tests/kernels/test_wip_cpp.py`` for the timing comparison at T=6400, P=25, D=768.
+"""
+from __future__ import annotations
+
+import importlib.machinery
+import importlib.util
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+try:
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+except ImportError:  # pragma: no cover
+    given = None
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _load_ext():
+    if "csfm_kernels._C" in sys.modules:
+        return sys.modules["csfm_kernels._C"]
+    candidates = sorted((ROOT / "csfm_kernels").glob("_C*.so")) + sorted(
+        (ROOT / "csfm_kernels").glob("_C*.pyd"))
+    if not candidates:
+        return None
+    loader = importlib.machinery.ExtensionFileLoader("csfm_kernels._C", str(candidates[0]))
+    spec = importlib.util.spec_from_file_location("csfm_kernels._C", str(candidates[0]), loader=loader)
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+C = _load_ext()
+pytestmark = pytest.mark.skipif(C is None, reason="csfm_kernels._C is not built")
+
+EPS = 1e-5
+
+
+# ------------------------------------------------------------------------------------------
+# helpers
+# ------------------------------------------------------------------------------------------
+def make_inputs(T, P, D, NC, NP, seed=0, offset=0.0):
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0, shift=0.0):
+        return torch.randn(*shape, generator=g) * scale + shift
+
+    return dict(
+        patches=rnd(T, P, scale=2.0, shift=offset),
+        token_chan=torch.randint(0, NC, (T,), generator=g),
+        token_pos=torch.randint(0, NP, (T,), generator=g),
+        ln_p_w=rnd(P, scale=0.5, shift=1.0),
+        ln_p_b=rnd(P, scale=0.1),
+        weight=rnd(D, P, scale=P ** -0.5),
+        bias=rnd(D, scale=0.1),
+        ln_d_w=rnd(D, scale=0.5, shift=1.0),
+        ln_d_b=rnd(D, scale=0.1),
+        chan_emb=rnd(NC, D, scale=0.02),
+        pos_emb=rnd(NP, D, scale=0.02),
+    )
+
+
+PARAM_NAMES = ["ln_p_w", "ln_p_b", "weight", "bias", "ln_d_w", "ln_d_b", "chan_emb", "pos_emb"]
+ARG_ORDER = ["patches", "token_chan", "token_pos"] + PARAM_NAMES
+
+
+def torch_forward(x, eps=EPS):
+    P = x["patches"].shape[1]
+    D = x["weight"].shape[0]
+    h = F.layer_norm(x["patches"], (P,), x["ln_p_w"], x["ln_p_b"], eps)
+    y = F.linear(h, x["weight"], x["bias"])
+    z = F.layer_norm(y, (D,), x["ln_d_w"], x["ln_d_b"], eps)
+    return z + x["chan_emb"].index_select(0, x["token_chan"]) + x["pos_emb"].index_select(0, x["token_pos"])
+
+
+def ours_forward(x, n_threads, eps=EPS, out=None):
+    T = x["patches"].shape[0]
+    D = x["weight"].shape[0]
+    if out is None:
+        out = torch.full((T, D), float("nan"))
+    C.patch_embed_forward(*[x[k].numpy() for k in ARG_ORDER], eps, out.numpy(), n_threads)
+    return out
+
+
+def torch_backward(x, grad_out, eps=EPS):
+    leaves = {k: (v.clone().requires_grad_(True) if v.is_floating_point() else v) for k, v in x.items()}
+    torch_forward(leaves, eps).backward(grad_out)
+    return {k: leaves[k].grad for k in ["patches"] + PARAM_NAMES}
+
+
+def check_backward(x, grad_out, n_threads, eps=EPS):
+    """Ours vs torch autograd in float64 (always) and in float32 (P > 1 and D > 1: with a
+    single element per LayerNorm, xhat = 0 and fp32 torch only returns rounding noise
+    amplified by 1/sqrt(eps))."""
+    ours = ours_backward(x, grad_out, n_threads, eps)
+    x64 = {k: (v.double() if v.is_floating_point() else v) for k, v in x.items()}
+    # D == 1: dy is exactly 0 in exact arithmetic, fp32 leaves ~ulp / sqrt(eps) of noise
+    floor = 1.0 if x["weight"].shape[0] == 1 else 0.1
+    assert_grads_close(ours, torch_backward(x64, grad_out.double(), eps), floor)
+    if x["patches"].shape[1] > 1 and x["weight"].shape[0] > 1:
+        assert_grads_close(ours, torch_backward(x, grad_out, eps))
+    return ours
+
+
+def ours_backward(x, grad_out, n_threads, eps=EPS):
+    grads = {k: torch.full_like(x[k], float("nan")) for k in ["patches"] + PARAM_NAMES}
+    C.patch_embed_backward(grad_out.numpy(), *[x[k].numpy() for k in ARG_ORDER], eps,
+                           *[grads[k].numpy() for k in ["patches"] + PARAM_NAMES], n_threads)
+    return grads
+
+
+# grads that are sums over many tokens get a tolerance relative to their scale
+SUMMED = {"ln_p_w", "ln_p_b", "weight", "bias", "ln_d_w", "ln_d_b", "chan_emb", "pos_emb"}
+
+
+def assert_grads_close(ours, ref, floor=0.1):
+    for k, r in ref.items():
+        r = r.float()
+        o = ours[k]
+        assert o.shape == r.shape, k
+        assert torch.isfinite(o).all(), f"{k} has non-finite values"
+        if k in SUMMED:
+            scale = float(r.abs().max()) if r.numel() else 1.0
+            torch.testing.assert_close(o, r, rtol=1e-4, atol=1e-4 * max(scale, floor), msg=lambda m: f"{k}: {m}")
+        else:
+            torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-5 * max(1.0, float(r.abs().max()) if r.numel() else 1.0),
+                                       msg=lambda m: f"{k}: {m}")
+
+
+SHAPES = [  # T, P, D, NC, NP
+    (0, 25, 768, 13, 100),
+    (1, 25, 768, 13, 100),
+    (3, 25, 17, 2, 5),
+    (5, 1, 3, 1, 1),
+    (37, 25, 768, 13, 100),
+    (50, 7, 64, 3, 9),
+    (129, 25, 100, 13, 40),
+    (17, 3, 16, 4, 4),
+    (300, 25, 48, 13, 100),
+    (64, 30, 130, 2, 70),
+]
+
+
+# ------------------------------------------------------------------------------------------
+# patch_embed forward / backward
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}_P{}_D{}_NC{}_NP{}".format(*s))
+@pytest.mark.parametrize("n_threads", [1, 2, 5])
+def test_patch_embed_forward_matches_torch(shape, n_threads):
+    x = make_inputs(*shape, seed=sum(shape))
+    out = ours_forward(x, n_threads)
+    torch.testing.assert_close(out, torch_forward(x), rtol=1e-5, atol=1e-5)
+
+
+def test_patch_embed_forward_offset_patches_and_eps():
+    # ECG patches with a large DC offset: the LayerNorm statistics must not cancel badly
+    x = make_inputs(40, 25, 96, 13, 100, seed=3, offset=500.0)
+    out = ours_forward(x, 2, eps=1e-6)
+    # torch's fp32 LayerNorm itself is off by ~7e-5 here, so compare with a float64 reference
+    x64 = {k: (v.double() if v.is_floating_point() else v) for k, v in x.items()}
+    torch.testing.assert_close(out.double(), torch_forward(x64, eps=1e-6), rtol=1e-5, atol=1e-5)
+
+
+def test_patch_embed_forward_n_threads_larger_than_work():
+    x = make_inputs(3, 25, 33, 2, 2, seed=1)
+    torch.testing.assert_close(ours_forward(x, 64), torch_forward(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}_P{}_D{}_NC{}_NP{}".format(*s))
+@pytest.mark.parametrize("n_threads", [1, 2, 5])
+def test_patch_embed_backward_matches_autograd(shape, n_threads):
+    x = make_inputs(*shape, seed=sum(shape) + 1)
+    grad_out = torch.randn(shape[0], shape[2], generator=torch.Generator().manual_seed(7))
+    check_backward(x, grad_out, n_threads)
+
+
+def test_patch_embed_backward_large_many_tokens():
+    x = make_inputs(1000, 25, 768, 13, 100, seed=11, offset=3.0)
+    grad_out = torch.randn(1000, 768, generator=torch.Generator().manual_seed(2))
+    check_backward(x, grad_out, 2)
+
+
+def test_patch_embed_backward_deterministic():
+    x = make_inputs(203, 25, 96, 13, 100, seed=5)
+    grad_out = torch.randn(203, 96, generator=torch.Generator().manual_seed(3))
+    for n_threads in (1, 2, 3):
+        a = ours_backward(x, grad_out, n_threads)
+        b = ours_backward(x, grad_out, n_threads)
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
+
+
+def test_patch_embed_backward_zero_tokens_zeroes_grads():
+    x = make_inputs(0, 25, 20, 3, 4)
+    grads = ours_backward(x, torch.zeros(0, 20), 2)
+    for k, v in grads.items():
+        assert torch.equal(v, torch.zeros_like(v)), k
+
+
+def test_patch_embed_backward_unused_embedding_rows_are_zero():
+    x = make_inputs(10, 25, 40, 13, 100, seed=2)
+    x["token_chan"] = torch.zeros(10, dtype=torch.int64)
+    x["token_pos"] = torch.arange(10)
+    grads = ours_backward(x, torch.randn(10, 40), 2)
+    assert torch.equal(grads["chan_emb"][1:], torch.zeros(12, 40))
+    assert torch.equal(grads["pos_emb"][10:], torch.zeros(90, 40))
+
+
+if given is not None:
+
+    @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(T=st.integers(0, 70), P=st.integers(1, 33), D=st.integers(1, 150),
+           NC=st.integers(1, 5), NP=st.integers(1, 20), n_threads=st.integers(1, 4),
+           seed=st.integers(0, 2 ** 16))
+    def test_patch_embed_random_shapes(T, P, D, NC, NP, n_threads, seed):
+        x = make_inputs(T, P, D, NC, NP, seed=seed)
+        torch.testing.assert_close(ours_forward(x, n_threads), torch_forward(x), rtol=1e-5, atol=1e-5)
+        grad_out = torch.randn(T, D, generator=torch.Generator().manual_seed(seed + 1))
+        check_backward(x, grad_out, n_threads)
+
+
+# ------------------------------------------------------------------------------------------
+# masked rows
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("M,K,D", [(0, 0, 5), (10, 0, 7), (10, 4, 17), (100, 30, 768), (7, 7, 1), (500, 499, 3)])
+@pytest.mark.parametrize("n_threads", [1, 2, 9])
+def test_gather_rows(M, K, D, n_threads):
+    src = torch.randn(M, D)
+    rows = torch.randint(0, max(M, 1), (K,)) if M else torch.zeros(0, dtype=torch.int64)
+    out = torch.full((K, D), float("nan"))
+    C.gather_rows(src.numpy(), rows.numpy(), out.numpy(), n_threads)
+    assert torch.equal(out, src.index_select(0, rows))
+
+
+def _scatter_case(M, K, D, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.randperm(M, generator=g)[:K].sort().values
+    source_rows = torch.full((M,), -1, dtype=torch.int64)
+    source_rows[keep] = torch.randperm(K, generator=g)
+    return torch.randn(K, D, generator=g), source_rows, torch.randn(D, generator=g)
+
+
+def _torch_scatter(src, source_rows, fill):
+    kept = source_rows >= 0
+    out = fill.expand(source_rows.shape[0], fill.shape[0]).clone()
+    out[kept] = src.index_select(0, source_rows[kept])
+    return out
+
+
+@pytest.mark.parametrize("M,K,D", [(0, 0, 5), (10, 0, 7), (10, 4, 17), (100, 30, 768), (7, 7, 1), (500, 499, 3), (4000, 1000, 96)])
+@pytest.mark.parametrize("n_threads", [1, 2, 9])
+def test_scatter_rows_fill_and_backward(M, K, D, n_threads):
+    src, source_rows, fill = _scatter_case(M, K, D, seed=M + K + D)
+    out = torch.full((M, D), float("nan"))
+    C.scatter_rows_fill(src.numpy(), source_rows.numpy(), fill.numpy(), out.numpy(), n_threads)
+    assert torch.equal(out, _torch_scatter(src, source_rows, fill))
+
+    src_l = src.clone().requires_grad_(True)
+    fill_l = fill.clone().requires_grad_(True)
+    grad_out = torch.randn(M, D)
+    _torch_scatter(src_l, source_rows, fill_l).backward(grad_out)
+    grad_src = torch.full((K, D), float("nan"))
+    grad_fill = torch.full((D,), float("nan"))
+    C.scatter_rows_fill_backward(grad_out.numpy(), source_rows.numpy(), grad_src.numpy(),
+                                 grad_fill.numpy(), n_threads)
+    assert torch.equal(grad_src, src_l.grad if src_l.grad is not None else torch.zeros(K, D))
+    ref_fill = fill_l.grad if fill_l.grad is not None else torch.zeros(D)
+    torch.testing.assert_close(grad_fill, ref_fill, rtol=1e-5, atol=1e-5)
+
+
+def test_scatter_backward_zeroes_unreferenced_rows_and_is_deterministic():
+    grad_out = torch.randn(6, 4)
+    source_rows = torch.tensor([-1, 2, -1, 0, -1, -1])
+    grad_src = torch.full((4, 4), float("nan"))
+    grad_fill = torch.full((4,), float("nan"))
+    C.scatter_rows_fill_backward(grad_out.numpy(), source_rows.numpy(), grad_src.numpy(), grad_fill.numpy(), 3)
+    assert torch.equal(grad_src[0], grad_out[3]) and torch.equal(grad_src[2], grad_out[1])
+    assert torch.equal(grad_src[[1, 3]], torch.zeros(2, 4))
+    torch.testing.assert_close(grad_fill, grad_out[[0, 2, 4, 5]].sum(0))
+
+    grad_out = torch.randn(20000, 33)
+    source_rows = torch.full((20000,), -1, dtype=torch.int64)
+    a, b = torch.empty(33), torch.empty(33)
+    C.scatter_rows_fill_backward(grad_out.numpy(), source_rows.numpy(), torch.empty(0, 33).numpy(), a.numpy(), 2)
+    C.scatter_rows_fill_backward(grad_out.numpy(), source_rows.numpy(), torch.empty(0, 33).numpy(), b.numpy(), 2)
+    assert torch.equal(a, b)
+    torch.testing.assert_close(a, grad_out.double().sum(0).float(), rtol=1e-6, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------
+# bad input
+# ------------------------------------------------------------------------------------------
+def _fwd_args(x, out=None, eps=EPS, n_threads=2):
+    T, D = x["patches"].shape[0], x["weight"].shape[0]
+    arrays = {k: x[k].numpy() if isinstance(x[k], torch.Tensor) else x[k] for k in ARG_ORDER}
+    out = torch.empty(T, D).numpy() if out is None else out
+    return [arrays[k] for k in ARG_ORDER] + [eps, out, n_threads]
+
+
+@pytest.mark.parametrize("name,bad,match", [
+    ("patches", lambda v: v.double(), "patches.*float32"),
+    ("patches", lambda v: v.t().contiguous().t(), "patches.*C-contiguous"),
+    ("weight", lambda v: v.t().contiguous(), r"weight.*shape"),
+    ("weight", lambda v: v.t(), r"weight.*shape"),
+    ("token_chan", lambda v: v.int(), "token_chan.*int64"),
+    ("token_pos", lambda v: v[:-1], "token_pos.*shape"),
+    ("ln_p_w", lambda v: v[:-1], "ln_p_w.*shape"),
+    ("ln_d_b", lambda v: torch.cat([v, v]), "ln_d_b.*shape"),
+    ("bias", lambda v: torch.stack([v, v], 1)[:, 0], "bias.*C-contiguous"),
+    ("chan_emb", lambda v: v[:, :-1], "chan_emb.*shape"),
+    ("pos_emb", lambda v: v.half(), "pos_emb.*float32"),
+])
+def test_patch_embed_forward_rejects_bad_arrays(name, bad, match):
+    x = make_inputs(8, 25, 32, 3, 6)
+    x[name] = bad(x[name])
+    with pytest.raises(ValueError, match=match):
+        C.patch_embed_forward(*_fwd_args(x))
+
+
+def test_patch_embed_forward_rejects_bad_out_and_threads():
+    x = make_inputs(8, 25, 32, 3, 6)
+    with pytest.raises(ValueError, match="out.*shape"):
+        C.patch_embed_forward(*_fwd_args(x, out=np.empty((8, 31), np.float32)))
+    with pytest.raises(ValueError, match="out.*float32"):
+        C.patch_embed_forward(*_fwd_args(x, out=np.empty((8, 32), np.float64)))
+    with pytest.raises(ValueError, match="out.*C-contiguous"):
+        C.patch_embed_forward(*_fwd_args(x, out=np.empty((32, 8), np.float32).T))
+    ro = np.empty((8, 32), np.float32)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="out.*writeable"):
+        C.patch_embed_forward(*_fwd_args(x, out=ro))
+    with pytest.raises(ValueError, match="n_threads"):
+        C.patch_embed_forward(*_fwd_args(x, n_threads=0))
+    with pytest.raises(TypeError):
+        C.patch_embed_forward(*_fwd_args(x, out=[[0.0] * 32] * 8))
+
+
+@pytest.mark.parametrize("name,value,nmax", [("token_chan", 3, 3), ("token_chan", -1, 3), ("token_pos", 6, 6)])
+def test_patch_embed_rejects_out_of_range_index(name, value, nmax):
+    x = make_inputs(8, 25, 32, 3, 6)
+    x[name] = x[name].clone()
+    x[name][5] = value
+    with pytest.raises(IndexError, match=rf"{name}\[5\] = {value}"):
+        C.patch_embed_forward(*_fwd_args(x))
+    with pytest.raises(IndexError, match=name):
+        ours_backward(x, torch.randn(8, 32), 2)
+
+
+def test_patch_embed_backward_rejects_bad_grad_arrays():
+    x = make_inputs(8, 25, 32, 3, 6)
+    grads = {k: torch.empty_like(x[k]) for k in ["patches"] + PARAM_NAMES}
+    grads["weight"] = torch.empty(25, 32)
+    with pytest.raises(ValueError, match=r"grad_weight.*\[32, 25\].*\[25, 32\]"):
+        C.patch_embed_backward(torch.randn(8, 32).numpy(), *[x[k].numpy() for k in ARG_ORDER], EPS,
+                               *[grads[k].numpy() for k in ["patches"] + PARAM_NAMES], 2)
+    grads["weight"] = torch.empty(32, 25)
+    with pytest.raises(ValueError, match="grad_out.*shape"):
+        C.patch_embed_backward(torch.randn(8, 33).numpy(), *[x[k].numpy() for k in ARG_ORDER], EPS,
+                               *[grads[k].numpy() for k in ["patches"] + PARAM_NAMES], 2)
+
+
+def test_masked_rows_reject_bad_input():
+    src = np.zeros((5, 4), np.float32)
+    with pytest.raises(IndexError, match=r"rows\[1\] = 5"):
+        C.gather_rows(src, np.array([0, 5]), np.zeros((2, 4), np.float32), 1)
+    with pytest.raises(IndexError, match="rows"):
+        C.gather_rows(src, np.array([-1]), np.zeros((1, 4), np.float32), 1)
+    with pytest.raises(ValueError, match="rows.*int64"):
+        C.gather_rows(src, np.array([0, 1], np.int32), np.zeros((2, 4), np.float32), 1)
+    with pytest.raises(ValueError, match="out.*shape"):
+        C.gather_rows(src, np.array([0, 1]), np.zeros((2, 5), np.float32), 1)
+    with pytest.raises(ValueError, match="src.*C-contiguous"):
+        C.gather_rows(np.zeros((4, 5), np.float32).T, np.array([0, 1]), np.zeros((2, 4), np.float32), 1)
+    with pytest.raises(IndexError, match=r"source_rows\[0\] = -2"):
+        C.scatter_rows_fill(src, np.array([-2, 0]), np.zeros(4, np.float32), np.zeros((2, 4), np.float32), 1)
+    with pytest.raises(IndexError, match="source_rows"):
+        C.scatter_rows_fill(src, np.array([5, 0]), np.zeros(4, np.float32), np.zeros((2, 4), np.float32), 1)
+    with pytest.raises(ValueError, match="fill.*shape"):
+        C.scatter_rows_fill(src, np.array([1, 0]), np.zeros(3, np.float32), np.zeros((2, 4), np.float32), 1)
+    with pytest.raises(IndexError, match="source_rows"):
+        C.scatter_rows_fill_backward(np.zeros((2, 4), np.float32), np.array([0, 5]), src,
+                                     np.zeros(4, np.float32), 1)
+    with pytest.raises(ValueError, match="repeats"):
+        C.scatter_rows_fill_backward(np.zeros((2, 4), np.float32), np.array([1, 1]), src,
+                                     np.zeros(4, np.float32), 1)
+    with pytest.raises(ValueError, match="grad_fill.*float32"):
+        C.scatter_rows_fill_backward(np.zeros((2, 4), np.float32), np.array([1, 0]), src,
+                                     np.zeros(4, np.float64), 1)
+
+
+def test_module_info():
+    h = C.source_hash()
+    assert isinstance(h, str) and len(h) == 16 and int(h, 16) >= 0
+    assert C.n_threads_default() >= 1
+
+
+# ------------------------------------------------------------------------------------------
+# timing (python tests/kernels/test_wip_cpp.py)
+# ------------------------------------------------------------------------------------------
+def _median_time(fn, rounds=15, warmup=3):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def bench(T=6400, P=25, D=768, NC=13, NP=100, n_threads=2):
+    torch.set_num_threads(n_threads)
+    x = make_inputs(T, P, D, NC, NP, seed=0)
+    grad_out = torch.randn(T, D)
+    out = torch.empty(T, D)
+    grads = {k: torch.empty_like(x[k]) for k in ["patches"] + PARAM_NAMES}
+    arrays = [x[k].numpy() for k in ARG_ORDER]
+    out_np, go_np = out.numpy(), grad_out.numpy()
+    grad_np = [grads[k].numpy() for k in ["patches"] + PARAM_NAMES]
+
+    leaves = {k: (v.clone().requires_grad_(True) if v.is_floating_point() else v) for k, v in x.items()}
+
+    def torch_fwd():
+        with torch.no_grad():
+            torch_forward(x)
+
+    def torch_fwd_bwd():
+        for v in leaves.values():
+            v.grad = None
+        torch_forward(leaves).backward(grad_out)
+
+    def ours_fwd():
+        C.patch_embed_forward(*arrays, EPS, out_np, n_threads)
+
+    def ours_fwd_bwd():
+        C.patch_embed_forward(*arrays, EPS, out_np, n_threads)
+        C.patch_embed_backward(go_np, *arrays, EPS, *grad_np, n_threads)
+
+    def ours_bwd():
+        C.patch_embed_backward(go_np, *arrays, EPS, *grad_np, n_threads)
+
+    res = {}
+    for name, fn in [("torch fwd", torch_fwd), ("ours fwd", ours_fwd), ("torch fwd+bwd", torch_fwd_bwd),
+                     ("ours fwd+bwd", ours_fwd_bwd), ("ours bwd", ours_bwd)]:
+        res[name] = _median_time(fn)
+    print(f"T={T} P={P} D={D} NC={NC} NP={NP} n_threads={n_threads}")
+    for k, v in res.items():
+        print(f"  {k:14s} {v * 1e3:8.2f} ms")
+    print(f"  speedup fwd      {res['torch fwd'] / res['ours fwd']:.2f}x")
+    print(f"  speedup fwd+bwd  {res['torch fwd+bwd'] / res['ours fwd+bwd']:.2f}x")
+    return res
+
+
+@pytest.mark.slow
+def test_patch_embed_speed_vs_torch():
+    res = bench()
+    assert res["ours fwd"] < res["torch fwd"]
+    assert res["ours fwd+bwd"] < res["torch fwd+bwd"]
+
+
+if __name__ == "__main__":
+    bench()
