@@ -56,6 +56,8 @@ _WAVE_VECTOR_MV = np.array([
     [-0.12, -0.18, -0.30],  # S: terminal, posterior and superior
     [0.20, 0.18, 0.12],     # T: concordant with R
 ])
+_N_WAVES = len(_WAVE_NAMES)
+_F_WAVE_DIRECTION = np.array([[-0.3], [0.5], [0.8]])  # [3, 1] atrial activity: rightward, inferior, anterior
 _P, _T = 0, 4
 _QRS = slice(1, 4)
 
@@ -121,14 +123,14 @@ def make_demo_record(index: int, seed: int = 0, duration_s: float = 10.0, fs: fl
     beats = _beat_times(rng, planned, duration_s, breathing)
     heart_rate = _measured_rate(beats, duration_s)
     rhythm = "af" if planned == "af" else _rate_class(heart_rate)
-    vectors = patient.wave_vectors * rng.lognormal(0.0, 0.05, size=(5, 1))
+    vectors = patient.wave_vectors * rng.lognormal(0.0, 0.05, size=(_N_WAVES, 1))
     t = np.arange(int(round(duration_s * fs))) / fs
     dipole = _dipole(rng, vectors, patient, beats, rhythm == "af", breathing, t, fs)
     leads = _LEAD_MIX @ (_LEAD_DIRECTIONS @ dipole + _interference(rng, breathing, t, fs))
     pulse_arrival_s = patient.pulse_arrival_s + rng.normal(0.0, 0.01)
     ppg = _ppg(rng, patient, pulse_arrival_s, beats, breathing, t, fs)
     axis = _qrs_axis_deg(vectors, patient.wave_widths)
-    patient_id = f"demo_p{patient_index:05d}"
+    patient_id = _patient_id(index)
     metadata: dict[str, Any] = {
         "rhythm": rhythm, "heart_rate": heart_rate, "age": patient.age, "sex": patient.sex,
         "qrs_axis": axis, "pulse_arrival_s": pulse_arrival_s, "patient_id": patient_id,
@@ -161,10 +163,19 @@ class DemoDataset:
     def __len__(self) -> int:
         return self.n
 
+    @property
+    def patient_ids(self) -> list[str]:
+        """Patient of every record, without generating any (for subject-wise splits)."""
+        return [_patient_id(i) for i in range(self.n)]
+
     def __getitem__(self, i: int) -> Record:
         if not -self.n <= i < self.n:
             raise IndexError(f"DemoDataset: index {i} out of range for {self.n} records")
         return make_demo_record(i % self.n, self.seed, **self.kw)
+
+
+def _patient_id(index: int) -> str:
+    return f"demo_p{index // RECORDS_PER_PATIENT:05d}"
 
 
 def _check_args(index: int, duration_s: float, fs: float) -> None:
@@ -188,8 +199,8 @@ def _patient(rng: np.random.Generator) -> _Patient:
     return _Patient(
         age=int(np.clip(rng.normal(58.0, 16.0), 18, 95)),
         sex=str(rng.choice(["M", "F"])),
-        wave_vectors=vectors * rng.lognormal(0.0, 0.15, size=(5, 1)),
-        wave_widths=_WAVE_WIDTH_S * rng.lognormal(0.0, 0.08, size=5),
+        wave_vectors=vectors * rng.lognormal(0.0, 0.15, size=(_N_WAVES, 1)),
+        wave_widths=_WAVE_WIDTH_S * rng.lognormal(0.0, 0.08, size=_N_WAVES),
         pr_scale=rng.uniform(0.85, 1.2),
         pulse_arrival_s=rng.uniform(0.17, 0.28),
         diastolic_ratio=rng.uniform(0.3, 0.5),
@@ -262,21 +273,21 @@ def _dipole(rng: np.random.Generator, vectors: np.ndarray, patient: _Patient, be
     vectors, QRS and T heights swaying 5 % with breathing; AF swaps P waves for f-waves."""
     rr = np.diff(beats, append=beats[-1] + np.diff(beats)[-1])  # [K] interval after each beat
     sway = 1.0 + 0.05 * breathing.at(beats)
-    offsets = np.broadcast_to(_WAVE_OFFSET_S, (beats.size, 5)).copy()  # [K, 5]
+    offsets = np.tile(_WAVE_OFFSET_S, (beats.size, 1))  # [K, 5]
     offsets[:, _P] *= patient.pr_scale
     offsets[:, _T] *= np.sqrt(np.clip(rr, 0.3, 1.5))
-    waves = [w for w in range(len(_WAVE_NAMES)) if not (af and w == _P)]
+    waves = [w for w in range(_N_WAVES) if not (af and w == _P)]
     trains = np.stack([_gaussian_train(beats + offsets[:, w], sway if w != _P else 1.0, patient.wave_widths[w],
                                        fs, t.size) for w in waves])  # [W, T]
     dipole = vectors[waves].T @ trains
     if af:
-        dipole += np.array([[-0.3], [0.5], [0.8]]) * _f_waves(rng, t, fs)
+        dipole += _F_WAVE_DIRECTION * _f_waves(rng, t, fs)
     return dipole
 
 
 def _f_waves(rng: np.random.Generator, t: np.ndarray, fs: float) -> np.ndarray:
-    """Atrial fibrillatory waves [len(t)] (mV, 0.02-0.06) at times t sampled at fs Hz: a 4-9 Hz oscillation whose
-    frequency and amplitude wander slowly."""
+    """Atrial fibrillatory waves [len(t)] (mV, 0.02-0.06) at times t (s) sampled at fs Hz:
+    a 4-9 Hz oscillation whose frequency (+-10 %) and amplitude (+-30 %) wander slowly."""
     f0, amp = rng.uniform(4.0, 9.0), rng.uniform(0.02, 0.06)
     wander = np.sin(2.0 * np.pi * rng.uniform(0.05, 0.2) * t + rng.uniform(0, 2 * np.pi))
     phase = 2.0 * np.pi * f0 * (t + 0.1 * np.cumsum(wander) / fs)  # frequency f0 (1 + 0.1 wander)
@@ -328,15 +339,15 @@ def _report(rng: np.random.Generator, rhythm: str, heart_rate: float, axis_deg: 
     """A short templated report consistent with the labels; a third are written as
     capitalised sentences ("Sinus rhythm. Rate 72.") the way machine reports often are."""
     rate, axis = int(round(heart_rate)), _axis_phrase(axis_deg)
+    marked, response = "marked " if rate < 50 else "", "rapid" if rate > 100 else "controlled"
     options = {
         "sinus": [f"sinus rhythm, rate {rate}", f"normal sinus rhythm, rate {rate}, {axis}",
                   f"sinus rhythm, rate {rate}, {axis}", f"sinus rhythm, ventricular rate {rate}, {axis}, normal ecg"],
         "brady": [f"sinus bradycardia, rate {rate}", f"sinus bradycardia, rate {rate}, {axis}",
-                  f"{'marked ' if rate < 50 else ''}sinus bradycardia, ventricular rate {rate}"],
+                  f"{marked}sinus bradycardia, ventricular rate {rate}"],
         "tachy": [f"sinus tachycardia, rate {rate}", f"sinus tachycardia, rate {rate}, {axis}"],
         "af": [f"atrial fibrillation, ventricular rate {rate}", f"atrial fibrillation, ventricular rate {rate}, "
-               "abnormal ecg", f"atrial fibrillation with {'rapid' if rate > 100 else 'controlled'} "
-               f"ventricular response, rate {rate}"],
+               "abnormal ecg", f"atrial fibrillation with {response} ventricular response, rate {rate}"],
     }[rhythm]
     text = options[int(rng.integers(len(options)))]
     if rng.random() < 1.0 / 3.0:

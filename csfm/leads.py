@@ -38,7 +38,11 @@ whose electrical axis it approximates. These are modelling choices:
 
 Everything else (ABP, ART, PAP, CVP, RESP, Frank vx/vy/vz, numerics, ...) is dropped.
 A user ``mapping`` (name -> type name, type int, or ``None`` to drop) overrides both
-tables, e.g. ``{"ECG": "I"}`` for a device known to record lead I.
+tables, e.g. ``{"ECG": "I"}`` for a device known to record lead I. When two channels
+resolve to one type, the first is kept and the other is listed as dropped with the
+note ``"<name> (duplicate of <type>)"``. A record with no usable channel is an error.
+Channels that are kept but hold no finite sample are not removed here; they are
+listed in ``metadata["empty_channels"]`` by :func:`record_from_channels`.
 """
 from __future__ import annotations
 

@@ -31,7 +31,7 @@ _CLAUSE_END = r"(?:,|\n|\r|(?<!\d)\.|\.(?!\d))"
 _CLAUSE_END_RE = re.compile(_CLAUSE_END)
 _COMPARISON = re.compile(
     r"(?:(?:when|since|as)\s+(?:the\s+)?)?"
-    r"(?:compared\s+(?:to|with)|in\s+comparison\s+(?:to|with)|(?:previous|prior)\s+(?:tracing|ecg|ekg)"
+    r"(?:compared\s+(?:to|with)|in\s+comparison\s+(?:to|with)|(?:previous|prior|last)\s+(?:tracing|ecg|ekg)"
     r"|tracing\s*#\s*\d+)"
     rf"(?:(?!{_CLAUSE_END}).)*"
 )

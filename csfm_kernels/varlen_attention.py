@@ -411,32 +411,36 @@ def _covers_all(buckets: list[_Bucket], total: int) -> bool:
 
 def _bucketed_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, buckets: list[_Bucket],
                       scale: float) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Packed out [T, h, d] and, per bucket, (q_b, k_b, v_b, out_b, lse_b) for the backward.
+
+    Saving the gathered q_b, k_b, v_b (in place of the packed inputs) and out_b spares the
+    backward four gathers per bucket; for adjacent records they are views, costing nothing.
+    """
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-    if _covers_all(buckets, q.shape[0]):
-        out_b, lse = flash(_gather(q, buckets[0]), _gather(k, buckets[0]), _gather(v, buckets[0]),
-                           0.0, False, scale=scale)
-        return out_b.transpose(1, 2).reshape(q.shape), [lse]
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lses = []
+    saved = []
+    out = None if _covers_all(buckets, q.shape[0]) else torch.empty(q.shape, dtype=q.dtype, device=q.device)
     for bucket in buckets:
-        out_b, lse = flash(_gather(q, bucket), _gather(k, bucket), _gather(v, bucket),
-                           0.0, False, scale=scale)
-        _scatter(out, bucket, out_b)
-        lses.append(lse)
-    return out, lses
+        qb, kb, vb = _gather(q, bucket), _gather(k, bucket), _gather(v, bucket)
+        out_b, lse = flash(qb, kb, vb, 0.0, False, scale=scale)
+        if out is None:  # one bucket is the whole batch: its output, re-viewed, is the packed output
+            out = out_b.transpose(1, 2).reshape(q.shape)
+        else:
+            _scatter(out, bucket, out_b)
+        saved += [qb, kb, vb, out_b, lse]
+    return out, saved
 
 
-def _bucketed_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                       out: torch.Tensor, lses: Sequence[torch.Tensor], buckets: list[_Bucket],
+def _bucketed_backward(grad_out: torch.Tensor, saved: Sequence[torch.Tensor], buckets: list[_Bucket],
                        scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv [T, h, d] from the packed grad_out and what _bucketed_forward saved."""
     flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
-    single = _covers_all(buckets, q.shape[0])
-    grads = [] if single else [torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v)]
-    for bucket, lse in zip(buckets, lses):
-        parts = flash_bwd(_gather(grad_out, bucket), _gather(q, bucket), _gather(k, bucket),
-                          _gather(v, bucket), _gather(out, bucket), lse, 0.0, False, scale=scale)
-        if single:
-            return tuple(g.transpose(1, 2).reshape(q.shape) for g in parts)
+    shape, dtype = grad_out.shape, saved[0].dtype
+    if _covers_all(buckets, shape[0]):
+        parts = flash_bwd(_gather(grad_out, buckets[0]), *saved, 0.0, False, scale=scale)
+        return tuple(g.transpose(1, 2).reshape(shape) for g in parts)
+    grads = [torch.empty(shape, dtype=dtype, device=grad_out.device) for _ in range(3)]
+    for i, bucket in enumerate(buckets):
+        parts = flash_bwd(_gather(grad_out, bucket), *saved[5 * i: 5 * i + 5], 0.0, False, scale=scale)
         for dst, part in zip(grads, parts):
             _scatter(dst, bucket, part)
     return tuple(grads)
@@ -467,21 +471,20 @@ def _bucketed_dropout_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
 # ---------------------------------------------------------------------------------------------
 
 class _BucketedAttention(torch.autograd.Function):
-    """CPU length-bucket path: saves the packed inputs, output and per-bucket log-sum-exp."""
+    """CPU length-bucket path: saves each bucket's q, k, v, output and log-sum-exp."""
 
     @staticmethod
     def forward(ctx, q, k, v, buckets, scale):
-        out, lses = _bucketed_forward(q, k, v, buckets, scale)
-        ctx.save_for_backward(q, k, v, out, *lses)
+        out, saved = _bucketed_forward(q, k, v, buckets, scale)
+        ctx.save_for_backward(*saved)
         ctx.buckets = buckets
         ctx.scale = scale
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, out, *lses = ctx.saved_tensors
         grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
-        dq, dk, dv = _bucketed_backward(grad_out, q, k, v, out, lses, ctx.buckets, ctx.scale)
+        dq, dk, dv = _bucketed_backward(grad_out, ctx.saved_tensors, ctx.buckets, ctx.scale)
         return dq, dk, dv, None, None
 
 

@@ -316,6 +316,61 @@ void block_dh(const Prep& pp, const float* DY, int64_t rows, float* DH) {
   }
 }
 
+// One vector of pass 1 of layer_norm_d_backward_row.
+inline void ln_d_backward_step(float* y, vf gv, const float* lnw, float* accw, float* ac,
+                               float* ap, vf m, vf r, vf& s1, vf& s2) {
+  const vf zh = (vload(y) - m) * r;
+  vstore(y, zh);
+  const vf gw = gv * vload(lnw);
+  s1 += gw;
+  s2 += gw * zh;
+  vstore(accw, vload(accw) + gv * zh);
+  vstore(ac, vload(ac) + gv);
+  vstore(ap, vload(ap) + gv);
+}
+
+// LayerNorm_D backward of one token. On entry y holds the forward pre-norm row (padded up
+// to Dp) with its mean / rstd; on exit it holds dy = rstd * (gw - mean(gw) - zhat *
+// mean(gw * zhat)), gw = g * ln_d_w, zero in the padding. Accumulates g * zhat into accw
+// and g into the token's channel / position embedding rows ac / ap.
+void layer_norm_d_backward_row(float* __restrict y, const float* __restrict go,
+                               const float* __restrict lnw, float* __restrict accw,
+                               float* __restrict ac, float* __restrict ap, int64_t D,
+                               int64_t Dp, float mean, float rstd) {
+  const vf m = vset1(mean), r = vset1(rstd);
+  const int64_t dfull = D / VW * VW;  // floats of the grad_out row covered by whole vectors
+  // pass 1: zhat (stored in y), sums of gw and gw * zhat, parameter accumulators
+  vf s1a = {}, s1b = {}, s2a = {}, s2b = {};
+  int64_t j = 0;
+  for (; j + 2 * VW <= dfull; j += 2 * VW) {
+    ln_d_backward_step(y + j, vload(go + j), lnw + j, accw + j, ac + j, ap + j, m, r, s1a, s2a);
+    ln_d_backward_step(y + j + VW, vload(go + j + VW), lnw + j + VW, accw + j + VW,
+                       ac + j + VW, ap + j + VW, m, r, s1b, s2b);
+  }
+  if (j < dfull) {
+    ln_d_backward_step(y + j, vload(go + j), lnw + j, accw + j, ac + j, ap + j, m, r, s1a, s2a);
+    j += VW;
+  }
+  if (j < D)
+    ln_d_backward_step(y + j, vload_part(go + j, D - j), lnw + j, accw + j, ac + j, ap + j, m,
+                       r, s1b, s2b);
+  s1a += s1b;
+  s2a += s2b;
+  const float inv_d = 1.0f / static_cast<float>(D);
+  const vf a = vset1(hsum(s1a) * inv_d);
+  const vf b = vset1(hsum(s2a) * inv_d);
+  // pass 2: dy
+  for (j = 0; j < dfull; j += VW) {
+    const vf gw = vload(go + j) * vload(lnw + j);
+    vstore(y + j, r * (gw - a - vload(y + j) * b));
+  }
+  if (j < D) {
+    const vf gw = vload_part(go + j, D - j) * vload(lnw + j);
+    vstore(y + j, r * (gw - a - vload(y + j) * b));
+  }
+  if (D < Dp) std::memset(y + D, 0, static_cast<size_t>(Dp - D) * sizeof(float));
+}
+
 // Fills H for tokens [t0, t0 + nb) (rows up to round_up(nb, TR) get zeros) and returns the
 // number of rows to process.
 inline int64_t fill_block_h(const PatchEmbedInputs& in, const Prep& pp, int64_t t0, int64_t nb,
@@ -416,8 +471,6 @@ void patch_embed_backward(const PatchEmbedInputs& in, const float* grad_out,
   } free_pacc{pacc};
 
   const float* lnw = pp.lnw.get();
-  const float inv_d = 1.0f / static_cast<float>(D);
-  const int64_t dfull = D / VW * VW;  // floats covered by whole vectors of a grad_out row
 
   if (T > 0) {
     parallel_chunks(T, nt, [&](int64_t begin, int64_t end, int worker) {
@@ -443,50 +496,9 @@ void patch_embed_backward(const PatchEmbedInputs& in, const float* grad_out,
           float* y = Y + i * Dp;
           float mean, rstd;
           row_stats(y, D, Dp, in.eps, &mean, &rstd);
-          const float* go = grad_out + t * D;
-          float* ac = acc_chan + in.token_chan[t] * Dp;
-          float* ap = acc_pos + in.token_pos[t] * Dp;
-          const vf m = vset1(mean), r = vset1(rstd);
-          // pass 1: zhat (stored in y), sums of gw and gw*zhat, parameter accumulators
-          vf s1a = {}, s1b = {}, s2a = {}, s2b = {};
-          auto step1 = [&](int64_t j, vf gv, bool odd) {
-            const vf zh = (vload(y + j) - m) * r;
-            vstore(y + j, zh);
-            const vf gw = gv * vload(lnw + j);
-            if (odd) {
-              s1b += gw;
-              s2b += gw * zh;
-            } else {
-              s1a += gw;
-              s2a += gw * zh;
-            }
-            vstore(accw + j, vload(accw + j) + gv * zh);
-            vstore(ac + j, vload(ac + j) + gv);
-            vstore(ap + j, vload(ap + j) + gv);
-          };
-          int64_t j = 0;
-          for (; j + 2 * VW <= dfull; j += 2 * VW) {
-            step1(j, vload(go + j), false);
-            step1(j + VW, vload(go + j + VW), true);
-          }
-          if (j < dfull) {
-            step1(j, vload(go + j), false);
-            j += VW;
-          }
-          if (j < D) step1(j, vload_part(go + j, D - j), true);
-          const vf a = vset1(hsum(s1a + s1b) * inv_d);
-          const vf b = vset1(hsum(s2a + s2b) * inv_d);
-          // pass 2: dy = rstd * (gw - mean(gw) - zhat * mean(gw * zhat))
-          j = 0;
-          for (; j < dfull; j += VW) {
-            const vf gw = vload(go + j) * vload(lnw + j);
-            vstore(y + j, r * (gw - a - vload(y + j) * b));
-          }
-          if (j < D) {
-            const vf gw = vload_part(go + j, D - j) * vload(lnw + j);
-            vstore(y + j, r * (gw - a - vload(y + j) * b));
-          }
-          if (D < Dp) std::memset(y + D, 0, static_cast<size_t>(Dp - D) * sizeof(float));
+          layer_norm_d_backward_row(y, grad_out + t * D, lnw, accw,
+                                    acc_chan + in.token_chan[t] * Dp,
+                                    acc_pos + in.token_pos[t] * Dp, D, Dp, mean, rstd);
         }
         // rows [nb, rows) of Y hold H @ Wt with zero H rows, i.e. exact zeros
 

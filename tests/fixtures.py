@@ -26,7 +26,7 @@ CINC2017 = SHARED / "cinc2017"
 PTB_RECORD = PHYSIONET / "ptbdb" / "s0010_re"
 PTB_FS = 1000
 TWELVE = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6")
-MIMIC_IV_ORDER = ("I", "II", "III", "aVR", "aVF", "aVL", "V1", "V2", "V3", "V4", "V5", "V6")  # as MIMIC-IV-ECG stores them
+MIMIC_IV_ORDER = ("I", "II", "III", "aVR", "aVF", "aVL", "V1", "V2", "V3", "V4", "V5", "V6")  # MIMIC-IV-ECG's order
 CHUNKS_S = (0, 10, 20)  # three 10 s chunks of s0010_re (38.4 s long)
 
 
@@ -59,8 +59,8 @@ def write_wfdb(directory: Path, name: str, signal: np.ndarray, fs: float, names:
 
 
 def copy_record(source: Path, directory: Path, edit_header: Callable[[str], str] | None = None) -> Path:
-    """Copy a shared record's header and signal files to directory, optionally editing the header text."""
-    header = need(source).with_suffix(".hea") if source.suffix == ".hea" else Path(f"{need(source)}.hea")
+    """Copy a shared record (path without ``.hea``) to directory, optionally editing the header text."""
+    header = need(source).parent / f"{source.name}.hea"
     directory.mkdir(parents=True, exist_ok=True)
     text = header.read_text()
     for line in text.splitlines()[1:]:

@@ -152,5 +152,5 @@ def test_bad_arguments_name_themselves(kw):
 
 
 def test_many_records_generate():
-    """Speed sanity: 50 default records (10 s at 500 Hz); the timing is in the benchmarks, not here."""
+    """Speed sanity: 50 default records (10 s at 500 Hz) generate; no timing is asserted."""
     assert len(make_demo_records(50, seed=9)) == 50

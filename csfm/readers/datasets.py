@@ -93,7 +93,9 @@ class WfdbDirectory(_WfdbFiles):
     labels_csv: optional ``record,label`` CSV without header (absolute or relative to
     root) -> ``metadata["label"]``. record_id is the record path relative to root;
     a plain directory names no subjects, so patient_ids are the record ids.
-    Multi-segment records are read with csfm.readers.read_multisegment.
+    Multi-segment records are read with csfm.readers.read_multisegment (a window in
+    a gap raises ValueError; stream_windows skips gaps); ``*_layout`` headers are
+    never records and are left out of globs.
     """
 
     def __init__(self, root: str | Path, pattern: str | None = None, labels_csv: str | Path | None = None,
@@ -103,7 +105,8 @@ class WfdbDirectory(_WfdbFiles):
             names = [line.strip() for line in (root / "RECORDS").read_text().splitlines() if line.strip()]
             names = [name for name in names if not name.endswith("/")]
         else:
-            names = sorted(str(record_base(p.relative_to(root)).as_posix()) for p in root.glob(pattern or "**/*.hea"))
+            names = sorted(record_base(p.relative_to(root)).as_posix() for p in root.glob(pattern or "**/*.hea")
+                           if not p.stem.endswith("_layout"))
         if not names:
             raise ValueError(f"{root}: no WFDB records (RECORDS file or pattern {pattern or '**/*.hea'!r})")
         super().__init__(root, names, names, list(names), mapping)

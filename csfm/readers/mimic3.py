@@ -35,6 +35,10 @@ def read_multisegment(path: str | Path, mapping: LeadMapping | None = None,
 
     path: master header, with or without ``.hea``. Returns signal [C, T] float32 with
     the kept channels recorded anywhere in the range (NaN where absent or in gaps).
+    record_id is the master record name, patient_id its part before the first "-"
+    (MIMIC-III ``p000878-2137-...`` -> ``p000878``); metadata has the master header's
+    comments, ``start_s`` and the ``segments`` read. The whole range is held in
+    memory: for multi-day records use stream_windows.
     Raises ValueError naming the file for a missing segment header or signal file,
     and naming the record when no kept channel is recorded in the range.
     """
@@ -57,7 +61,9 @@ def stream_windows(path: str | Path, window_s: float, mapping: LeadMapping | Non
     absent). Windows where fewer than ``min_valid_fraction`` of the samples have a
     finite value in at least one channel (gaps, channels all absent) are skipped.
     Reaching a segment whose header or signal file is missing raises ValueError
-    naming that file (windows before it have been yielded).
+    naming that file (windows before it have been yielded). Each window costs one
+    ``wfdb.rdrecord`` per overlapping segment (~2 ms here, ~20 s per recorded day at
+    10 s windows). Records as in read_multisegment, plus ``metadata["valid_fraction"]``.
     """
     segments = _Segments(path, mapping)
     width = int(round(window_s * segments.fs))
@@ -112,8 +118,10 @@ class _Segments:
         read = []
         for k in self._overlapping(sampfrom, sampto):
             name = self.master.seg_name[k]
-            header = None if name == _GAP else self._segment_header(k)
-            rows = [row for row, channel in enumerate(self.names) if header and channel in header.sig_name]
+            if name == _GAP:
+                continue
+            header = self._segment_header(k)
+            rows = [row for row, channel in enumerate(self.names) if channel in header.sig_name]
             if not rows:
                 continue
             lo, hi = max(sampfrom, int(self.starts[k])), min(sampto, int(self.stops[k]))
@@ -157,7 +165,7 @@ class _Segments:
             try:
                 header = read_header(self.base.parent / name)
             except ValueError as error:
-                raise ValueError(f"{self.hea}: segment {k} {name!r} (field seg_name): {error}") from error
+                raise ValueError(f"{self.hea}: segment {name!r} (entry {k} of field seg_name): {error}") from error
             if header.fs != self.master.fs:
                 raise ValueError(f"{self.base.parent / name}.hea: field fs is {header.fs} Hz but the master "
                                  f"header {self.hea} says {self.master.fs} Hz")

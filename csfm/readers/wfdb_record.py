@@ -145,12 +145,12 @@ def read_channels(record_path: Path, header: wfdb.Record, channels: list[int], s
         if len(samples) != frames * spf:
             raise ValueError(f"{hea}: channel {header.sig_name[c]!r} gave {len(samples)} samples for "
                              f"{frames} frames x {spf} (field sig_len={header.sig_len}): truncated signal file?")
-        rows.append(_upsample(np.asarray(samples, dtype=np.float32), spf, out_spf))
+        rows.append(_resample_frames(np.asarray(samples, dtype=np.float32), spf, out_spf))
     return np.stack(rows)
 
 
-def _upsample(x: np.ndarray, spf: int, out_spf: int) -> np.ndarray:
-    """[n * spf] samples -> [n * out_spf] by resample_poly (out_spf / spf), NaN kept as NaN.
+def _resample_frames(x: np.ndarray, spf: int, out_spf: int) -> np.ndarray:
+    """[n * spf] samples (n frames) -> [n * out_spf] by resample_poly(out_spf / spf), NaN kept.
 
     NaN runs are bridged by linear interpolation for the filter only; every output
     sample that falls in an invalid input sample's interval is NaN again.

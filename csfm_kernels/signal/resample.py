@@ -70,7 +70,7 @@ def resample(x: np.ndarray, fs_in: float, fs_out: float = 250.0) -> np.ndarray:
 
     x: [C, T] real array, samples at fs_in Hz, NaN where missing.
     Returns [C, T_out] float32 at fs_out Hz with T_out = round(T * fs_out / fs_in); T = 0 gives
-    [C, 0]. NaN exactly where an output's support (its 2 * half nearest input samples, half =
+    [C, 0]; fs_out == fs_in returns a float32 copy. NaN exactly where an output's support (its 2 * half nearest input samples, half =
     ceil(14 * max(1, fs_in / fs_out))) touches a NaN. Accuracy: see the module docstring;
     on real ECG records the result matches scipy's FFT resampling to within 1e-3 of the
     signal's range below 0.8 x the lower Nyquist frequency, away from the record's ends.
@@ -83,6 +83,8 @@ def resample(x: np.ndarray, fs_in: float, fs_out: float = 250.0) -> np.ndarray:
     if x.shape[1] == 0 or n_out == 0:
         return np.zeros((x.shape[0], n_out), np.float32)
     ratio = _rational_ratio(fs_in, fs_out)
+    if ratio == (1, 1):
+        return x.astype(np.float32)
     if ratio is not None:
         up, down = ratio
         return _resample_polyphase(x, _polyphase_bank(up, down, half), up, down, half, n_out)
@@ -137,6 +139,8 @@ def _dot(taps, window):
 @njit(cache=True)
 def _reflect(i, n):
     """Index i folded into [0, n) by even reflection about the end samples (n >= 1)."""
+    if 0 <= i < n:
+        return i
     if n == 1:
         return 0
     period = 2 * (n - 1)
@@ -144,15 +148,11 @@ def _reflect(i, n):
     return i if i < n else period - i
 
 
-@njit(cache=True, inline="always")
-def _support_dot(row, start, taps, scratch):
-    """sum_j taps[j] * row[start + j], mirroring indices outside row. scratch: [len(taps)]."""
-    n_taps = taps.shape[0]
-    if start >= 0 and start + n_taps <= row.shape[0]:
-        return _dot(taps, row[start:start + n_taps])
-    for j in range(n_taps):
-        scratch[j] = row[_reflect(start + j, row.shape[0])]
-    return _dot(taps, scratch)
+@njit(cache=True)
+def _copy_span(row, start, span):
+    """span[j] = row[start + j] as float64, indices outside row mirrored. span: [n]."""
+    for j in range(span.shape[0]):
+        span[j] = row[_reflect(start + j, row.shape[0])]
 
 
 @njit(cache=True, parallel=True)
@@ -162,11 +162,16 @@ def _resample_polyphase(x, bank, up, down, half, n_out):
     n_chunks = (n_out + _CHUNK - 1) // _CHUNK
     out = np.empty((n_channels, n_out), np.float32)
     for task in prange(n_channels * n_chunks):
-        c, first = task // n_chunks, (task % n_chunks) * _CHUNK
-        scratch = np.empty(2 * half)
+        c = task // n_chunks
+        first = (task % n_chunks) * _CHUNK
+        last = min(n_out, first + _CHUNK)
+        span_start = first * down // up - half + 1  # support start of the chunk's first output
+        span = np.empty((last - 1) * down // up + half + 1 - span_start)
+        _copy_span(x[c], span_start, span)
         base, phase = divmod(first * down, up)  # floor(u) and up * frac(u)
-        for n in range(first, min(n_out, first + _CHUNK)):
-            out[c, n] = _support_dot(x[c], base - half + 1, bank[phase], scratch)
+        for n in range(first, last):
+            offset = base - half + 1 - span_start
+            out[c, n] = _dot(bank[phase], span[offset:offset + 2 * half])
             base += down // up
             phase += down % up
             if phase >= up:
@@ -201,11 +206,18 @@ def _resample_interpolated(x, table, scale, step, half, n_out):
     n_chunks = (n_out + _CHUNK - 1) // _CHUNK
     out = np.empty((n_channels, n_out), np.float32)
     for chunk in prange(n_chunks):
-        taps, scratch = np.empty(2 * half), np.empty(2 * half)
-        for n in range(chunk * _CHUNK, min(n_out, (chunk + 1) * _CHUNK)):
+        first = chunk * _CHUNK
+        last = min(n_out, first + _CHUNK)
+        span_start = int(np.floor(first * step)) - half + 1
+        spans = np.empty((n_channels, int(np.floor((last - 1) * step)) + half + 1 - span_start))
+        for c in range(n_channels):
+            _copy_span(x[c], span_start, spans[c])
+        taps = np.empty(2 * half)
+        for n in range(first, last):
             position = n * step
             base = int(np.floor(position))
             _interpolated_taps(table, scale, position - base, taps)
+            offset = base - half + 1 - span_start
             for c in range(n_channels):
-                out[c, n] = _support_dot(x[c], base - half + 1, taps, scratch)
+                out[c, n] = _dot(taps, spans[c, offset:offset + 2 * half])
     return out

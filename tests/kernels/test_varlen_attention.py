@@ -118,6 +118,12 @@ def test_strided_inputs_from_a_qkv_split():
                *qkv.unbind(1), g)
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a, b, **FP32)
+    # out.sum().backward() hands the backward a stride-0 (expanded) grad
+    qkv.requires_grad_()
+    varlen_attention(*qkv.unbind(1), cu, 201, backend="cpu").sum().backward()
+    ones = _run(lambda a, b, c: varlen_attention(a, b, c, cu, 201, backend="reference"),
+                *qkv.detach().unbind(1), torch.ones_like(g))
+    torch.testing.assert_close(qkv.grad, torch.stack(ones[1:], 1), **FP32)
 
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])

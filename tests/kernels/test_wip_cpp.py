@@ -102,15 +102,16 @@ def torch_backward(x, grad_out, eps=EPS):
 
 
 def check_backward(x, grad_out, n_threads, eps=EPS):
-    """Ours vs torch autograd in float64 (always) and in float32 (P > 1 and D > 1: with a
-    single element per LayerNorm, xhat = 0 and fp32 torch only returns rounding noise
-    amplified by 1/sqrt(eps))."""
+    """Ours vs torch autograd in float64 (always) and in float32 where that is well
+    conditioned (P > 1 and D >= 16: with one or two elements per LayerNorm the gradients are
+    mostly cancellation, and fp32 torch is itself off by far more than 1e-5, while ours stays
+    within ~1e-6 of float64)."""
     ours = ours_backward(x, grad_out, n_threads, eps)
     x64 = {k: (v.double() if v.is_floating_point() else v) for k, v in x.items()}
     # D == 1: dy is exactly 0 in exact arithmetic, fp32 leaves ~ulp / sqrt(eps) of noise
     floor = 1.0 if x["weight"].shape[0] == 1 else 0.1
     assert_grads_close(ours, torch_backward(x64, grad_out.double(), eps), floor)
-    if x["patches"].shape[1] > 1 and x["weight"].shape[0] > 1:
+    if x["patches"].shape[1] > 1 and x["weight"].shape[0] >= 16:
         assert_grads_close(ours, torch_backward(x, grad_out, eps))
     return ours
 

@@ -1,0 +1,126 @@
+"""Pretraining samples: one 10 s window of a record, preprocessed, lead-subset augmented,
+with its report tokenized; and the collate that turns samples into a ragged Batch.
+
+Randomness (crop start, lead subset) comes from ``default_rng([seed, epoch, index])``, so
+an epoch's samples are the same whatever the worker count, and a resumed run sees the data
+an uninterrupted one would.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence
+
+import numpy as np
+import torch
+
+from csfm.batch import Batch, make_batch
+from csfm.preprocess import PreprocessConfig, preprocess_record
+from csfm.record import PPG_TYPE, Record
+from csfm.tokenizer import ReportTokenizer
+
+LIMB_LEADS = (0, 1, 2, 3, 4, 5)  # I, II, III, aVR, aVL, aVF
+LEAD_II = 1
+
+
+class RecordSource(Protocol):
+    """Anything with ``len`` and ``[i] -> Record`` (demo data, every reader of csfm.readers)."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> Record: ...
+
+
+@dataclass
+class Sample:
+    """x, valid [C, window] (float32 z-scored, bool); channel_types [C]; text_ids [M]."""
+
+    x: np.ndarray
+    valid: np.ndarray
+    channel_types: list[int]
+    text_ids: np.ndarray
+    record_id: str
+    patient_id: str
+    metadata: dict = field(default_factory=dict)
+
+
+def lead_subset(channel_types: Sequence[int], rng: np.random.Generator) -> list[int]:
+    """Indices of a random lead subset the model should also serve: one lead (II where
+    present), two (II + PPG where present), three, the six limb leads, ECG only or PPG only.
+    Only subsets the record can give are drawn; with none, all channels are kept."""
+    types = list(channel_types)
+    ecg = [i for i, t in enumerate(types) if t != PPG_TYPE]
+    ppg = [i for i, t in enumerate(types) if t == PPG_TYPE]
+    lead_ii = [i for i in ecg if types[i] == LEAD_II]
+    options: list[list[int]] = []
+    if ecg:
+        options.append(lead_ii[:1] or [int(rng.choice(ecg))])
+    if lead_ii and ppg:
+        options.append(lead_ii[:1] + ppg[:1])
+    if len(ecg) > 3:
+        options.append(sorted(rng.choice(ecg, 3, replace=False).tolist()))
+    limb = [i for i in ecg if types[i] in LIMB_LEADS]
+    if len(limb) == 6 and len(ecg) > 6:
+        options.append(limb)
+    if ecg and ppg:
+        options.extend([ecg, ppg])
+    return options[int(rng.integers(len(options)))] if options else list(range(len(types)))
+
+
+class PretrainWindows(torch.utils.data.Dataset):
+    """Item i: a random window of record i, preprocessed to 250 Hz, z-scored, tokenized.
+
+    subset_prob: chance of replacing the lead set by a random subset (``lead_subset``).
+    A record shorter than the window gives its whole length (a multiple of 25 samples).
+    """
+
+    def __init__(self, records: RecordSource, tokenizer: ReportTokenizer | None,
+                 preprocess: PreprocessConfig | None = None, subset_prob: float = 0.5,
+                 max_text_tokens: int = 64, seed: int = 0, indices: Sequence[int] | None = None) -> None:
+        self.records, self.tokenizer = records, tokenizer
+        self.preprocess = preprocess or PreprocessConfig()
+        self.subset_prob, self.max_text_tokens, self.seed = subset_prob, max_text_tokens, seed
+        self.indices = list(range(len(records))) if indices is None else list(indices)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> Sample:
+        record = self.records[self.indices[i]]
+        rng = np.random.default_rng([self.seed, self.epoch, self.indices[i]])
+        windows = preprocess_record(record, self.preprocess)
+        if len(windows.x) == 0:
+            raise ValueError(f"record {record.record_id}: no window with enough valid samples")
+        w = int(rng.integers(len(windows.x)))
+        keep = list(range(len(record.channel_types)))
+        if rng.random() < self.subset_prob:
+            keep = lead_subset(record.channel_types, rng)
+        text = np.zeros(0, dtype=np.int64)
+        if self.tokenizer is not None and record.text:
+            text = np.asarray(self.tokenizer.encode(record.text, self.max_text_tokens).ids, dtype=np.int64)
+        return Sample(windows.x[w][keep], windows.valid[w][keep], [record.channel_types[c] for c in keep],
+                      text, record.record_id, record.patient_id, dict(record.metadata))
+
+
+def collate(samples: Sequence[Sample]) -> Batch:
+    """Samples -> ragged Batch (nothing padded: lead counts and text lengths stay per sample)."""
+    return make_batch([s.x for s in samples], [s.channel_types for s in samples],
+                      [s.text_ids for s in samples], [s.valid for s in samples],
+                      [s.record_id for s in samples])
+
+
+def split_by_patient(patient_ids: Sequence[str], val_fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
+    """Record indices (train, val): every patient's records fall on one side only."""
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must lie in (0, 1), got {val_fraction}")
+    patients = sorted(set(patient_ids))
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(patients))
+    n_val = max(1, int(round(val_fraction * len(patients)))) if len(patients) > 1 else 0
+    val_patients = {patients[i] for i in order[:n_val]}
+    train = [i for i, p in enumerate(patient_ids) if p not in val_patients]
+    val = [i for i, p in enumerate(patient_ids) if p in val_patients]
+    return train, val

@@ -1,0 +1,353 @@
+"""Masked pretraining: ``python -m csfm.train`` (also ``csfm-train``).
+
+With no arguments it pretrains the ``demo`` preset on generated demo records on the CPU
+in a few minutes, writing to ``runs/demo``: a CSV and TensorBoard log, a PNG of original
+vs reconstructed signal, checkpoints (atomic, last N kept) and the effective config.
+``--resume`` continues a killed run exactly where its last checkpoint left it.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import yaml
+from tqdm import tqdm
+
+from csfm.checkpoint import atomic_write, load_train_state, load_weights, save_checkpoint
+from csfm.config import PRESETS, preset
+from csfm.data import PretrainWindows, collate, split_by_patient
+from csfm.demo import DemoDataset
+from csfm.optim import make_optimizer, warmup_cosine
+from csfm.precision import PRECISIONS, choose_precision
+from csfm.preprocess import PreprocessConfig
+from csfm.pretrain import MaskedPretrainer
+from csfm.tokenizer import ReportTokenizer
+
+
+@dataclass
+class TrainConfig:
+    """Every option of a pretraining run (CLI flags of the same names, or a YAML/JSON file)."""
+
+    preset: str = field(default="demo", metadata={"help": f"model size: {', '.join(PRESETS)}"})
+    data: list[str] = field(default_factory=list, metadata={
+        "help": "data sources: 'demo', or 'KIND:PATH[@WEIGHT]' with KIND wfdb|mimic3|mimic4|ptbxl|code15; "
+                "empty = demo"})
+    demo_records: int = field(default=600, metadata={"help": "demo records to generate (3 per patient)"})
+    out_dir: str = field(default="runs/demo", metadata={"help": "where logs and checkpoints go"})
+    epochs: int = field(default=4, metadata={"help": "passes over the training records"})
+    batch_size: int = field(default=16, metadata={"help": "records per micro-batch"})
+    accum_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
+    min_lr_ratio: float = field(default=0.05, metadata={"help": "final lr as a fraction of the peak"})
+    warmup_fraction: float = field(default=0.05, metadata={"help": "share of steps with linear warmup"})
+    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (not on norms, biases, embeddings)"})
+    grad_clip: float = field(default=1.0, metadata={"help": "max global grad norm (0 = off)"})
+    signal_mask_ratio: float = field(default=0.75, metadata={"help": "share of signal patches masked"})
+    text_mask_ratio: float = field(default=0.5, metadata={"help": "share of text tokens masked"})
+    lead_subset_prob: float = field(default=0.5, metadata={"help": "chance of training a sample on a random lead subset"})
+    val_fraction: float = field(default=0.1, metadata={"help": "share of patients held out for validation"})
+    vocab: str = field(default="", metadata={"help": "BERT-style vocab.txt; empty = build one from the training reports"})
+    precision: str = field(default="auto", metadata={"help": f"{'/'.join(PRECISIONS)}; auto measures whether bf16 is fast here"})
+    device: str = field(default="auto", metadata={"help": "cpu, cuda or auto"})
+    workers: int = field(default=0, metadata={"help": "DataLoader worker processes"})
+    seed: int = field(default=0, metadata={"help": "seed of data order, masking, dropout and init"})
+    save_every: int = field(default=0, metadata={"help": "also checkpoint every N optimizer steps (0 = each epoch only)"})
+    keep_last: int = field(default=2, metadata={"help": "checkpoints kept"})
+    max_steps: int = field(default=0, metadata={"help": "stop after N optimizer steps (0 = all epochs)"})
+    resume: str = field(default="", metadata={"help": "checkpoint directory to continue from, or 'auto' = latest in out_dir"})
+    quiet: bool = field(default=False, metadata={"help": "no progress bar"})
+
+
+# ----------------------------------------------------------------------------- config
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m csfm.train", description=__doc__,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", default="", help="YAML or JSON file of options (flags override it)")
+    for f in dataclasses.fields(TrainConfig):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        flag = f"--{f.name.replace('_', '-')}"
+        if f.type == "bool":
+            parser.add_argument(flag, action="store_true", default=default, help=f.metadata["help"])
+        elif f.type.startswith("list"):
+            parser.add_argument(flag, nargs="*", default=default, help=f.metadata["help"])
+        else:
+            parser.add_argument(flag, type=type(default), default=default, help=f.metadata["help"])
+    return parser
+
+
+def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
+    """Defaults, then the --config file, then explicit flags."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    values: dict[str, Any] = {}
+    if args.config:
+        text = Path(args.config).read_text()
+        loaded = yaml.safe_load(text) if args.config.endswith((".yaml", ".yml")) else json.loads(text)
+        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        unknown = set(loaded) - known
+        if unknown:
+            raise ValueError(f"{args.config}: unknown options {sorted(unknown)}")
+        values.update(loaded)
+    explicit = {k: v for k, v in vars(args).items() if k != "config" and v != parser.get_default(k)}
+    values.update(explicit)
+    return TrainConfig(**{**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}, **values})
+
+
+# ----------------------------------------------------------------------------- data
+
+def _open_sources(config: TrainConfig):
+    """The record source of the run (demo data unless --data names readers)."""
+    specs = config.data or ["demo"]
+    if specs != ["demo"]:
+        from csfm.sources import open_sources  # readers load only when asked for
+
+        return open_sources(specs, seed=config.seed)
+    return DemoDataset(config.demo_records, seed=config.seed)
+
+
+def _tokenizer(config: TrainConfig, records, train_idx: list[int], out_dir: Path) -> ReportTokenizer | None:
+    if config.vocab:
+        return ReportTokenizer.from_vocab(config.vocab)
+    texts = [records[i].text for i in train_idx[: min(len(train_idx), 2000)]]
+    texts = [t for t in texts if t]
+    if not texts:
+        return None
+    tokenizer = ReportTokenizer.train(texts, vocab_size=2048)
+    tokenizer.save(out_dir / "vocab.txt")
+    return tokenizer
+
+
+def _epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    order = np.random.default_rng([seed, epoch, 7]).permutation(n).tolist()
+    return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+
+
+def _loader(dataset, batches: list[list[int]], workers: int) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=workers,
+                                       persistent_workers=False)
+
+
+# ----------------------------------------------------------------------------- steps
+
+def _step_generator(seed: int, step: int, micro: int) -> torch.Generator:
+    """Masking randomness of one micro-batch; dropout is seeded from the same numbers."""
+    torch.manual_seed(seed * 1_000_003 + step * 101 + micro)
+    return torch.Generator().manual_seed(seed * 7_919 + step * 131 + micro)
+
+
+def _n_tokens(batch) -> int:
+    return int(sum(x.numel() for x in batch.signals) // 25 + batch.n_text_tokens().sum() + len(batch))
+
+
+@torch.no_grad()
+def validate(model: MaskedPretrainer, loader, config: TrainConfig, precision, device) -> float:
+    """Mean validation loss with fixed masking (same masks every epoch)."""
+    model.eval()
+    total, count = 0.0, 0
+    for i, batch in enumerate(loader):
+        generator = torch.Generator().manual_seed(10_000 + i)
+        with precision.autocast():
+            out = model(batch.to(device), config.signal_mask_ratio, config.text_mask_ratio, generator)
+        total += float(out.loss) * len(batch)
+        count += len(batch)
+    model.train()
+    return total / max(1, count)
+
+
+def _save_reconstruction_png(model: MaskedPretrainer, batch, config: TrainConfig, path: Path, device) -> None:
+    """Original vs reconstructed (masked patches) for the first record's first channel."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from csfm.pretrain import normalise_patches
+
+    model.eval()
+    with torch.no_grad():
+        out = model(batch.to(device), config.signal_mask_ratio, config.text_mask_ratio,
+                    torch.Generator().manual_seed(123))
+    model.train()
+    n_first = batch.signals[0].shape[1] // 25  # patches of the first channel
+    target = normalise_patches(batch.signals[0][0].reshape(-1, 25)).reshape(-1).numpy()
+    pred = out.pred_patches[:n_first].float().cpu().reshape(-1).numpy()
+    masked = np.repeat(out.patch_mask[:n_first].cpu().numpy(), 25)
+    t = np.arange(len(target)) / 250.0
+    fig, ax = plt.subplots(figsize=(12, 3.5))
+    ax.plot(t, target, color="black", lw=0.8, label="original (per-patch normalised)")
+    ax.plot(t, np.where(masked, pred, np.nan), color="tab:red", lw=0.8, label="reconstruction of masked patches")
+    ax.set_xlabel("time (s)")
+    ax.set_title(f"{batch.record_ids[0] if batch.record_ids else 'record 0'}, channel type "
+                 f"{int(batch.channel_ids[0][0])}, {int(out.patch_mask.sum())} of {len(out.patch_mask)} patches masked")
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def _checkpoint_dirs(out_dir: Path) -> list[Path]:
+    return sorted((out_dir / "checkpoints").glob("step_*"))
+
+
+def _save(out_dir: Path, model, optimizer, scheduler, config: TrainConfig, model_config, position: dict,
+          history: dict) -> Path:
+    directory = out_dir / "checkpoints" / f"step_{position['step']:08d}"
+    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "position": position, "history": history}
+    save_checkpoint(directory, model, model_config, state, {"train": dataclasses.asdict(config)})
+    atomic_write(out_dir / "checkpoints" / "latest", lambda tmp: tmp.write_text(directory.name))
+    for old in _checkpoint_dirs(out_dir)[:-config.keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return directory
+
+
+def _resume_dir(config: TrainConfig, out_dir: Path) -> Path | None:
+    if not config.resume:
+        return None
+    if config.resume == "auto":
+        pointer = out_dir / "checkpoints" / "latest"
+        return out_dir / "checkpoints" / pointer.read_text().strip() if pointer.is_file() else None
+    return Path(config.resume)
+
+
+# ----------------------------------------------------------------------------- main loop
+
+def train(config: TrainConfig) -> Path:
+    """Runs pretraining; returns the directory of the final checkpoint."""
+    out_dir = Path(config.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available()
+                          else "cpu" if config.device == "auto" else config.device)
+    precision = choose_precision(config.precision, device)
+    torch.manual_seed(config.seed)
+
+    records = _open_sources(config)
+    train_idx, val_idx = split_by_patient(records.patient_ids, config.val_fraction, config.seed)
+    tokenizer = _tokenizer(config, records, train_idx, out_dir)
+    model_config = preset(config.preset, **({"vocab_size": tokenizer.vocab_size} if tokenizer else {}))
+    model = MaskedPretrainer(model_config).to(device)
+    optimizer = make_optimizer(model, config.lr, config.weight_decay)
+
+    batches_per_epoch = -(-len(train_idx) // config.batch_size)
+    total_steps = max(1, config.epochs * batches_per_epoch // config.accum_steps)
+    if config.max_steps:
+        total_steps = min(total_steps, config.max_steps)
+    warmup = max(1, int(config.warmup_fraction * total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: warmup_cosine(s, total_steps, warmup, config.min_lr_ratio))
+    scaler = torch.amp.GradScaler(device.type, enabled=precision.use_scaler)
+
+    position, history = {"step": 0, "epoch": 0, "batch": 0}, {"val_loss": []}
+    resume_from = _resume_dir(config, out_dir)
+    if resume_from is not None:
+        model.load_state_dict(load_weights(resume_from))
+        state = load_train_state(resume_from)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        position, history = dict(state["position"]), dict(state["history"])
+
+    preprocess = PreprocessConfig()
+    train_set = PretrainWindows(records, tokenizer, preprocess, config.lead_subset_prob,
+                                model_config.max_text_tokens, config.seed, train_idx)
+    val_set = PretrainWindows(records, tokenizer, preprocess, 0.0, model_config.max_text_tokens,
+                              config.seed, val_idx)
+    val_loader = _loader(val_set, [list(range(i, min(i + config.batch_size, len(val_set))))
+                                   for i in range(0, len(val_set), config.batch_size)], config.workers)
+    log_path = out_dir / "log.csv"
+    new_log = not log_path.exists() or resume_from is None
+    log_file = open(log_path, "w" if new_log else "a", newline="")
+    log = csv.writer(log_file)
+    if new_log:
+        log.writerow(["step", "epoch", "loss", "signal_loss", "text_loss", "lr", "tokens_per_s", "val_loss"])
+    from torch.utils.tensorboard import SummaryWriter
+
+    board = SummaryWriter(str(out_dir / "tensorboard"))
+    (out_dir / "train_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
+
+    print(f"csfm.train: {config.preset} ({sum(p.numel() for p in model.encoder.parameters()) / 1e6:.2f} M encoder "
+          f"params), {len(train_idx)} train / {len(val_idx)} val records, {total_steps} steps, "
+          f"{precision.name} on {device}", file=sys.stderr)
+    progress = tqdm(total=total_steps, initial=position["step"], disable=config.quiet, unit="step",
+                    dynamic_ncols=True)
+    model.train()
+    last_dir = None
+    while position["step"] < total_steps and position["epoch"] < config.epochs:
+        train_set.set_epoch(position["epoch"])
+        batches = _epoch_batches(len(train_set), config.batch_size, config.seed, position["epoch"])
+        loader = iter(_loader(train_set, batches[position["batch"]:], config.workers))
+        while position["batch"] < len(batches) and position["step"] < total_steps:
+            started, tokens, sums = time.perf_counter(), 0, np.zeros(3)
+            optimizer.zero_grad(set_to_none=True)
+            micro = 0
+            for micro in range(config.accum_steps):
+                batch = next(loader, None)
+                if batch is None:
+                    break
+                generator = _step_generator(config.seed, position["step"], micro)
+                with precision.autocast():
+                    out = model(batch.to(device), config.signal_mask_ratio, config.text_mask_ratio, generator)
+                scaler.scale(out.loss / config.accum_steps).backward()
+                sums += [float(out.loss), float(out.signal_loss), float(out.text_loss)]
+                tokens += _n_tokens(batch)
+                position["batch"] += 1
+            if config.grad_clip:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            position["step"] += 1
+            loss, signal_loss, text_loss = sums / (micro + 1)
+            rate = tokens / (time.perf_counter() - started)
+            lr = optimizer.param_groups[0]["lr"]
+            log.writerow([position["step"], position["epoch"], f"{loss:.5f}", f"{signal_loss:.5f}",
+                          f"{text_loss:.5f}", f"{lr:.3e}", f"{rate:.0f}", ""])
+            board.add_scalar("train/loss", loss, position["step"])
+            board.add_scalar("train/signal_loss", signal_loss, position["step"])
+            board.add_scalar("train/text_loss", text_loss, position["step"])
+            board.add_scalar("train/lr", lr, position["step"])
+            progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:.0f}", lr=f"{lr:.2e}")
+            progress.update(1)
+            if config.save_every and position["step"] % config.save_every == 0:
+                last_dir = _save(out_dir, model, optimizer, scheduler, config, model_config, position, history)
+        if position["batch"] >= len(batches):
+            val_loss = validate(model, val_loader, config, precision, device) if len(val_set) else float("nan")
+            history["val_loss"].append(val_loss)
+            log.writerow([position["step"], position["epoch"], "", "", "", "", "", f"{val_loss:.5f}"])
+            board.add_scalar("val/loss", val_loss, position["step"])
+            progress.write(f"epoch {position['epoch']}: validation loss {val_loss:.4f}")
+            position["epoch"] += 1
+            position["batch"] = 0
+            last_dir = _save(out_dir, model, optimizer, scheduler, config, model_config, position, history)
+        log_file.flush()
+    progress.close()
+    if last_dir is None or int(last_dir.name.split("_")[1]) != position["step"]:
+        last_dir = _save(out_dir, model, optimizer, scheduler, config, model_config, position, history)
+    if len(val_set):
+        _save_reconstruction_png(model, collate([val_set[0]]), config, out_dir / "reconstruction.png", device)
+    log_file.close()
+    board.close()
+    print(f"csfm.train: done. checkpoint {last_dir}, logs {log_path} and {out_dir / 'tensorboard'}, "
+          f"reconstruction {out_dir / 'reconstruction.png'}")
+    return last_dir
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    train(parse_config(argv))
+
+
+if __name__ == "__main__":
+    main()
