@@ -36,6 +36,8 @@ class Batch:
             if x.dim() != 2 or ids.shape != (x.shape[0],) or ok.shape != x.shape:
                 raise ValueError(f"{where}: signal [C, L] {tuple(x.shape)}, channel_ids {tuple(ids.shape)} "
                                  f"and valid {tuple(ok.shape)} do not agree")
+            if x.shape[0] == 0:
+                raise ValueError(f"{where}: no usable channel (the model needs at least one ECG lead or PPG)")
             if text.dim() != 1:
                 raise ValueError(f"{where}: text_ids must be 1-D, got shape {tuple(text.shape)}")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from csfm.batch import Batch
@@ -175,7 +176,9 @@ class CSFMEncoder(nn.Module):
         ids = ids.to(self.cls_token.device)
         position = torch.cat([torch.arange(int(n)) for n in n_text.tolist()]).to(ids.device) \
             if len(n_text) else ids
-        rows = self.text_to_embedding(ids) + self.text_pos_embedding[0, position] + self.text_type_embedding[0]
+        # F.embedding, not indexing: its CPU backward is deterministic (index_put_ accumulate is not)
+        rows = (self.text_to_embedding(ids) + F.embedding(position, self.text_pos_embedding[0])
+                + self.text_type_embedding[0])
         return rows, n_text.to(ids.device)
 
     def encode(self, patch_rows: torch.Tensor, n_patch: torch.Tensor, text_rows: torch.Tensor,

@@ -85,10 +85,11 @@ class MaskedPretrainer(nn.Module):
         cls_rows, kept_patch, kept_text = encoded.layout.split(self.decoder_embed(encoded.tokens))
         chan, pos = _token_ids(batch)
         full_patch = scatter_with_mask_token(kept_patch, signal_plan, self.signal_mask_token, backend=backend)
-        full_patch = full_patch + self.decoder_channel_embedding[chan] + self.decoder_pos_embedding[pos]
+        # F.embedding: deterministic CPU backward, unlike indexing
+        full_patch = full_patch + F.embedding(chan, self.decoder_channel_embedding) + F.embedding(pos, self.decoder_pos_embedding)
         full_text = scatter_with_mask_token(kept_text, text_plan, self.text_mask_token, backend=backend)
         text_pos = torch.cat([torch.arange(int(n)) for n in n_text.tolist()]).to(full_text.device)
-        full_text = full_text + self.decoder_text_pos_embedding[text_pos]
+        full_text = full_text + F.embedding(text_pos, self.decoder_text_pos_embedding)
 
         layout = SequenceLayout.of(n_patch, n_text)
         states = self.decoder(layout.pack(cls_rows, full_patch, full_text), layout.cu_seqlens,

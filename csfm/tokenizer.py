@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import re
 import warnings
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
 
 import numpy as np
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 DEFAULT_MAX_TOKENS = 64  # text positions of the reference model
@@ -111,21 +112,28 @@ class ReportTokenizer:
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int = 4096, min_frequency: int = 2) -> ReportTokenizer:
-        """Learn a WordPiece vocabulary of at most vocab_size tokens from (cleaned) reports.
+        """Build a WordPiece vocabulary of at most vocab_size tokens from (cleaned) reports.
 
-        Special tokens take ids 0..4 in SPECIAL_TOKENS order ([PAD] = 0, as in BERT); every
-        character seen stays spellable; a merge needs at least min_frequency occurrences.
+        Deterministic (the same reports give the same ids in every process, which the
+        ``tokenizers`` trainer does not guarantee): the special tokens take ids 0..4 in
+        SPECIAL_TOKENS order ([PAD] = 0, as in BERT); then every character seen, alone and as
+        a ``##`` continuation, so any word stays spellable; then whole words seen at least
+        min_frequency times, most frequent first (ties alphabetical), up to vocab_size.
         """
         if vocab_size <= len(SPECIAL_TOKENS):
             raise ValueError(f"vocab_size must exceed the {len(SPECIAL_TOKENS)} special tokens, got {vocab_size}")
         cleaned = [_clean(text, f"texts[{i}]") for i, text in enumerate(_text_list(texts))]
         if not cleaned:
             raise ValueError("texts: cannot train a vocabulary from no reports")
-        tok = _pipeline(models.WordPiece(unk_token="[UNK]"))
-        tok.train_from_iterator(cleaned, trainer=trainers.WordPieceTrainer(
-            vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=list(SPECIAL_TOKENS),
-            continuing_subword_prefix="##", show_progress=False))
-        return cls(tok.get_vocab(), source=f"vocabulary trained on {len(cleaned)} reports")
+        words = Counter(chain.from_iterable(_words(text) for text in cleaned))
+        chars = sorted({c for word in words for c in word})
+        tokens = [*SPECIAL_TOKENS, *chars, *(f"##{c}" for c in chars)]
+        ranked = sorted((w for w, n in words.items() if n >= min_frequency and len(w) > 1), key=lambda w: (-words[w], w))
+        tokens.extend(ranked[: max(0, vocab_size - len(tokens))])
+        if len(tokens) > vocab_size:
+            raise ValueError(f"vocab_size {vocab_size} is below the {len(tokens)} special and character tokens "
+                             "these reports need")
+        return cls({token: i for i, token in enumerate(tokens)}, source=f"vocabulary built from {len(cleaned)} reports")
 
     def save(self, path: str | Path) -> Path:
         """Write the vocabulary as vocab.txt (one token per line, in id order) and return its path.
@@ -203,18 +211,28 @@ def _check_max_tokens(max_tokens: int) -> None:
         raise ValueError(f"max_tokens must be a positive int, got {max_tokens!r}")
 
 
+def _words(text: str) -> list[str]:
+    """The words BERT's normaliser and pre-tokeniser make of ``text`` (lower-cased, punctuation split)."""
+    normalized = _NORMALIZER.normalize_str(text)
+    return [word for word, _ in _PRE_TOKENIZER.pre_tokenize_str(normalized)]
+
+
 def _truncated(ids: list[int], max_tokens: int) -> EncodedText:
     """The first max_tokens of ids, with what was dropped."""
     n_dropped = max(len(ids) - max_tokens, 0)
     return EncodedText(ids=list(ids[:max_tokens]), truncated=n_dropped > 0, n_dropped=n_dropped)
 
 
+_NORMALIZER = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, lowercase=True)
+_PRE_TOKENIZER = pre_tokenizers.BertPreTokenizer()
+
+
 def _pipeline(model: models.WordPiece) -> Tokenizer:
     """A Tokenizer around ``model`` with BERT-uncased normalising, pre-tokenising and decoding
     and no post-processor (so no [CLS]/[SEP] are added)."""
     tok = Tokenizer(model)
-    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.normalizer = _NORMALIZER
+    tok.pre_tokenizer = _PRE_TOKENIZER
     tok.decoder = decoders.WordPiece(prefix="##")
     return tok
 

@@ -116,9 +116,13 @@ def _open_sources(config: TrainConfig):
     return DemoDataset(config.demo_records, seed=config.seed)
 
 
-def _tokenizer(config: TrainConfig, records, train_idx: list[int], out_dir: Path) -> ReportTokenizer | None:
+def _tokenizer(config: TrainConfig, records, train_idx: list[int], out_dir: Path,
+               resuming: bool) -> ReportTokenizer | None:
+    """The user's vocabulary, the run's own on resume, else one learned from the training reports."""
     if config.vocab:
         return ReportTokenizer.from_vocab(config.vocab)
+    if resuming and (out_dir / "vocab.txt").is_file():
+        return ReportTokenizer.from_vocab(out_dir / "vocab.txt")
     texts = [records[i].text for i in train_idx[: min(len(train_idx), 2000)]]
     texts = [t for t in texts if t]
     if not texts:
@@ -172,21 +176,21 @@ def _save_reconstruction_png(model: MaskedPretrainer, batch, config: TrainConfig
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from csfm.pretrain import normalise_patches
-
     model.eval()
     with torch.no_grad():
         out = model(batch.to(device), config.signal_mask_ratio, config.text_mask_ratio,
                     torch.Generator().manual_seed(123))
     model.train()
     n_first = batch.signals[0].shape[1] // 25  # patches of the first channel
-    target = normalise_patches(batch.signals[0][0].reshape(-1, 25)).reshape(-1).numpy()
-    pred = out.pred_patches[:n_first].float().cpu().reshape(-1).numpy()
+    patches = batch.signals[0][0].reshape(-1, 25)
+    scale = patches.var(-1, unbiased=False, keepdim=True).add(1e-6).sqrt()
+    pred = out.pred_patches[:n_first].float().cpu() * scale + patches.mean(-1, keepdim=True)
+    target, pred = patches.reshape(-1).numpy(), pred.reshape(-1).numpy()
     masked = np.repeat(out.patch_mask[:n_first].cpu().numpy(), 25)
     t = np.arange(len(target)) / 250.0
     fig, ax = plt.subplots(figsize=(12, 3.5))
-    ax.plot(t, target, color="black", lw=0.8, label="original (per-patch normalised)")
-    ax.plot(t, np.where(masked, pred, np.nan), color="tab:red", lw=0.8, label="reconstruction of masked patches")
+    ax.plot(t, target, color="black", lw=0.8, label="original (z-scored)")
+    ax.plot(t, np.where(masked, pred, np.nan), color="tab:red", lw=0.8, label="reconstruction of masked patches (patch mean/std restored)")
     ax.set_xlabel("time (s)")
     ax.set_title(f"{batch.record_ids[0] if batch.record_ids else 'record 0'}, channel type "
                  f"{int(batch.channel_ids[0][0])}, {int(out.patch_mask.sum())} of {len(out.patch_mask)} patches masked")
@@ -223,6 +227,26 @@ def _resume_dir(config: TrainConfig, out_dir: Path) -> Path | None:
     return Path(config.resume)
 
 
+# ----------------------------------------------------------------------------- logs
+
+LOG_COLUMNS = ["step", "epoch", "loss", "signal_loss", "text_loss", "lr", "tokens_per_s", "val_loss"]
+
+
+def _open_log(path: Path, resume_step: int | None):
+    """A fresh CSV log; on resume, the old one's rows up to the checkpoint's step are kept
+    (rows a killed run wrote after its last checkpoint are replayed, not duplicated)."""
+    kept: list[list[str]] = []
+    if resume_step is not None and path.is_file():
+        with open(path, newline="") as old:
+            kept = [row for row in list(csv.reader(old))[1:]
+                    if len(row) == len(LOG_COLUMNS) and row[0].isdigit() and int(row[0]) <= resume_step]
+    log_file = open(path, "w", newline="")
+    log = csv.writer(log_file)
+    log.writerows([LOG_COLUMNS, *kept])
+    log_file.flush()
+    return log_file, log
+
+
 # ----------------------------------------------------------------------------- main loop
 
 def train(config: TrainConfig) -> Path:
@@ -236,7 +260,8 @@ def train(config: TrainConfig) -> Path:
 
     records = _open_sources(config)
     train_idx, val_idx = split_by_patient(records.patient_ids, config.val_fraction, config.seed)
-    tokenizer = _tokenizer(config, records, train_idx, out_dir)
+    resume_from = _resume_dir(config, out_dir)
+    tokenizer = _tokenizer(config, records, train_idx, out_dir, resume_from is not None)
     model_config = preset(config.preset, **({"vocab_size": tokenizer.vocab_size} if tokenizer else {}))
     model = MaskedPretrainer(model_config).to(device)
     optimizer = make_optimizer(model, config.lr, config.weight_decay)
@@ -251,7 +276,6 @@ def train(config: TrainConfig) -> Path:
     scaler = torch.amp.GradScaler(device.type, enabled=precision.use_scaler)
 
     position, history = {"step": 0, "epoch": 0, "batch": 0}, {"val_loss": []}
-    resume_from = _resume_dir(config, out_dir)
     if resume_from is not None:
         model.load_state_dict(load_weights(resume_from))
         state = load_train_state(resume_from)
@@ -267,11 +291,7 @@ def train(config: TrainConfig) -> Path:
     val_loader = _loader(val_set, [list(range(i, min(i + config.batch_size, len(val_set))))
                                    for i in range(0, len(val_set), config.batch_size)], config.workers)
     log_path = out_dir / "log.csv"
-    new_log = not log_path.exists() or resume_from is None
-    log_file = open(log_path, "w" if new_log else "a", newline="")
-    log = csv.writer(log_file)
-    if new_log:
-        log.writerow(["step", "epoch", "loss", "signal_loss", "text_loss", "lr", "tokens_per_s", "val_loss"])
+    log_file, log = _open_log(log_path, position["step"] if resume_from is not None else None)
     from torch.utils.tensorboard import SummaryWriter
 
     board = SummaryWriter(str(out_dir / "tensorboard"))
@@ -300,7 +320,7 @@ def train(config: TrainConfig) -> Path:
                 with precision.autocast():
                     out = model(batch.to(device), config.signal_mask_ratio, config.text_mask_ratio, generator)
                 scaler.scale(out.loss / config.accum_steps).backward()
-                sums += [float(out.loss), float(out.signal_loss), float(out.text_loss)]
+                sums += [out.loss.item(), out.signal_loss.item(), out.text_loss.item()]
                 tokens += _n_tokens(batch)
                 position["batch"] += 1
             if config.grad_clip:
@@ -319,6 +339,7 @@ def train(config: TrainConfig) -> Path:
             board.add_scalar("train/signal_loss", signal_loss, position["step"])
             board.add_scalar("train/text_loss", text_loss, position["step"])
             board.add_scalar("train/lr", lr, position["step"])
+            log_file.flush()
             progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:.0f}", lr=f"{lr:.2e}")
             progress.update(1)
             if config.save_every and position["step"] % config.save_every == 0:

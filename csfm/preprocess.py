@@ -1,0 +1,167 @@
+"""Record -> model input: resample to 250 Hz, band-pass, z-score, cut 10 s windows (DESIGN.md §3).
+
+``preprocess_signal`` runs the numba kernels of ``csfm_kernels.signal`` on a whole record:
+resample every channel to ``target_fs``, band-pass ECG and PPG channels each in its own
+band (zero-phase), z-score each channel, then replace the NaN left by gaps with 0 and
+return where samples are valid. ``make_windows`` cuts fixed windows with explicit
+validity; ``preprocess_record`` does both for a ``Record``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from csfm.record import PPG_TYPE, Record
+from csfm_kernels.signal import bandpass, resample, zscore
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How records become model input; the defaults are the reference model's."""
+
+    target_fs: float = 250.0
+    """Sampling rate of the model input, in Hz."""
+    window: int = 2500
+    """Window length in samples at target_fs (2500 = 10 s at 250 Hz, 100 patches of 25)."""
+    ecg_band: tuple[float, float] = (0.5, 40.0)
+    """Pass band of ECG channels (types 0..11), (low, high) -3 dB edges in Hz."""
+    ppg_band: tuple[float, float] = (0.5, 8.0)
+    """Pass band of PPG channels (type 12), (low, high) -3 dB edges in Hz."""
+    filter_order: int = 2
+    """Butterworth order per band edge (the band-pass has 2 x order poles), run forward and backward."""
+    std_floor: float = 1e-3
+    """Smallest standard deviation the z-score divides by, in the channel's own units after
+    band-pass (e.g. 1e-3 mV): a flat or near-flat channel becomes zeros, not amplified noise."""
+    min_valid_fraction: float = 0.5
+    """A window is kept only if at least this fraction of its samples (all channels
+    together) is valid; the others are dropped and counted in ``Windows.n_dropped``."""
+
+    def __post_init__(self) -> None:
+        if not (np.isfinite(self.target_fs) and self.target_fs > 0):
+            raise ValueError(f"PreprocessConfig.target_fs must be a positive number of Hz, got {self.target_fs!r}")
+        if not isinstance(self.window, (int, np.integer)) or self.window <= 0:
+            raise ValueError(f"PreprocessConfig.window must be a positive number of samples, got {self.window!r}")
+        for name in ("ecg_band", "ppg_band"):
+            low, high = getattr(self, name)
+            if not 0 < low < high < self.target_fs / 2:
+                raise ValueError(f"PreprocessConfig.{name} must satisfy 0 < low < high < target_fs / 2 "
+                                 f"= {self.target_fs / 2:g} Hz, got {getattr(self, name)!r}")
+        if not isinstance(self.filter_order, (int, np.integer)) or self.filter_order < 1:
+            raise ValueError(f"PreprocessConfig.filter_order must be a positive int, got {self.filter_order!r}")
+        if not (np.isfinite(self.std_floor) and self.std_floor > 0):
+            raise ValueError(f"PreprocessConfig.std_floor must be positive, got {self.std_floor!r}")
+        if not 0.0 <= self.min_valid_fraction <= 1.0:
+            raise ValueError(f"PreprocessConfig.min_valid_fraction must lie in [0, 1], got {self.min_valid_fraction!r}")
+
+
+@dataclass
+class Windows:
+    """Fixed-length windows of one preprocessed record.
+
+    x: [W, C, window] float32, z-scored samples at target_fs, 0 where not valid.
+    valid: [W, C, window] bool, False at gaps and at the zero padding of a last partial window.
+    start_s: [W] float64, start of each window in seconds from the start of the record.
+    n_dropped: windows left out because fewer than min_valid_fraction of their samples were valid.
+    """
+
+    x: np.ndarray
+    valid: np.ndarray
+    start_s: np.ndarray
+    n_dropped: int = 0
+
+
+def preprocess_signal(signal: np.ndarray, fs: float, channel_types: Sequence[int],
+                      config: PreprocessConfig | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Resample -> band-pass by channel type -> z-score, gaps zero-filled.
+
+    signal: [C, T] real array at fs Hz, NaN where samples are missing. channel_types: [C]
+    ints in 0..12 (0..11 ECG leads, 12 PPG).
+    Returns (x [C, T'] float32, valid [C, T'] bool) at config.target_fs, T' = round(T *
+    target_fs / fs): x is z-scored and 0 wherever valid is False. A sample is invalid when
+    its resampling support touches a gap, or it lies in a finite stretch too short to
+    band-pass (see ``csfm_kernels.signal.bandpass``).
+    """
+    config = config or PreprocessConfig()
+    x = resample(signal, fs, config.target_fs)
+    types = _check_channel_types(channel_types, x.shape[0])
+    _bandpass_by_type(x, types, config)
+    zscore(x, config.std_floor, out=x)
+    invalid = np.isnan(x)
+    np.copyto(x, 0.0, where=invalid)
+    return x, np.logical_not(invalid, out=invalid)
+
+
+def make_windows(x: np.ndarray, valid: np.ndarray, config: PreprocessConfig | None = None,
+                 stride: int | None = None, pad_last: bool = True) -> Windows:
+    """Cuts [C, T] samples at config.target_fs into windows of config.window samples.
+
+    Windows start at 0, stride, 2 stride, ... (stride in samples, default: the window, so
+    no overlap). With pad_last, samples after the last full window get one more window,
+    zero-padded with valid = False past the end (a record shorter than a window gives one
+    such window). Windows whose valid fraction is below config.min_valid_fraction are
+    dropped and counted.
+    """
+    config = config or PreprocessConfig()
+    x, valid = np.asarray(x), np.asarray(valid)
+    if x.ndim != 2 or valid.shape != x.shape or valid.dtype != np.bool_:
+        raise ValueError(f"x must be [C, T] and valid a bool array of the same shape, got x {x.shape} "
+                         f"and valid {valid.shape} {valid.dtype}")
+    stride = config.window if stride is None else stride
+    if not isinstance(stride, (int, np.integer)) or stride <= 0:
+        raise ValueError(f"stride must be a positive number of samples, got {stride!r}")
+    starts = _window_starts(x.shape[1], config.window, int(stride), pad_last)
+    xw, vw = _cut(x.astype(np.float32, copy=False), starts, config.window), _cut(valid, starts, config.window)
+    keep = vw.mean(axis=(1, 2)) >= config.min_valid_fraction
+    return Windows(xw[keep], vw[keep], starts[keep] / config.target_fs, int((~keep).sum()))
+
+
+def preprocess_record(record: Record, config: PreprocessConfig | None = None) -> Windows:
+    """``record`` (signal [C, T] at record.fs, channel_types [C]) -> its windows at config.target_fs."""
+    config = config or PreprocessConfig()
+    x, valid = preprocess_signal(record.signal, record.fs, record.channel_types, config)
+    return make_windows(x, valid, config)
+
+
+def _check_channel_types(channel_types: Sequence[int], n_channels: int) -> np.ndarray:
+    """channel_types as an int array [C] with values in 0..PPG_TYPE; ValueError naming it."""
+    types = np.asarray(channel_types)
+    if types.ndim != 1 or (types.size and types.dtype.kind not in "iu"):
+        raise ValueError(f"channel_types must be a list of ints, got {channel_types!r}")
+    if len(types) != n_channels:
+        raise ValueError(f"channel_types has {len(types)} entries for {n_channels} channels")
+    if types.size and (types.min() < 0 or types.max() > PPG_TYPE):
+        raise ValueError(f"channel_types must lie in 0..{PPG_TYPE}, got {types.tolist()}")
+    return types.astype(np.int64)
+
+
+def _bandpass_by_type(x: np.ndarray, types: np.ndarray, config: PreprocessConfig) -> None:
+    """Band-passes x [C, T] float32 at target_fs in place: ECG rows in ecg_band, PPG rows in ppg_band."""
+    is_ppg = types == PPG_TYPE
+    for band, rows in ((config.ecg_band, ~is_ppg), (config.ppg_band, is_ppg)):
+        if rows.all():
+            bandpass(x, config.target_fs, *band, order=config.filter_order, out=x)
+        elif rows.any():
+            x[rows] = bandpass(x[rows], config.target_fs, *band, order=config.filter_order)
+
+
+def _window_starts(n_samples: int, window: int, stride: int, pad_last: bool) -> np.ndarray:
+    """[W] int64 start samples: every full window, plus one partial window when pad_last
+    and samples after the last full window remain."""
+    n_full = (n_samples - window) // stride + 1 if n_samples >= window else 0
+    starts = np.arange(n_full, dtype=np.int64) * stride
+    covered = int(starts[-1]) + window if n_full else 0
+    if pad_last and max(covered, n_full * stride) < n_samples:
+        starts = np.append(starts, n_full * stride)
+    return starts
+
+
+def _cut(a: np.ndarray, starts: np.ndarray, window: int) -> np.ndarray:
+    """a [C, T] -> [W, C, window] copies of a[:, s:s + window], zero (False) past the end."""
+    if len(starts) == 0:
+        return np.zeros((0, a.shape[0], window), a.dtype)
+    padded = np.zeros((a.shape[0], max(int(starts[-1]) + window, a.shape[1])), a.dtype)
+    padded[:, :a.shape[1]] = a
+    views = np.lib.stride_tricks.sliding_window_view(padded, window, axis=1)  # [C, T', window]
+    return np.ascontiguousarray(views[:, starts].transpose(1, 0, 2))

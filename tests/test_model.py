@@ -1,0 +1,144 @@
+"""The encoder: published sizes, kernel path = reference path, checkpoint loading, bad input."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from csfm.batch import Batch
+from csfm.checkpoint import load_pretrained, save_checkpoint
+from csfm.config import preset
+from csfm.model import CSFMEncoder
+from csfm.pretrain import MaskedPretrainer
+
+
+def make_batch(seed: int = 0, vocab: int = 2048) -> Batch:
+    """A 1-lead, an ECG+PPG and a 12-lead record of different lengths, with 5, 0 and 64 text tokens."""
+    g = torch.Generator().manual_seed(seed)
+    signals = [torch.randn(1, 2500, generator=g), torch.randn(2, 2500, generator=g),
+               torch.randn(12, 1000, generator=g)]
+    ids = [torch.tensor([1]), torch.tensor([1, 12]), torch.arange(12)]
+    text = [torch.randint(0, vocab, (5,), generator=g), torch.zeros(0, dtype=torch.long),
+            torch.randint(0, vocab, (64,), generator=g)]
+    return Batch(signals, ids, text, [torch.ones_like(s, dtype=torch.bool) for s in signals], ["a", "b", "c"])
+
+
+@pytest.mark.parametrize("name, millions", [("tiny", 42.5), ("base", 108.6), ("large", 266.5)])
+def test_published_parameter_counts(name, millions):
+    with torch.device("meta"):
+        model = CSFMEncoder(preset(name))
+    count = sum(p.numel() for p in model.parameters()) / 1e6
+    assert abs(count - millions) / millions < 0.005, count
+
+
+def test_reference_parameter_names():
+    names = set(CSFMEncoder(preset("demo", depth=1)).state_dict())
+    for key in ["ts_to_patch_embedding.1.weight", "ts_to_patch_embedding.2.bias", "ts_to_patch_embedding.3.weight",
+                "ts_channel_type_embedding", "ts_pos_embedding", "text_to_embedding.0.weight",
+                "text_to_embedding.1.bias", "text_pos_embedding", "text_type_embedding", "cls_token",
+                "transformer.layers.0.0.norm.weight", "transformer.layers.0.0.to_qkv.weight",
+                "transformer.layers.0.0.to_out.0.weight", "transformer.layers.0.1.net.0.weight",
+                "transformer.layers.0.1.net.1.weight", "transformer.layers.0.1.net.4.bias", "transformer.norm.weight"]:
+        assert key in names, key
+    assert "transformer.layers.0.0.to_qkv.bias" not in names
+
+
+def _pair(config):
+    fused = CSFMEncoder(config)
+    reference = CSFMEncoder(config, backend="reference")
+    reference.load_state_dict(fused.state_dict())
+    return fused, reference
+
+
+def test_kernel_path_equals_reference_path_values_and_grads():
+    fused, reference = _pair(preset("demo", dropout=0.0))
+    batch = make_batch()
+    outs = []
+    for model in (fused, reference):
+        out = model(batch)
+        (out.cls.square().sum() + out.mean.sum()).backward()
+        outs.append((out.tokens.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    torch.testing.assert_close(outs[0][0], outs[1][0], atol=1e-5, rtol=1e-5)
+    for name, grad in outs[0][1].items():
+        torch.testing.assert_close(grad, outs[1][1][name], atol=1e-4, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def test_each_record_alone_equals_its_row_in_a_mixed_batch():
+    model = CSFMEncoder(preset("demo")).eval()
+    batch = make_batch()
+    together = model(batch)
+    for b in range(len(batch)):
+        alone = model(Batch([batch.signals[b]], [batch.channel_ids[b]], [batch.text_ids[b]], [batch.valid[b]]))
+        torch.testing.assert_close(alone.cls[0], together.cls[b], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(alone.mean[0], together.mean[b], atol=1e-5, rtol=1e-5)
+
+
+def test_pretrainer_kernel_path_equals_reference_and_all_params_learn():
+    config = preset("demo", dropout=0.0)
+    fused = MaskedPretrainer(config)
+    reference = MaskedPretrainer(config, backend="reference")
+    reference.load_state_dict(fused.state_dict())
+    batch = make_batch()
+    losses = []
+    for model in (fused, reference):
+        out = model(batch, generator=torch.Generator().manual_seed(5))
+        out.loss.backward()
+        losses.append(out.loss.item())
+        assert int(out.patch_mask.sum()) == sum(int(n * 0.75) for n in out.n_patch.tolist())
+    assert abs(losses[0] - losses[1]) < 1e-5
+    unused = [n for n, p in fused.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert unused == [], unused
+
+
+def test_reference_checkpoint_layout_loads(tmp_path):
+    config = preset("demo", depth=2)
+    source = CSFMEncoder(config)
+    state = {f"encoder.{k}": v for k, v in source.state_dict().items()}
+    state["mlp_head.weight"] = torch.zeros(5, config.dim)
+    torch.save(state, tmp_path / "csfm.pth")
+    loaded = load_pretrained(tmp_path / "csfm.pth", config)
+    for k, v in source.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    save_checkpoint(tmp_path / "ours", source, config)
+    ours = load_pretrained(tmp_path / "ours", config)
+    assert torch.equal(ours.cls_token, source.cls_token)
+
+
+def test_mismatched_checkpoints_give_readable_errors(tmp_path):
+    config = preset("demo", depth=2)
+    state = {f"encoder.{k}": v for k, v in CSFMEncoder(config).state_dict().items()}
+    del state["encoder.cls_token"]
+    state["encoder.extra.weight"] = torch.zeros(1)
+    torch.save(state, tmp_path / "broken.pth")
+    with pytest.raises(ValueError, match=r"missing: cls_token(.|\n)*unexpected: extra.weight"):
+        load_pretrained(tmp_path / "broken.pth", config)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        load_pretrained(tmp_path / "broken.pth", preset("demo", depth=2, dim=64, dim_head=16))
+    (tmp_path / "corrupt.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="corrupt.pth: not a readable torch checkpoint"):
+        load_pretrained(tmp_path / "corrupt.pth", config)
+    save_checkpoint(tmp_path / "other", CSFMEncoder(preset("demo", depth=1)), preset("demo", depth=1))
+    with pytest.raises(ValueError, match="missing: transformer.layers.1"):
+        load_pretrained(tmp_path / "other", config)
+    (tmp_path / "other" / "model.safetensors").write_bytes(b"\x00" * 20)
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        load_pretrained(tmp_path / "other", config)
+
+
+def test_bad_batches_are_rejected():
+    model = CSFMEncoder(preset("demo"))
+    batch = make_batch()
+    too_long = Batch(batch.signals[:1], batch.channel_ids[:1], [torch.zeros(65, dtype=torch.long)], batch.valid[:1])
+    with pytest.raises(ValueError, match="65 text tokens"):
+        model(too_long)
+    with pytest.raises(ValueError, match="no usable channel"):
+        Batch([torch.zeros(0, 2500)], [torch.zeros(0, dtype=torch.long)], [torch.zeros(0, dtype=torch.long)],
+              [torch.zeros(0, 2500, dtype=torch.bool)])
+    with pytest.raises(ValueError, match="do not agree"):
+        Batch([torch.zeros(2, 2500)], [torch.zeros(3, dtype=torch.long)], [torch.zeros(0, dtype=torch.long)],
+              [torch.zeros(2, 2500, dtype=torch.bool)])
+    with pytest.raises(ValueError, match="multiple of the 25"):
+        model(Batch([torch.zeros(1, 2510)], [torch.tensor([1])], [torch.zeros(0, dtype=torch.long)],
+                    [torch.ones(1, 2510, dtype=torch.bool)]))
+    with pytest.raises(ValueError, match="position table"):
+        model(Batch([torch.zeros(1, 5000)], [torch.tensor([1])], [torch.zeros(0, dtype=torch.long)],
+                    [torch.ones(1, 5000, dtype=torch.bool)]))
