@@ -93,3 +93,5 @@ def pytest_terminal_summary(terminalreporter) -> None:
             tr.write_line(_row(res.case, res.shape, "baseline", name, sec, res.flops, best))
         for name, sec in res.ours.items():
             tr.write_line(_row(res.case, res.shape, "ours", name, sec, res.flops, best))
+        for note in res.notes:
+            tr.write_line(f"{'':<28} note: {note}")

@@ -70,7 +70,8 @@ class PretrainWindows(torch.utils.data.Dataset):
     """Item i: a random window of record i, preprocessed to 250 Hz, z-scored, tokenized.
 
     subset_prob: chance of replacing the lead set by a random subset (``lead_subset``).
-    A record shorter than the window gives its whole length (a multiple of 25 samples).
+    A record shorter than the window is zero-padded to it with valid=False there (and
+    raises if less than PreprocessConfig.min_valid_fraction of it is real signal).
     """
 
     def __init__(self, records: RecordSource, tokenizer: ReportTokenizer | None,

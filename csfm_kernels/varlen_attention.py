@@ -357,12 +357,19 @@ def _triton_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
 # CPU path: length buckets through PyTorch's CPU flash-attention kernel
 # ---------------------------------------------------------------------------------------------
 
+# Records shorter than this are gathered (index_select) into one batch per length; longer ones run
+# as views of the packed tensors, one kernel call per run of adjacent records: for them the gather
+# and scatter copies cost more than an extra call (measured on the 2-core CPU, DESIGN.md §7).
+_GATHER_BELOW = 256
+
+
 @dataclass(frozen=True)
 class _Bucket:
-    """Records of one length: ``count`` records of ``length`` tokens.
+    """One kernel call: ``count`` records of ``length`` tokens.
 
     ``start`` >= 0 when their tokens are one contiguous run of the packed tensor (a view gathers
     them), else ``index`` holds the packed token ids, int64 [count * length], in record order.
+    ``records`` are the record numbers, ascending.
     """
     length: int
     count: int
@@ -372,17 +379,23 @@ class _Bucket:
 
 
 def _length_buckets(cu: list[int], device: torch.device) -> list[_Bucket]:
+    """Groups the non-empty records of cu_seqlens (a list) by length into kernel calls."""
     groups: dict[int, list[int]] = {}
     for rec, (a, b) in enumerate(zip(cu[:-1], cu[1:])):
         if b > a:
             groups.setdefault(b - a, []).append(rec)
     buckets = []
     for length, recs in groups.items():
-        starts = [cu[r] for r in recs]
-        if all(s1 - s0 == length for s0, s1 in zip(starts, starts[1:])):
-            buckets.append(_Bucket(length, len(recs), starts[0], None, tuple(recs)))
+        runs = [[recs[0]]]
+        for rec in recs[1:]:
+            if cu[rec] == cu[runs[-1][-1]] + length:  # adjacent in memory (empty records between are fine)
+                runs[-1].append(rec)
+            else:
+                runs.append([rec])
+        if len(runs) == 1 or length >= _GATHER_BELOW:
+            buckets += [_Bucket(length, len(run), cu[run[0]], None, tuple(run)) for run in runs]
         else:
-            index = (torch.tensor(starts, dtype=torch.int64, device=device)[:, None]
+            index = (torch.tensor([cu[r] for r in recs], dtype=torch.int64, device=device)[:, None]
                      + torch.arange(length, dtype=torch.int64, device=device)).reshape(-1)
             buckets.append(_Bucket(length, len(recs), -1, index, tuple(recs)))
     return buckets
@@ -446,22 +459,21 @@ def _bucketed_backward(grad_out: torch.Tensor, saved: Sequence[torch.Tensor], bu
     return tuple(grads)
 
 
-def _bucketed_dropout_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: list[int],
+def _bucketed_dropout_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                 buckets: list[_Bucket], scale: float, p: float,
                                 generator: torch.Generator | None) -> torch.Tensor:
     """Dropout path (autograd through plain ops, any device); masks drawn in record order."""
     heads = q.shape[1]
-    dropped = {bucket.length: torch.empty((bucket.count, heads, bucket.length, bucket.length),
-                                          dtype=torch.bool, device=q.device) for bucket in buckets}
-    slot = {rec: (bucket.length, j) for bucket in buckets for j, rec in enumerate(bucket.records)}
-    for rec, (a, b) in enumerate(zip(cu[:-1], cu[1:])):
-        if b > a:
-            length, j = slot[rec]
-            dropped[length][j] = _drop_mask(heads, length, p, generator, q.device)
+    dropped = [torch.empty((bucket.count, heads, bucket.length, bucket.length), dtype=torch.bool,
+                           device=q.device) for bucket in buckets]
+    slot = {rec: (i, j) for i, bucket in enumerate(buckets) for j, rec in enumerate(bucket.records)}
+    for rec in sorted(slot):  # record order: the reference draws its masks in the same order
+        i, j = slot[rec]
+        dropped[i][j] = _drop_mask(heads, buckets[i].length, p, generator, q.device)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    for bucket in buckets:
+    for bucket, drop in zip(buckets, dropped):
         qb, kb, vb = (_gather(x, bucket).float() for x in (q, k, v))
-        out_b = _softmax_dropout_attention(qb, kb, vb, scale, p, dropped[bucket.length])
+        out_b = _softmax_dropout_attention(qb, kb, vb, scale, p, drop)
         _scatter(out, bucket, out_b.to(q.dtype))
     return out
 
@@ -513,7 +525,7 @@ class _TritonAttention(torch.autograd.Function):
 
 @functools.lru_cache(maxsize=None)
 def _warn_once(message: str) -> None:
-    warnings.warn(message, stacklevel=3)
+    warnings.warn(message, stacklevel=4)  # the caller of varlen_attention
 
 
 def _validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
@@ -537,8 +549,11 @@ def _validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: tor
     cu = cu_seqlens.tolist()
     if cu[0] != 0:
         raise ValueError(f"cu_seqlens must start at 0, got {cu[0]}")
-    if any(b < a for a, b in zip(cu[:-1], cu[1:])):
-        raise ValueError(f"cu_seqlens must be non-decreasing, got {cu}")
+    drops = [i for i in range(len(cu) - 1) if cu[i + 1] < cu[i]]
+    if drops:
+        i = drops[0]
+        raise ValueError(f"cu_seqlens must be non-decreasing, got cu_seqlens[{i}] = {cu[i]} > "
+                         f"cu_seqlens[{i + 1}] = {cu[i + 1]}")
     if cu[-1] != q.shape[0]:
         raise ValueError(f"cu_seqlens[-1] = {cu[-1]} must equal total_tokens = q.shape[0] = {q.shape[0]}")
     longest = max(b - a for a, b in zip(cu[:-1], cu[1:]))
@@ -624,7 +639,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         if not buckets:  # no tokens at all: an empty output
             return q.clone()
         if dropout_p > 0.0:
-            return _bucketed_dropout_attention(q, k, v, cu, buckets, scale, dropout_p, generator)
+            return _bucketed_dropout_attention(q, k, v, buckets, scale, dropout_p, generator)
         return _BucketedAttention.apply(q, k, v, buckets, scale)
     cu_seqlens = cu_seqlens.to(q.device).contiguous()  # the GPU kernels read it on the device
     if backend == "triton":
@@ -667,9 +682,9 @@ def unpack(packed: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> t
     Differentiable in ``packed``.
     """
     cu = torch.as_tensor(cu_seqlens).to("cpu", torch.int64)
+    if cu.dim() != 1 or cu.numel() < 1 or int(cu[-1]) != packed.shape[0]:
+        raise ValueError(f"cu_seqlens must be 1-D [B + 1] ending at packed.shape[0] = {packed.shape[0]}")
     lens = cu[1:] - cu[:-1]
-    if cu.dim() != 1 or int(cu[-1]) != packed.shape[0]:
-        raise ValueError(f"cu_seqlens[-1] must equal packed.shape[0] = {packed.shape[0]}")
     if lens.numel() and int(lens.max()) > max_seqlen:
         raise ValueError(f"max_seqlen = {max_seqlen} is smaller than the longest sequence ({int(lens.max())})")
     keep = (torch.arange(max_seqlen)[None, :] < lens[:, None]).to(packed.device)

@@ -48,11 +48,14 @@ struct PatchEmbedGrads {
   float* grad_pos_emb = nullptr;   // [NP, D]
 };
 
-// out: [T, D], written once per element.
+// out: [T, D], written once per element (outputs of 8 MiB or more with non-temporal stores
+// when their rows are vector aligned). The result does not depend on n_threads.
 void patch_embed_forward(const PatchEmbedInputs& in, float* out, int n_threads);
 
-// grad_out: [T, D]. Recomputes the forward per token; reductions are deterministic for a
-// fixed n_threads (per-thread partials summed in worker order).
+// grad_out: [T, D]. Works from the inputs alone (no saved activations): the LayerNorm_D
+// statistics and dy are expressed through the column-centred weight (see patch_embed.cpp),
+// so a token costs two D x (P + 1) matmuls. Reductions use fixed token segments summed in
+// segment order: bitwise reproducible for a fixed n_threads.
 void patch_embed_backward(const PatchEmbedInputs& in, const float* grad_out,
                           const PatchEmbedGrads& grads, int n_threads);
 

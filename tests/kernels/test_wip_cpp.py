@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.machinery
 import importlib.util
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -101,17 +102,42 @@ def torch_backward(x, grad_out, eps=EPS):
     return {k: leaves[k].grad for k in ["patches"] + PARAM_NAMES}
 
 
-def check_backward(x, grad_out, n_threads, eps=EPS):
-    """Ours vs torch autograd in float64 (always) and in float32 where that is well
-    conditioned (P > 1 and D >= 16: with one or two elements per LayerNorm the gradients are
-    mostly cancellation, and fp32 torch is itself off by far more than 1e-5, while ours stays
-    within ~1e-6 of float64)."""
+def _to64(x):
+    return {k: (v.double() if v.is_floating_point() else v) for k, v in x.items()}
+
+
+def well_conditioned(x):
+    """P >= 4 and D >= 8. With fewer elements per LayerNorm its backward is mostly cancellation
+    (D == 1: dy is exactly 0; P == 2: grad_patches is O(eps)), so any fp32 result, torch's
+    included, carries rounding noise amplified by up to 1/sqrt(eps)."""
+    return x["patches"].shape[1] >= 4 and x["weight"].shape[0] >= 8
+
+
+def check_forward(x, n_threads, eps=EPS, fp32=True):
+    """Ours vs torch in float64 (rtol = atol = 1e-5) and vs plain fp32 torch where that is well
+    conditioned (P >= 8, D >= 16, no large DC offset: fp32 torch's own LayerNorm error grows
+    with the offset and with few elements, while ours keeps LayerNorm_P in double)."""
+    out = ours_forward(x, n_threads, eps)
+    torch.testing.assert_close(out.double(), torch_forward(_to64(x), eps), rtol=1e-5, atol=1e-5)
+    if fp32 and x["patches"].shape[1] >= 8 and x["weight"].shape[0] >= 16:
+        torch.testing.assert_close(out, torch_forward(x, eps), rtol=1e-5, atol=1e-5)
+    return out
+
+
+def check_backward(x, grad_out, n_threads, eps=EPS, fp32=True):
+    """Ours vs torch autograd in float64 with the tolerances of ``assert_grads_close`` (1e-3
+    where the LayerNorms are too short to be well conditioned, see ``well_conditioned``), and
+    vs fp32 torch autograd where that is well conditioned (as in ``check_forward``)."""
     ours = ours_backward(x, grad_out, n_threads, eps)
-    x64 = {k: (v.double() if v.is_floating_point() else v) for k, v in x.items()}
-    # D == 1: dy is exactly 0 in exact arithmetic, fp32 leaves ~ulp / sqrt(eps) of noise
-    floor = 1.0 if x["weight"].shape[0] == 1 else 0.1
-    assert_grads_close(ours, torch_backward(x64, grad_out.double(), eps), floor)
-    if x["patches"].shape[1] > 1 and x["weight"].shape[0] >= 16:
+    ref64 = torch_backward(_to64(x), grad_out.double(), eps)
+    if well_conditioned(x):
+        assert_grads_close(ours, ref64)
+    else:
+        for k, r in ref64.items():
+            scale = float(r.abs().max()) if r.numel() else 1.0
+            torch.testing.assert_close(ours[k].double(), r, rtol=1e-3, atol=1e-3 * max(1.0, scale),
+                                       msg=lambda m: f"{k}: {m}")
+    if fp32 and x["patches"].shape[1] >= 8 and x["weight"].shape[0] >= 16:
         assert_grads_close(ours, torch_backward(x, grad_out, eps))
     return ours
 
@@ -135,9 +161,11 @@ def assert_grads_close(ours, ref, floor=0.1):
         assert torch.isfinite(o).all(), f"{k} has non-finite values"
         if k in SUMMED:
             scale = float(r.abs().max()) if r.numel() else 1.0
-            torch.testing.assert_close(o, r, rtol=1e-4, atol=1e-4 * max(scale, floor), msg=lambda m: f"{k}: {m}")
+            torch.testing.assert_close(o, r, rtol=1e-4, atol=1e-4 * max(scale, floor),
+                                       msg=lambda m: f"{k}: {m}")
         else:
-            torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-5 * max(1.0, float(r.abs().max()) if r.numel() else 1.0),
+            scale = float(r.abs().max()) if r.numel() else 1.0
+            torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-5 * max(1.0, scale),
                                        msg=lambda m: f"{k}: {m}")
 
 
@@ -152,6 +180,8 @@ SHAPES = [  # T, P, D, NC, NP
     (17, 3, 16, 4, 4),
     (300, 25, 48, 13, 100),
     (64, 30, 130, 2, 70),
+    (9, 1, 768, 2, 3),
+    (7, 25, 1, 2, 3),
 ]
 
 
@@ -161,23 +191,26 @@ SHAPES = [  # T, P, D, NC, NP
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}_P{}_D{}_NC{}_NP{}".format(*s))
 @pytest.mark.parametrize("n_threads", [1, 2, 5])
 def test_patch_embed_forward_matches_torch(shape, n_threads):
-    x = make_inputs(*shape, seed=sum(shape))
-    out = ours_forward(x, n_threads)
-    torch.testing.assert_close(out, torch_forward(x), rtol=1e-5, atol=1e-5)
+    check_forward(make_inputs(*shape, seed=sum(shape)), n_threads)
 
 
 def test_patch_embed_forward_offset_patches_and_eps():
-    # ECG patches with a large DC offset: the LayerNorm statistics must not cancel badly
+    # ECG patches with a large DC offset: fp32 torch's own LayerNorm is off by ~7e-5 here, so
+    # only the float64 reference applies
     x = make_inputs(40, 25, 96, 13, 100, seed=3, offset=500.0)
-    out = ours_forward(x, 2, eps=1e-6)
-    # torch's fp32 LayerNorm itself is off by ~7e-5 here, so compare with a float64 reference
-    x64 = {k: (v.double() if v.is_floating_point() else v) for k, v in x.items()}
-    torch.testing.assert_close(out.double(), torch_forward(x64, eps=1e-6), rtol=1e-5, atol=1e-5)
+    check_forward(x, 2, eps=1e-6, fp32=False)
+
+
+def test_patch_embed_backward_offset_patches_and_eps():
+    x = make_inputs(40, 25, 96, 13, 100, seed=4, offset=500.0)
+    grad_out = torch.randn(40, 96, generator=torch.Generator().manual_seed(4))
+    check_backward(x, grad_out, 2, eps=1e-6, fp32=False)
 
 
 def test_patch_embed_forward_n_threads_larger_than_work():
     x = make_inputs(3, 25, 33, 2, 2, seed=1)
-    torch.testing.assert_close(ours_forward(x, 64), torch_forward(x), rtol=1e-5, atol=1e-5)
+    check_forward(x, 64)
+    check_backward(x, torch.randn(3, 33, generator=torch.Generator().manual_seed(1)), 64)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}_P{}_D{}_NC{}_NP{}".format(*s))
@@ -194,14 +227,43 @@ def test_patch_embed_backward_large_many_tokens():
     check_backward(x, grad_out, 2)
 
 
+def test_patch_embed_forward_large_output_streaming_and_misaligned_out():
+    # >= 8 MiB of output takes the non-temporal store path (aligned rows); a misaligned
+    # (but C-contiguous) out array takes the plain path
+    x = make_inputs(3000, 25, 768, 13, 100, seed=9)
+    ref = torch_forward(x)
+    torch.testing.assert_close(ours_forward(x, 2), ref, rtol=1e-5, atol=1e-5)
+    buf = np.full(3000 * 768 + 1, np.nan, np.float32)
+    out = buf[1:].reshape(3000, 768)
+    assert out.flags.c_contiguous and out.ctypes.data % 64 != 0
+    C.patch_embed_forward(*[x[k].numpy() for k in ARG_ORDER], EPS, out, 2)
+    torch.testing.assert_close(torch.from_numpy(out), ref, rtol=1e-5, atol=1e-5)
+    assert np.isnan(buf[0])
+
+
 def test_patch_embed_backward_deterministic():
     x = make_inputs(203, 25, 96, 13, 100, seed=5)
     grad_out = torch.randn(203, 96, generator=torch.Generator().manual_seed(3))
-    for n_threads in (1, 2, 3):
+    for n_threads in (1, 2, 3, 7):
         a = ours_backward(x, grad_out, n_threads)
-        b = ours_backward(x, grad_out, n_threads)
-        for k in a:
-            assert torch.equal(a[k], b[k]), k
+        for _ in range(3):
+            b = ours_backward(x, grad_out, n_threads)
+            for k in a:
+                assert torch.equal(a[k], b[k]), k
+    a = ours_forward(x, 1)
+    for n_threads in (2, 3, 7):  # the forward does not depend on the thread count at all
+        assert torch.equal(ours_forward(x, n_threads), a)
+
+
+def test_patch_embed_single_feature_is_exactly_flat():
+    # D == 1: LayerNorm_D outputs ln_d_b whatever y is, so every upstream gradient is 0
+    x = make_inputs(20, 25, 1, 2, 3, seed=6)
+    grad_out = torch.randn(20, 1, generator=torch.Generator().manual_seed(6))
+    grads = ours_backward(x, grad_out, 2)
+    for k in ["patches", "ln_p_w", "ln_p_b", "weight", "bias", "ln_d_w"]:
+        assert torch.equal(grads[k], torch.zeros_like(grads[k])), k
+    torch.testing.assert_close(grads["ln_d_b"], grad_out.sum(0))
+    torch.testing.assert_close(ours_forward(x, 2), torch_forward(x), rtol=1e-5, atol=1e-5)
 
 
 def test_patch_embed_backward_zero_tokens_zeroes_grads():
@@ -222,15 +284,15 @@ def test_patch_embed_backward_unused_embedding_rows_are_zero():
 
 if given is not None:
 
-    @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(T=st.integers(0, 70), P=st.integers(1, 33), D=st.integers(1, 150),
            NC=st.integers(1, 5), NP=st.integers(1, 20), n_threads=st.integers(1, 4),
-           seed=st.integers(0, 2 ** 16))
-    def test_patch_embed_random_shapes(T, P, D, NC, NP, n_threads, seed):
-        x = make_inputs(T, P, D, NC, NP, seed=seed)
-        torch.testing.assert_close(ours_forward(x, n_threads), torch_forward(x), rtol=1e-5, atol=1e-5)
+           offset=st.sampled_from([0.0, 0.0, 30.0]), seed=st.integers(0, 2 ** 16))
+    def test_patch_embed_random_shapes(T, P, D, NC, NP, n_threads, offset, seed):
+        x = make_inputs(T, P, D, NC, NP, seed=seed, offset=offset)
+        check_forward(x, n_threads, fp32=offset == 0.0)
         grad_out = torch.randn(T, D, generator=torch.Generator().manual_seed(seed + 1))
-        check_backward(x, grad_out, n_threads)
+        check_backward(x, grad_out, n_threads, fp32=offset == 0.0)
 
 
 # ------------------------------------------------------------------------------------------
@@ -271,7 +333,7 @@ def test_scatter_rows_fill_and_backward(M, K, D, n_threads):
 
     src_l = src.clone().requires_grad_(True)
     fill_l = fill.clone().requires_grad_(True)
-    grad_out = torch.randn(M, D)
+    grad_out = torch.randn(M, D, generator=torch.Generator().manual_seed(M * 31 + D))
     _torch_scatter(src_l, source_rows, fill_l).backward(grad_out)
     grad_src = torch.full((K, D), float("nan"))
     grad_fill = torch.full((D,), float("nan"))
@@ -279,7 +341,11 @@ def test_scatter_rows_fill_and_backward(M, K, D, n_threads):
                                  grad_fill.numpy(), n_threads)
     assert torch.equal(grad_src, src_l.grad if src_l.grad is not None else torch.zeros(K, D))
     ref_fill = fill_l.grad if fill_l.grad is not None else torch.zeros(D)
-    torch.testing.assert_close(grad_fill, ref_fill, rtol=1e-5, atol=1e-5)
+    # ours sums in double: compare with the float64 sum, and loosely with torch's fp32 one
+    # (whose own rounding over thousands of rows can exceed 1e-5)
+    ref64 = grad_out.double()[source_rows < 0].sum(0)
+    torch.testing.assert_close(grad_fill.double(), ref64, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad_fill, ref_fill, rtol=1e-4, atol=1e-4)
 
 
 def test_scatter_backward_zeroes_unreferenced_rows_and_is_deterministic():
@@ -411,15 +477,19 @@ def test_module_info():
 # ------------------------------------------------------------------------------------------
 # timing (python tests/kernels/test_wip_cpp.py)
 # ------------------------------------------------------------------------------------------
-def _median_time(fn, rounds=15, warmup=3):
-    for _ in range(warmup):
-        fn()
-    times = []
+def _time_interleaved(variants, rounds=30, warmup=3):
+    """Median and min seconds per variant, timed in interleaved rounds (so drift in the
+    machine's speed hits all variants alike)."""
+    for fn in variants.values():
+        for _ in range(warmup):
+            fn()
+    samples = {name: [] for name in variants}
     for _ in range(rounds):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+        for name, fn in variants.items():
+            t0 = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - t0)
+    return {name: (statistics.median(v), min(v)) for name, v in samples.items()}
 
 
 def bench(T=6400, P=25, D=768, NC=13, NP=100, n_threads=2):
@@ -453,16 +523,15 @@ def bench(T=6400, P=25, D=768, NC=13, NP=100, n_threads=2):
     def ours_bwd():
         C.patch_embed_backward(go_np, *arrays, EPS, *grad_np, n_threads)
 
-    res = {}
-    for name, fn in [("torch fwd", torch_fwd), ("ours fwd", ours_fwd), ("torch fwd+bwd", torch_fwd_bwd),
-                     ("ours fwd+bwd", ours_fwd_bwd), ("ours bwd", ours_bwd)]:
-        res[name] = _median_time(fn)
-    print(f"T={T} P={P} D={D} NC={NC} NP={NP} n_threads={n_threads}")
-    for k, v in res.items():
-        print(f"  {k:14s} {v * 1e3:8.2f} ms")
-    print(f"  speedup fwd      {res['torch fwd'] / res['ours fwd']:.2f}x")
-    print(f"  speedup fwd+bwd  {res['torch fwd+bwd'] / res['ours fwd+bwd']:.2f}x")
-    return res
+    res = _time_interleaved({"torch fwd": torch_fwd, "ours fwd": ours_fwd, "torch fwd+bwd": torch_fwd_bwd,
+                             "ours fwd+bwd": ours_fwd_bwd, "ours bwd": ours_bwd})
+    print(f"T={T} P={P} D={D} NC={NC} NP={NP} n_threads={n_threads} (median / min of 30 interleaved rounds)")
+    for k, (med, best) in res.items():
+        print(f"  {k:14s} {med * 1e3:8.2f} ms  {best * 1e3:8.2f} ms")
+    med = {k: v[0] for k, v in res.items()}
+    print(f"  speedup fwd      {med['torch fwd'] / med['ours fwd']:.2f}x (medians)")
+    print(f"  speedup fwd+bwd  {med['torch fwd+bwd'] / med['ours fwd+bwd']:.2f}x (medians)")
+    return med
 
 
 @pytest.mark.slow
@@ -473,4 +542,4 @@ def test_patch_embed_speed_vs_torch():
 
 
 if __name__ == "__main__":
-    bench()
+    bench(n_threads=int(sys.argv[1]) if len(sys.argv) > 1 else 2)
