@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import time
 
-import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode

@@ -17,9 +17,10 @@ Shapes (the ``flash_attn_varlen_func`` convention, non-causal, bidirectional):
 
 Backends (``backend=``):
     "reference"     per-record loop of ``scaled_dot_product_attention`` in fp32 (half inputs upcast).
-    "cpu"           length buckets: records of equal length are gathered into one [b, heads, L, d]
-                    batch (a view when they are adjacent) and run through PyTorch's CPU flash-attention
-                    kernel, forward and backward; with dropout, a bucketed explicit softmax (any device).
+    "cpu"           length buckets through PyTorch's CPU flash-attention kernel, forward and backward:
+                    short records (< 256 tokens) of equal length are gathered into one [b, heads, L, d]
+                    batch, long ones and runs of adjacent equal-length records are strided views of the
+                    packed tensors (no copy). With dropout: a bucketed explicit softmax (any device).
     "triton"        FlashAttention-2 style tiled online-softmax kernels over cu_seqlens (GPU, or CPU
                     tensors under TRITON_INTERPRET=1 set before this module is imported).
     "torch_varlen"  ``torch.nn.attention.varlen.varlen_attn`` (PyTorch's bundled FlashAttention, CUDA).
@@ -657,9 +658,10 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
 
 def pack(padded: torch.Tensor, lengths: torch.Tensor | Sequence[int]
          ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """[B, N, ...] padded batch + per-record lengths -> (packed [sum L, ...], cu_seqlens int32 [B+1], max_seqlen).
+    """Padded [B, N, ...] + per-record lengths [B] -> (packed [sum L, ...], cu_seqlens, max_seqlen).
 
-    Records keep their order; tokens past each length are dropped. Differentiable in ``padded``.
+    cu_seqlens is int32 [B + 1] on padded's device; max_seqlen an int. Records keep their order;
+    tokens past each length are dropped. Differentiable in ``padded``.
     """
     if padded.dim() < 2:
         raise ValueError(f"padded must be [B, N, ...], got shape {tuple(padded.shape)}")
@@ -686,7 +688,8 @@ def unpack(packed: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> t
         raise ValueError(f"cu_seqlens must be 1-D [B + 1] ending at packed.shape[0] = {packed.shape[0]}")
     lens = cu[1:] - cu[:-1]
     if lens.numel() and int(lens.max()) > max_seqlen:
-        raise ValueError(f"max_seqlen = {max_seqlen} is smaller than the longest sequence ({int(lens.max())})")
+        raise ValueError(f"max_seqlen = {max_seqlen} is smaller than the longest sequence "
+                         f"({int(lens.max())})")
     keep = (torch.arange(max_seqlen)[None, :] < lens[:, None]).to(packed.device)
     padded = packed.new_zeros((lens.numel(), max_seqlen, *packed.shape[1:]))
     padded[keep] = packed

@@ -58,11 +58,13 @@ T* checked(const py::array& a, const char* fn, const char* name,
                                 std::string(py::str(a.dtype())));
   const std::vector<int64_t> shape = shape_of(a);
   bool ok = shape.size() == expected.size();
-  for (size_t i = 0; ok && i < shape.size(); ++i) ok = expected[i] == ANY || expected[i] == shape[i];
+  for (size_t i = 0; ok && i < shape.size(); ++i)
+    ok = expected[i] == ANY || expected[i] == shape[i];
   if (!ok) {
     std::string exp = "[";
     for (size_t i = 0; i < expected.size(); ++i)
-      exp += (i ? ", " : "") + (expected[i] == ANY ? std::string("*") : std::to_string(expected[i]));
+      exp += (i ? ", " : "") +
+             (expected[i] == ANY ? std::string("*") : std::to_string(expected[i]));
     exp += "]";
     throw std::invalid_argument(where + " must have shape " + exp + ", got " + shape_str(shape));
   }
@@ -257,6 +259,8 @@ PYBIND11_MODULE(_C, m) {
         "grad_fill = sum of grad_out rows with source_rows == -1.");
   m.def("source_hash", [] { return std::string(CSFM_SOURCE_HASH); },
         "Hash of csrc/ this module was built from.");
-  m.def("n_threads_default", [] { return static_cast<int>(std::max(1u, std::thread::hardware_concurrency())); },
-        "std::thread::hardware_concurrency()");
+  m.def(
+      "n_threads_default",
+      [] { return static_cast<int>(std::max(1u, std::thread::hardware_concurrency())); },
+      "std::thread::hardware_concurrency() (1 where it reports 0)");
 }

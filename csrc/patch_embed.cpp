@@ -717,12 +717,23 @@ void patch_embed_backward(const PatchEmbedInputs& in, const float* grad_out,
   const Prep pp(in, n_threads);
   const int64_t Pa = pp.Pa, Dp = pp.Dp, Ku = pp.Pa + 1;
   const double inv_d = 1.0 / static_cast<double>(D);
+  // per-segment accumulators (zeroed by the thread that runs the segment): M^T [Pa, Dp],
+  // embedding rows [NC + NP, Dp]; doubles: Q [Pa, Pa, 8 lanes], r [Pa, 8 lanes],
+  // grad_ln_p_w and grad_ln_p_b [P, TB lanes] each
+  const int64_t m_stride = Pa * Dp;
+  const int64_t emb_stride = (NC + NP) * Dp;
+  const int64_t acc_doubles = 8 * (Pa * Pa + Pa) + 2 * P * TB;
+  const int64_t seg_bytes = (m_stride + emb_stride) * 4 + acc_doubles * 8;
   // The tokens are cut into n_seg fixed segments (whole blocks), each with its own
   // accumulators; threads take segments as they become free, and the segments' partial sums
   // are added in segment order, so the result does not depend on which thread ran what.
+  // 2 segments per thread (so a thread slowed by other load can hand work over), fewer when
+  // the accumulators would pass ~64 MiB (large embedding tables), never fewer than threads.
   const int64_t n_blocks = (T + TB - 1) / TB;
-  const int64_t n_seg = std::min<int64_t>(n_blocks, 2 * static_cast<int64_t>(std::max(n_threads, 1)));
-  const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(n_threads, n_seg)));
+  const int64_t n_thr = std::max(n_threads, 1);
+  const int64_t seg_cap = std::max<int64_t>(n_thr, (int64_t{64} << 20) / seg_bytes);
+  const int64_t n_seg = std::min<int64_t>(n_blocks, std::min<int64_t>(2 * n_thr, seg_cap));
+  const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(n_thr, n_seg)));
 
   // W3 = [ln_d_w * Wc | ln_d_w]^T, [Pa + 1, Dp]: g -> (u = Wc^T gw, s1 = sum gw)
   FloatBuf w3(Ku * Dp);
@@ -739,11 +750,6 @@ void patch_embed_backward(const PatchEmbedInputs& in, const float* grad_out,
   FloatBuf hbuf(h_stride * nt, false), hsbuf(h_stride * nt, false), gbuf(g_stride * nt, false);
   FloatBuf ubuf(u_stride * nt, false);
   std::vector<double> sbuf(static_cast<size_t>(s_stride * nt));
-  // per-segment accumulators (zeroed by the thread that runs the segment): M^T [Pa, Dp],
-  // embedding rows [NC + NP, Dp]; doubles Q [Pa, Pa], r [Pa], grad_ln_p_w / _b per lane [P, TB]
-  const int64_t m_stride = Pa * Dp;
-  const int64_t emb_stride = (NC + NP) * Dp;
-  const int64_t acc_doubles = 8 * (Pa * Pa + Pa) + 2 * P * TB;
   FloatBuf mbuf(std::max<int64_t>(m_stride * n_seg, 1), false);
   FloatBuf embbuf(std::max<int64_t>(emb_stride * n_seg, 1), false);
   std::vector<double> dbuf(static_cast<size_t>(std::max<int64_t>(acc_doubles * n_seg, 1)));
@@ -888,7 +894,8 @@ void patch_embed_backward(const PatchEmbedInputs& in, const float* grad_out,
     }
   });
   // embedding tables, then grad_ln_d_b = sum over channels of grad_chan_emb (= sum_t g)
-  const int ne = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(n_threads, (NC + NP) / 8)));
+  const int ne =
+      static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(n_threads, (NC + NP) / 8)));
   parallel_chunks(NC + NP, ne, [&](int64_t rb, int64_t re, int) {
     for (int64_t row = rb; row < re; ++row) {
       float* dst = row < NC ? g.grad_chan_emb + row * D : g.grad_pos_emb + (row - NC) * D;

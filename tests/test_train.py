@@ -82,3 +82,17 @@ def test_killed_run_resumes_with_identical_losses(tmp_path):
 def test_config_defaults_are_the_demo_run():
     config = TrainConfig()
     assert config.preset == "demo" and config.data == [] and config.out_dir == "runs/demo"
+
+
+def test_precision_choices():
+    import torch
+
+    from csfm.precision import choose_precision
+
+    assert choose_precision("fp32", torch.device("cpu")).dtype is None
+    assert choose_precision("bf16", torch.device("cpu")).dtype == torch.bfloat16
+    assert choose_precision("auto", torch.device("cpu")).name in ("fp32", "bf16")
+    with pytest.raises(ValueError, match="fp16' needs a CUDA device"):
+        choose_precision("fp16", torch.device("cpu"))
+    with pytest.raises(ValueError, match="precision must be one of"):
+        choose_precision("fp8", torch.device("cpu"))

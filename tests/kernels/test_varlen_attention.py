@@ -1,8 +1,9 @@
 """varlen_attention: every backend against the per-record reference, values and grads of q, k, v.
 
 fp32: atol/rtol 1e-4. fp16 (flash-attn rule): error vs the fp32 reference <= 2x the error of the
-plain attention computed in fp16, plus one fp16 ulp at max(1, largest value) (inputs are unit-scale). Triton runs under TRITON_INTERPRET=1 on CPU
-tensors where no GPU is present (small shapes: each program instance costs ~1.5 ms there).
+plain attention computed in fp16, plus one fp16 ulp at max(1, largest value) (inputs are unit-scale).
+Triton runs under TRITON_INTERPRET=1 on CPU tensors where no GPU is present (small shapes: each
+program instance costs ~1.5 ms there).
 """
 from __future__ import annotations
 

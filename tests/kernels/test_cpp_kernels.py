@@ -1,25 +1,18 @@
-"""Scratch tests for the C++ CPU kernels in csrc/ (module ``csfm_kernels._C``).
-
-Every kernel is compared against plain torch (F.layer_norm / F.linear / index_select, autograd
-for the backward). The built ``_C`` shared object is loaded directly, so these tests do not
-depend on the rest of the ``csfm_kernels`` package. Build first:
-``python setup.py build_ext --inplace``.
-
-Run ``python tests/kernels/test_wip_cpp.py`` for the timing comparison at T=6400, P=25, D=768.
+"""Kernel-level tests of the C++ CPU kernels in csrc/ (``csfm_kernels._C``): thread counts,
+strided/misaligned buffers, argument errors, and every kernel against plain torch (values)
+and autograd (grads). The op-level tests of every backend are in test_patch_embed.py and
+test_masking.py; the timings are in bench/test_kernels.py.
 """
 from __future__ import annotations
 
-import importlib.machinery
-import importlib.util
-import statistics
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+
+from csfm_kernels import _ext
 
 try:
     from hypothesis import HealthCheck, given, settings
@@ -30,22 +23,8 @@ except ImportError:  # pragma: no cover
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _load_ext():
-    if "csfm_kernels._C" in sys.modules:
-        return sys.modules["csfm_kernels._C"]
-    candidates = sorted((ROOT / "csfm_kernels").glob("_C*.so")) + sorted(
-        (ROOT / "csfm_kernels").glob("_C*.pyd"))
-    if not candidates:
-        return None
-    loader = importlib.machinery.ExtensionFileLoader("csfm_kernels._C", str(candidates[0]))
-    spec = importlib.util.spec_from_file_location("csfm_kernels._C", str(candidates[0]), loader=loader)
-    module = importlib.util.module_from_spec(spec)
-    loader.exec_module(module)
-    return module
-
-
-C = _load_ext()
-pytestmark = pytest.mark.skipif(C is None, reason="csfm_kernels._C is not built")
+C = _ext.cpp
+pytestmark = pytest.mark.skipif(C is None, reason=f"csfm_kernels._C is not built: {_ext.cpp_error}")
 
 EPS = 1e-5
 
@@ -118,7 +97,10 @@ def check_forward(x, n_threads, eps=EPS, fp32=True):
     conditioned (P >= 8, D >= 16, no large DC offset: fp32 torch's own LayerNorm error grows
     with the offset and with few elements, while ours keeps LayerNorm_P in double)."""
     out = ours_forward(x, n_threads, eps)
-    torch.testing.assert_close(out.double(), torch_forward(_to64(x), eps), rtol=1e-5, atol=1e-5)
+    # D < 8: a token's y can have a variance far below eps (e.g. D = 2 with two close values),
+    # where zhat amplifies fp32 rounding by up to 1/sqrt(eps); fp32 torch is off more there
+    tol = 1e-5 if x["weight"].shape[0] >= 8 else 1e-4
+    torch.testing.assert_close(out.double(), torch_forward(_to64(x), eps), rtol=tol, atol=tol)
     if fp32 and x["patches"].shape[1] >= 8 and x["weight"].shape[0] >= 16:
         torch.testing.assert_close(out, torch_forward(x, eps), rtol=1e-5, atol=1e-5)
     return out
@@ -239,6 +221,14 @@ def test_patch_embed_forward_large_output_streaming_and_misaligned_out():
     C.patch_embed_forward(*[x[k].numpy() for k in ARG_ORDER], EPS, out, 2)
     torch.testing.assert_close(torch.from_numpy(out), ref, rtol=1e-5, atol=1e-5)
     assert np.isnan(buf[0])
+
+
+def test_patch_embed_backward_large_tables_and_many_threads():
+    # big embedding tables cap the number of accumulator segments; many threads on few blocks
+    x = make_inputs(700, 25, 96, 13, 60000, seed=12)
+    grad_out = torch.randn(700, 96, generator=torch.Generator().manual_seed(12))
+    check_backward(x, grad_out, 3)
+    check_backward(x, grad_out, 16)
 
 
 def test_patch_embed_backward_deterministic():
@@ -472,74 +462,3 @@ def test_module_info():
     h = C.source_hash()
     assert isinstance(h, str) and len(h) == 16 and int(h, 16) >= 0
     assert C.n_threads_default() >= 1
-
-
-# ------------------------------------------------------------------------------------------
-# timing (python tests/kernels/test_wip_cpp.py)
-# ------------------------------------------------------------------------------------------
-def _time_interleaved(variants, rounds=30, warmup=3):
-    """Median and min seconds per variant, timed in interleaved rounds (so drift in the
-    machine's speed hits all variants alike)."""
-    for fn in variants.values():
-        for _ in range(warmup):
-            fn()
-    samples = {name: [] for name in variants}
-    for _ in range(rounds):
-        for name, fn in variants.items():
-            t0 = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - t0)
-    return {name: (statistics.median(v), min(v)) for name, v in samples.items()}
-
-
-def bench(T=6400, P=25, D=768, NC=13, NP=100, n_threads=2):
-    torch.set_num_threads(n_threads)
-    x = make_inputs(T, P, D, NC, NP, seed=0)
-    grad_out = torch.randn(T, D)
-    out = torch.empty(T, D)
-    grads = {k: torch.empty_like(x[k]) for k in ["patches"] + PARAM_NAMES}
-    arrays = [x[k].numpy() for k in ARG_ORDER]
-    out_np, go_np = out.numpy(), grad_out.numpy()
-    grad_np = [grads[k].numpy() for k in ["patches"] + PARAM_NAMES]
-
-    leaves = {k: (v.clone().requires_grad_(True) if v.is_floating_point() else v) for k, v in x.items()}
-
-    def torch_fwd():
-        with torch.no_grad():
-            torch_forward(x)
-
-    def torch_fwd_bwd():
-        for v in leaves.values():
-            v.grad = None
-        torch_forward(leaves).backward(grad_out)
-
-    def ours_fwd():
-        C.patch_embed_forward(*arrays, EPS, out_np, n_threads)
-
-    def ours_fwd_bwd():
-        C.patch_embed_forward(*arrays, EPS, out_np, n_threads)
-        C.patch_embed_backward(go_np, *arrays, EPS, *grad_np, n_threads)
-
-    def ours_bwd():
-        C.patch_embed_backward(go_np, *arrays, EPS, *grad_np, n_threads)
-
-    res = _time_interleaved({"torch fwd": torch_fwd, "ours fwd": ours_fwd, "torch fwd+bwd": torch_fwd_bwd,
-                             "ours fwd+bwd": ours_fwd_bwd, "ours bwd": ours_bwd})
-    print(f"T={T} P={P} D={D} NC={NC} NP={NP} n_threads={n_threads} (median / min of 30 interleaved rounds)")
-    for k, (med, best) in res.items():
-        print(f"  {k:14s} {med * 1e3:8.2f} ms  {best * 1e3:8.2f} ms")
-    med = {k: v[0] for k, v in res.items()}
-    print(f"  speedup fwd      {med['torch fwd'] / med['ours fwd']:.2f}x (medians)")
-    print(f"  speedup fwd+bwd  {med['torch fwd+bwd'] / med['ours fwd+bwd']:.2f}x (medians)")
-    return med
-
-
-@pytest.mark.slow
-def test_patch_embed_speed_vs_torch():
-    res = bench()
-    assert res["ours fwd"] < res["torch fwd"]
-    assert res["ours fwd+bwd"] < res["torch fwd+bwd"]
-
-
-if __name__ == "__main__":
-    bench(n_threads=int(sys.argv[1]) if len(sys.argv) > 1 else 2)
