@@ -58,7 +58,8 @@ PRESETS: dict[str, ModelConfig] = {
     "large": ModelConfig(dim=1024, depth=16, heads=24, mlp_dim=4096, decoder_dim=512, decoder_depth=4,
                          decoder_heads=8, decoder_mlp_dim=1024),
     # Small enough to pretrain on 2 CPU cores in minutes; its vocabulary comes from the demo reports.
-    "demo": ModelConfig(dim=128, depth=3, heads=4, mlp_dim=256, dim_head=32, vocab_size=2048,
+    # No dropout: MAE-style pretraining needs none, and attention dropout is the slow CPU path.
+    "demo": ModelConfig(dim=128, depth=3, heads=4, mlp_dim=256, dim_head=32, vocab_size=2048, dropout=0.0,
                         decoder_dim=96, decoder_depth=1, decoder_heads=3, decoder_mlp_dim=192),
 }
 

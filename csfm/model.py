@@ -84,6 +84,18 @@ class EncoderOutput:
     mean: torch.Tensor
 
 
+def sincos_table(n_positions: int, dim: int) -> torch.Tensor:
+    """[n_positions, dim] sine/cosine position table (Transformer / MAE style), the initial
+    value of the learned position embeddings: patches at the same time in different
+    channels start out alike, so attention can line channels up from the first step."""
+    position = torch.arange(n_positions, dtype=torch.float64)[:, None]
+    freq = torch.exp(-torch.arange(0, dim, 2, dtype=torch.float64) * (torch.log(torch.tensor(10000.0)) / dim))
+    table = torch.zeros(n_positions, dim, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(position * freq)
+    table[:, 1::2] = torch.cos(position * freq)[:, : dim // 2]
+    return table.float()
+
+
 def lengths_to_cu_seqlens(lengths: torch.Tensor) -> torch.Tensor:
     """lengths [B] -> int32 [B+1] offsets (flash-attn convention)."""
     cu = torch.zeros(len(lengths) + 1, dtype=torch.int32, device=lengths.device)
@@ -159,6 +171,11 @@ class CSFMEncoder(nn.Module):
         self.cls_token = nn.Parameter(torch.randn(1, 1, d))
         self.transformer = Transformer(d, config.depth, config.heads, config.dim_head, config.mlp_dim,
                                        config.dropout)
+        with torch.no_grad():  # a published checkpoint replaces all of these
+            self.ts_pos_embedding.copy_(sincos_table(config.n_positions, d)[None])
+            self.text_pos_embedding.copy_(sincos_table(config.max_text_tokens, d)[None])
+            for table in (self.ts_channel_type_embedding, self.text_type_embedding, self.cls_token):
+                table.normal_(0.0, 0.02)
 
     def embed_signals(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (patch tokens [sum_b C_b*L_b/25, d], tokens per sample [B] int64)."""

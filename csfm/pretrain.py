@@ -2,8 +2,13 @@
 
 Per sample, 75 % of the signal patch tokens and 50 % of the text tokens are masked; the
 encoder sees CLS + the kept tokens only; a light transformer decoder gets every position
-back (mask tokens where masked) and predicts the masked patches (MSE on per-patch
-normalised samples) and the masked text tokens (cross-entropy).
+back (mask tokens where masked) and predicts the masked patches (MSE against the
+channel-z-scored samples, or with ``norm_patch_targets`` against each patch normalised to
+zero mean and unit variance as MAE does for images) and the masked text tokens
+(cross-entropy).
+
+Per-patch normalisation turns the near-flat 0.1 s patches between beats into unit-variance
+noise that no context predicts, so by default the targets are the z-scored signal itself.
 """
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ from torch import nn
 
 from csfm.batch import Batch
 from csfm.config import ModelConfig
-from csfm.model import CSFMEncoder, SequenceLayout, Transformer
+from csfm.model import CSFMEncoder, SequenceLayout, Transformer, sincos_table
 from csfm_kernels import gather_kept, random_masking, scatter_with_mask_token
 from csfm_kernels.patch_embed import PATCH_LEN
 
@@ -23,7 +28,7 @@ from csfm_kernels.patch_embed import PATCH_LEN
 @dataclass
 class PretrainOutput:
     """loss = signal_weight * signal_loss + text_weight * text_loss (scalars);
-    pred_patches [sum P, 25] decoder output for every patch (normalised units);
+    pred_patches [sum P, 25] decoder output for every patch (target units);
     patch_mask [sum P] bool: which patches were masked; n_patch [B] patches per sample."""
 
     loss: torch.Tensor
@@ -55,17 +60,18 @@ class MaskedPretrainer(nn.Module):
     """The encoder plus the pretraining decoder and its heads."""
 
     def __init__(self, config: ModelConfig, backend: str = "auto", signal_weight: float = 1.0,
-                 text_weight: float = 0.5) -> None:
+                 text_weight: float = 0.5, norm_patch_targets: bool = False) -> None:
         super().__init__()
         self.config, self.signal_weight, self.text_weight = config, signal_weight, text_weight
+        self.norm_patch_targets = norm_patch_targets
         self.encoder = CSFMEncoder(config, backend)
         dd = config.decoder_dim
         self.decoder_embed = nn.Linear(config.dim, dd)
         self.signal_mask_token = nn.Parameter(torch.zeros(1, 1, dd))
         self.text_mask_token = nn.Parameter(torch.zeros(1, 1, dd))
         self.decoder_channel_embedding = nn.Parameter(0.02 * torch.randn(config.n_channel_types, dd))
-        self.decoder_pos_embedding = nn.Parameter(0.02 * torch.randn(config.n_positions, dd))
-        self.decoder_text_pos_embedding = nn.Parameter(0.02 * torch.randn(config.max_text_tokens, dd))
+        self.decoder_pos_embedding = nn.Parameter(sincos_table(config.n_positions, dd))
+        self.decoder_text_pos_embedding = nn.Parameter(sincos_table(config.max_text_tokens, dd))
         self.decoder = Transformer(dd, config.decoder_depth, config.decoder_heads, dd // config.decoder_heads,
                                    config.decoder_mlp_dim, dropout=0.0)
         self.patch_head = nn.Linear(dd, PATCH_LEN)
@@ -102,13 +108,16 @@ class MaskedPretrainer(nn.Module):
         return PretrainOutput(loss, signal_loss, text_loss, pred, signal_plan.mask, n_patch)
 
     def _signal_loss(self, batch: Batch, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """MSE on normalised patches at masked positions whose samples are mostly valid."""
+        """MSE at masked positions whose samples are mostly valid."""
         patches = torch.cat([x.reshape(-1, PATCH_LEN) for x in batch.signals]).to(pred.device)
         valid = torch.cat([v.reshape(-1, PATCH_LEN) for v in batch.valid]).to(pred.device)
         use = mask & (valid.float().mean(-1) >= 0.5)
         if not bool(use.any()):
             return pred.sum() * 0.0
-        err = (pred[use].float() - normalise_patches(patches[use].float())) ** 2
+        target = patches[use].float()
+        if self.norm_patch_targets:
+            target = normalise_patches(target)
+        err = (pred[use].float() - target) ** 2
         return err.mean()
 
     def _text_loss(self, batch: Batch, text_states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -184,13 +184,15 @@ def _save_reconstruction_png(model: MaskedPretrainer, batch, config: TrainConfig
     n_first = batch.signals[0].shape[1] // 25  # patches of the first channel
     patches = batch.signals[0][0].reshape(-1, 25)
     scale = patches.var(-1, unbiased=False, keepdim=True).add(1e-6).sqrt()
-    pred = out.pred_patches[:n_first].float().cpu() * scale + patches.mean(-1, keepdim=True)
+    pred = out.pred_patches[:n_first].float().cpu()
+    if model.norm_patch_targets:
+        pred = pred * scale + patches.mean(-1, keepdim=True)
     target, pred = patches.reshape(-1).numpy(), pred.reshape(-1).numpy()
     masked = np.repeat(out.patch_mask[:n_first].cpu().numpy(), 25)
     t = np.arange(len(target)) / 250.0
     fig, ax = plt.subplots(figsize=(12, 3.5))
     ax.plot(t, target, color="black", lw=0.8, label="original (z-scored)")
-    ax.plot(t, np.where(masked, pred, np.nan), color="tab:red", lw=0.8, label="reconstruction of masked patches (patch mean/std restored)")
+    ax.plot(t, np.where(masked, pred, np.nan), color="tab:red", lw=0.8, label="reconstruction of masked patches")
     ax.set_xlabel("time (s)")
     ax.set_title(f"{batch.record_ids[0] if batch.record_ids else 'record 0'}, channel type "
                  f"{int(batch.channel_ids[0][0])}, {int(out.patch_mask.sum())} of {len(out.patch_mask)} patches masked")

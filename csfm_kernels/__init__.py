@@ -10,6 +10,7 @@ from csfm_kernels.masking import (
     scatter_with_mask_token_reference,
 )
 from csfm_kernels.modules import PatchEmbedding
+from csfm_kernels.varlen_attention import pack, unpack, varlen_attention
 from csfm_kernels.patch_embed import (
     PatchEmbedParams,
     patch_embed,
@@ -20,5 +21,6 @@ from csfm_kernels.patch_embed import (
 __all__ = [
     "MaskPlan", "PatchEmbedParams", "PatchEmbedding", "build_info", "gather_kept",
     "gather_kept_reference", "patch_embed", "patch_embed_packed", "patch_embed_tokens_reference",
-    "random_masking", "scatter_with_mask_token", "scatter_with_mask_token_reference",
+    "pack", "random_masking", "scatter_with_mask_token", "scatter_with_mask_token_reference", "unpack",
+    "varlen_attention",
 ]
