@@ -67,6 +67,16 @@ def patch_embed_tokens_reference(patches: torch.Tensor, token_chan: torch.Tensor
 if triton is not None:
 
     @triton.jit
+    def _pe_load_weights(lnp_w_ptr, lnp_b_ptr, w_ptr, b_ptr, offs_p, pmask, offs_d, dmask, P):
+        """LayerNorm_P affine [BLOCK_P], W^T [BLOCK_P, BLOCK_D] and bias [BLOCK_D] in fp32, 0 where padded."""
+        lnp_w = tl.load(lnp_w_ptr + offs_p, mask=pmask, other=0.0).to(tl.float32)
+        lnp_b = tl.load(lnp_b_ptr + offs_p, mask=pmask, other=0.0).to(tl.float32)
+        wT = tl.load(w_ptr + offs_d[None, :] * P + offs_p[:, None], mask=pmask[:, None] & dmask[None, :],
+                     other=0.0).to(tl.float32)
+        bias = tl.load(b_ptr + offs_d, mask=dmask, other=0.0).to(tl.float32)
+        return lnp_w, lnp_b, wT, bias
+
+    @triton.jit
     def _pe_tile_forward(
         x_ptr,
         offs_t,
@@ -137,14 +147,8 @@ if triton is not None:
         offs_d = tl.arange(0, BLOCK_D)
         dmask = offs_d < D
 
-        lnp_w = tl.load(lnp_w_ptr + offs_p, mask=pmask, other=0.0).to(tl.float32)
-        lnp_b = tl.load(lnp_b_ptr + offs_p, mask=pmask, other=0.0).to(tl.float32)
-        wT = tl.load(
-            w_ptr + offs_d[None, :] * P + offs_p[:, None],
-            mask=pmask[:, None] & dmask[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        bias = tl.load(b_ptr + offs_d, mask=dmask, other=0.0).to(tl.float32)
+        lnp_w, lnp_b, wT, bias = _pe_load_weights(lnp_w_ptr, lnp_b_ptr, w_ptr, b_ptr, offs_p, pmask,
+                                                  offs_d, dmask, P)
 
         xhat, rstd_p, h, zhat, rstd_d = _pe_tile_forward(
             x_ptr, offs_t, tmask, offs_p, pmask, dmask, lnp_w, lnp_b, wT, bias, P, D, eps
@@ -206,14 +210,8 @@ if triton is not None:
         offs_d = tl.arange(0, BLOCK_D)
         dmask = offs_d < D
 
-        lnp_w = tl.load(lnp_w_ptr + offs_p, mask=pmask, other=0.0).to(tl.float32)
-        lnp_b = tl.load(lnp_b_ptr + offs_p, mask=pmask, other=0.0).to(tl.float32)
-        wT = tl.load(
-            w_ptr + offs_d[None, :] * P + offs_p[:, None],
-            mask=pmask[:, None] & dmask[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        bias = tl.load(b_ptr + offs_d, mask=dmask, other=0.0).to(tl.float32)
+        lnp_w, lnp_b, wT, bias = _pe_load_weights(lnp_w_ptr, lnp_b_ptr, w_ptr, b_ptr, offs_p, pmask,
+                                                  offs_d, dmask, P)
         lnd_w = tl.load(lnd_w_ptr + offs_d, mask=dmask, other=0.0).to(tl.float32)
 
         acc_w = tl.zeros((BLOCK_D, BLOCK_P), dtype=tl.float32)
