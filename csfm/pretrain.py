@@ -27,16 +27,39 @@ from csfm_kernels.patch_embed import PATCH_LEN
 
 @dataclass
 class PretrainOutput:
-    """loss = signal_weight * signal_loss + text_weight * text_loss (scalars);
+    """signal_sse: summed squared error over the n_signal scored patch samples; text_ce:
+    summed cross-entropy over the n_text masked text tokens (both scalars with grad);
     pred_patches [sum P, 25] decoder output for every patch (target units);
-    patch_mask [sum P] bool: which patches were masked; n_patch [B] patches per sample."""
+    patch_mask [sum P] bool: which patches were masked; n_patch [B] patches per sample.
+    The losses are means over this batch; ``weighted_loss`` normalises by other counts
+    (those of a batch split across processes)."""
 
-    loss: torch.Tensor
-    signal_loss: torch.Tensor
-    text_loss: torch.Tensor
+    signal_sse: torch.Tensor
+    n_signal: int
+    text_ce: torch.Tensor
+    n_text: int
+    signal_weight: float
+    text_weight: float
     pred_patches: torch.Tensor
     patch_mask: torch.Tensor
     n_patch: torch.Tensor
+
+    def weighted_loss(self, n_signal: int, n_text: int) -> torch.Tensor:
+        """signal_weight * SSE / n_signal + text_weight * CE / n_text (a zero count adds 0)."""
+        return (self.signal_weight * self.signal_sse / max(1, n_signal)
+                + self.text_weight * self.text_ce / max(1, n_text))
+
+    @property
+    def signal_loss(self) -> torch.Tensor:
+        return self.signal_sse / max(1, self.n_signal)
+
+    @property
+    def text_loss(self) -> torch.Tensor:
+        return self.text_ce / max(1, self.n_text)
+
+    @property
+    def loss(self) -> torch.Tensor:
+        return self.weighted_loss(self.n_signal, self.n_text)
 
 
 def normalise_patches(patches: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -78,12 +101,18 @@ class MaskedPretrainer(nn.Module):
         self.text_head = nn.Linear(dd, config.vocab_size)
 
     def forward(self, batch: Batch, signal_ratio: float = 0.75, text_ratio: float = 0.5,
-                generator: torch.Generator | None = None) -> PretrainOutput:
+                generator: torch.Generator | None = None, signal_noise: torch.Tensor | None = None,
+                text_noise: torch.Tensor | None = None) -> PretrainOutput:
+        """Masks, encodes, decodes and scores one batch. signal_noise [B, >= max patches] and
+        text_noise [B, >= max text tokens] fix the masks (see random_masking); else they come
+        from ``generator``."""
         enc, backend = self.encoder, self.encoder._op_backend()
         patch_rows, n_patch = enc.embed_signals(batch)
         text_rows, n_text = enc.embed_text(batch)
-        signal_plan = random_masking(n_patch.cpu(), signal_ratio, generator, device=patch_rows.device)
-        text_plan = random_masking(n_text.cpu(), text_ratio, generator, device=patch_rows.device)
+        signal_plan = random_masking(n_patch.cpu(), signal_ratio, generator, device=patch_rows.device,
+                                     noise=signal_noise)
+        text_plan = random_masking(n_text.cpu(), text_ratio, generator, device=patch_rows.device,
+                                   noise=text_noise)
         kept_patch = gather_kept(patch_rows, signal_plan, backend=backend)
         kept_text = gather_kept(text_rows.to(patch_rows.dtype), text_plan, backend=backend)
         encoded = enc.encode(kept_patch, signal_plan.n_kept, kept_text, text_plan.n_kept)
@@ -102,28 +131,24 @@ class MaskedPretrainer(nn.Module):
                               layout.max_seqlen, backend=backend)
         _, patch_states, text_states = layout.split(states)
         pred = self.patch_head(patch_states)
-        signal_loss = self._signal_loss(batch, pred, signal_plan.mask)
-        text_loss = self._text_loss(batch, text_states, text_plan.mask)
-        loss = self.signal_weight * signal_loss + self.text_weight * text_loss
-        return PretrainOutput(loss, signal_loss, text_loss, pred, signal_plan.mask, n_patch)
+        signal_sse, n_signal = self._signal_sse(batch, pred, signal_plan.mask)
+        text_ce, n_text_scored = self._text_ce(batch, text_states, text_plan.mask)
+        return PretrainOutput(signal_sse, n_signal, text_ce, n_text_scored, self.signal_weight,
+                              self.text_weight, pred, signal_plan.mask, n_patch)
 
-    def _signal_loss(self, batch: Batch, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """MSE at masked positions whose samples are mostly valid."""
+    def _signal_sse(self, batch: Batch, pred: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Squared error summed over the samples of masked, mostly valid patches, and their count."""
         patches = torch.cat([x.reshape(-1, PATCH_LEN) for x in batch.signals]).to(pred.device)
         valid = torch.cat([v.reshape(-1, PATCH_LEN) for v in batch.valid]).to(pred.device)
         use = mask & (valid.float().mean(-1) >= 0.5)
-        if not bool(use.any()):
-            return pred.sum() * 0.0
         target = patches[use].float()
         if self.norm_patch_targets:
             target = normalise_patches(target)
-        err = (pred[use].float() - target) ** 2
-        return err.mean()
+        return ((pred[use].float() - target) ** 2).sum(), int(use.sum()) * PATCH_LEN
 
-    def _text_loss(self, batch: Batch, text_states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy of the masked text tokens (0 when the batch has none)."""
-        if not bool(mask.any()):
-            return text_states.sum() * 0.0
+    def _text_ce(self, batch: Batch, text_states: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Cross-entropy summed over the masked text tokens, and their count (the head is
+        always in the graph, so every process of a distributed run has a grad for it)."""
         targets = torch.cat(batch.text_ids).to(text_states.device)[mask]
         logits = self.text_head(text_states[mask]).float()
-        return F.cross_entropy(logits, targets)
+        return F.cross_entropy(logits, targets, reduction="sum"), int(mask.sum())

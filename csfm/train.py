@@ -11,6 +11,7 @@ import argparse
 import csv
 import dataclasses
 import json
+import os
 import shutil
 import sys
 import time
@@ -20,7 +21,9 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import yaml
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from csfm.checkpoint import atomic_write, load_train_state, load_weights, save_checkpoint
@@ -117,7 +120,7 @@ def _open_sources(config: TrainConfig):
 
 
 def _tokenizer(config: TrainConfig, records, train_idx: list[int], out_dir: Path,
-               resuming: bool) -> ReportTokenizer | None:
+               resuming: bool, write: bool) -> ReportTokenizer | None:
     """The user's vocabulary, the run's own on resume, else one learned from the training reports."""
     if config.vocab:
         return ReportTokenizer.from_vocab(config.vocab)
@@ -128,13 +131,16 @@ def _tokenizer(config: TrainConfig, records, train_idx: list[int], out_dir: Path
     if not texts:
         return None
     tokenizer = ReportTokenizer.train(texts, vocab_size=2048)
-    tokenizer.save(out_dir / "vocab.txt")
+    if write:
+        tokenizer.save(out_dir / "vocab.txt")
     return tokenizer
 
 
-def _epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+def _epoch_batches(n: int, batch_size: int, seed: int, epoch: int, world: int = 1) -> list[list[int]]:
+    """The epoch's global batches of record indices (a last batch smaller than the number of
+    processes is dropped: every process needs a record)."""
     order = np.random.default_rng([seed, epoch, 7]).permutation(n).tolist()
-    return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    return [order[i:i + batch_size] for i in range(0, n, batch_size) if len(order[i:i + batch_size]) >= world]
 
 
 def _loader(dataset, batches: list[list[int]], workers: int) -> torch.utils.data.DataLoader:
@@ -251,31 +257,108 @@ def _open_log(path: Path, resume_step: int | None):
 
 # ----------------------------------------------------------------------------- main loop
 
+@dataclass
+class _Run:
+    """This process's place in the run: rank and world size (torchrun), its device."""
+
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _start(config: TrainConfig) -> _Run:
+    """Reads torchrun's environment (WORLD_SIZE, RANK, LOCAL_RANK) and joins the process
+    group: gloo on CPU, nccl on CUDA. A plain ``python -m csfm.train`` is rank 0 of 1."""
+    cuda = torch.cuda.is_available() if config.device == "auto" else config.device.startswith("cuda")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return _Run(dist.get_rank() if world > 1 else 0, world, device)
+
+
+def _all_sum(run: _Run, values: list[float]) -> list[float]:
+    """Sums ``values`` over every process (identity with one process)."""
+    if run.world == 1:
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def _train_step(model, optimizer, scaler, loader, run: _Run, config: TrainConfig, precision,
+                step: int, model_config) -> tuple[np.ndarray, int, int]:
+    """One optimizer step over ``accum_steps`` global micro-batches, each split over the
+    processes. Masks come from noise drawn for the whole global batch, and each loss is
+    normalised by the global count of scored samples and tokens, so N processes give the
+    gradients one process would. Returns ([loss, signal_loss, text_loss], tokens, micro-batches)."""
+    max_patches = model_config.n_channel_types * model_config.n_positions
+    optimizer.zero_grad(set_to_none=True)
+    sums, tokens, done = np.zeros(3), 0, 0
+    for micro in range(config.accum_steps):
+        item = next(loader, None)
+        if item is None:
+            break
+        global_size, batch = item
+        generator = _step_generator(config.seed, step, micro)
+        signal_noise = torch.rand(global_size, max_patches, generator=generator)[run.rank::run.world]
+        text_noise = torch.rand(global_size, model_config.max_text_tokens, generator=generator)[run.rank::run.world]
+        with precision.autocast():
+            out = model(batch.to(run.device), config.signal_mask_ratio, config.text_mask_ratio,
+                        signal_noise=signal_noise, text_noise=text_noise)
+        n_signal, n_text = _all_sum(run, [out.n_signal, out.n_text])
+        loss = out.weighted_loss(n_signal, n_text)
+        # DDP averages gradients over processes: scale by the world size to get the global sum.
+        scaler.scale(loss * run.world / config.accum_steps).backward()
+        sse, ce, n_tok = _all_sum(run, [out.signal_sse.item(), out.text_ce.item(), _n_tokens(batch)])
+        signal_loss, text_loss = sse / max(1, n_signal), ce / max(1, n_text)
+        sums += [out.signal_weight * signal_loss + out.text_weight * text_loss, signal_loss, text_loss]
+        tokens += int(n_tok)
+        done += 1
+    if config.grad_clip:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    return sums / max(1, done), tokens, done
+
+
+def _shard_loader(dataset, batches: list[list[int]], run: _Run, workers: int):
+    """Yields (global batch size, this process's share of it as a Batch)."""
+    shares = [b[run.rank::run.world] for b in batches]
+    return zip((len(b) for b in batches), _loader(dataset, shares, workers))
+
+
 def train(config: TrainConfig) -> Path:
-    """Runs pretraining; returns the directory of the final checkpoint."""
+    """Runs pretraining (one process, or each process of a torchrun job); returns the
+    directory of the final checkpoint."""
+    run = _start(config)
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available()
-                          else "cpu" if config.device == "auto" else config.device)
-    precision = choose_precision(config.precision, device)
+    precision = choose_precision(config.precision, run.device)
     torch.manual_seed(config.seed)
 
     records = _open_sources(config)
     train_idx, val_idx = split_by_patient(records.patient_ids, config.val_fraction, config.seed)
     resume_from = _resume_dir(config, out_dir)
-    tokenizer = _tokenizer(config, records, train_idx, out_dir, resume_from is not None)
+    tokenizer = _tokenizer(config, records, train_idx, out_dir, resume_from is not None, run.main)
     model_config = preset(config.preset, **({"vocab_size": tokenizer.vocab_size} if tokenizer else {}))
-    model = MaskedPretrainer(model_config).to(device)
+    model = MaskedPretrainer(model_config).to(run.device)
     optimizer = make_optimizer(model, config.lr, config.weight_decay)
 
-    batches_per_epoch = -(-len(train_idx) // config.batch_size)
+    batches_per_epoch = len(_epoch_batches(len(train_idx), config.batch_size, config.seed, 0, run.world))
     total_steps = max(1, config.epochs * batches_per_epoch // config.accum_steps)
     if config.max_steps:
         total_steps = min(total_steps, config.max_steps)
     warmup = max(1, int(config.warmup_fraction * total_steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: warmup_cosine(s, total_steps, warmup, config.min_lr_ratio))
-    scaler = torch.amp.GradScaler(device.type, enabled=precision.use_scaler)
+    scaler = torch.amp.GradScaler(run.device.type, enabled=precision.use_scaler)
 
     position, history = {"step": 0, "epoch": 0, "batch": 0}, {"val_loss": []}
     if resume_from is not None:
@@ -284,6 +367,7 @@ def train(config: TrainConfig) -> Path:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         position, history = dict(state["position"]), dict(state["history"])
+    trained = DistributedDataParallel(model) if run.world > 1 else model
 
     preprocess = PreprocessConfig()
     train_set = PretrainWindows(records, tokenizer, preprocess, config.lead_subset_prob,
@@ -293,79 +377,85 @@ def train(config: TrainConfig) -> Path:
     val_loader = _loader(val_set, [list(range(i, min(i + config.batch_size, len(val_set))))
                                    for i in range(0, len(val_set), config.batch_size)], config.workers)
     log_path = out_dir / "log.csv"
-    log_file, log = _open_log(log_path, position["step"] if resume_from is not None else None)
-    from torch.utils.tensorboard import SummaryWriter
+    log_file, log, board = None, None, None
+    if run.main:
+        log_file, log = _open_log(log_path, position["step"] if resume_from is not None else None)
+        from torch.utils.tensorboard import SummaryWriter
 
-    board = SummaryWriter(str(out_dir / "tensorboard"))
-    (out_dir / "train_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
-
-    print(f"csfm.train: {config.preset} ({sum(p.numel() for p in model.encoder.parameters()) / 1e6:.2f} M encoder "
-          f"params), {len(train_idx)} train / {len(val_idx)} val records, {total_steps} steps, "
-          f"{precision.name} on {device}", file=sys.stderr)
-    progress = tqdm(total=total_steps, initial=position["step"], disable=config.quiet, unit="step",
-                    dynamic_ncols=True)
+        board = SummaryWriter(str(out_dir / "tensorboard"))
+        (out_dir / "train_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
+        print(f"csfm.train: {config.preset} ({sum(p.numel() for p in model.encoder.parameters()) / 1e6:.2f} M "
+              f"encoder params), {len(train_idx)} train / {len(val_idx)} val records, {total_steps} steps, "
+              f"{precision.name} on {run.device} x {run.world} process(es)", file=sys.stderr)
+    progress = tqdm(total=total_steps, initial=position["step"], disable=config.quiet or not run.main,
+                    unit="step", dynamic_ncols=True)
     model.train()
     last_dir = None
     while position["step"] < total_steps and position["epoch"] < config.epochs:
         train_set.set_epoch(position["epoch"])
-        batches = _epoch_batches(len(train_set), config.batch_size, config.seed, position["epoch"])
-        loader = iter(_loader(train_set, batches[position["batch"]:], config.workers))
+        batches = _epoch_batches(len(train_set), config.batch_size, config.seed, position["epoch"], run.world)
+        loader = iter(_shard_loader(train_set, batches[position["batch"]:], run, config.workers))
         while position["batch"] < len(batches) and position["step"] < total_steps:
-            started, tokens, sums = time.perf_counter(), 0, np.zeros(3)
-            optimizer.zero_grad(set_to_none=True)
-            micro = 0
-            for micro in range(config.accum_steps):
-                batch = next(loader, None)
-                if batch is None:
-                    break
-                generator = _step_generator(config.seed, position["step"], micro)
-                with precision.autocast():
-                    out = model(batch.to(device), config.signal_mask_ratio, config.text_mask_ratio, generator)
-                scaler.scale(out.loss / config.accum_steps).backward()
-                sums += [out.loss.item(), out.signal_loss.item(), out.text_loss.item()]
-                tokens += _n_tokens(batch)
-                position["batch"] += 1
-            if config.grad_clip:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
+            started = time.perf_counter()
+            losses, tokens, done = _train_step(trained, optimizer, scaler, loader, run, config, precision,
+                                               position["step"], model_config)
             scheduler.step()
             position["step"] += 1
-            loss, signal_loss, text_loss = sums / (micro + 1)
-            rate = tokens / (time.perf_counter() - started)
-            lr = optimizer.param_groups[0]["lr"]
-            log.writerow([position["step"], position["epoch"], f"{loss:.5f}", f"{signal_loss:.5f}",
-                          f"{text_loss:.5f}", f"{lr:.3e}", f"{rate:.0f}", ""])
-            board.add_scalar("train/loss", loss, position["step"])
-            board.add_scalar("train/signal_loss", signal_loss, position["step"])
-            board.add_scalar("train/text_loss", text_loss, position["step"])
-            board.add_scalar("train/lr", lr, position["step"])
-            log_file.flush()
-            progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:.0f}", lr=f"{lr:.2e}")
-            progress.update(1)
+            position["batch"] += done
+            if run.main:
+                _log_step(log, board, progress, position, losses, tokens / (time.perf_counter() - started),
+                          optimizer.param_groups[0]["lr"])
+                log_file.flush()
             if config.save_every and position["step"] % config.save_every == 0:
-                last_dir = _save(out_dir, model, optimizer, scheduler, config, model_config, position, history)
+                last_dir = _save_on_main(run, out_dir, model, optimizer, scheduler, config, model_config,
+                                         position, history)
         if position["batch"] >= len(batches):
-            val_loss = validate(model, val_loader, config, precision, device) if len(val_set) else float("nan")
-            history["val_loss"].append(val_loss)
-            log.writerow([position["step"], position["epoch"], "", "", "", "", "", f"{val_loss:.5f}"])
-            board.add_scalar("val/loss", val_loss, position["step"])
-            progress.write(f"epoch {position['epoch']}: validation loss {val_loss:.4f}")
+            if run.main:
+                val_loss = validate(model, val_loader, config, precision, run.device) if len(val_set) else float("nan")
+                history["val_loss"].append(val_loss)
+                log.writerow([position["step"], position["epoch"], "", "", "", "", "", f"{val_loss:.5f}"])
+                board.add_scalar("val/loss", val_loss, position["step"])
+                progress.write(f"epoch {position['epoch']}: validation loss {val_loss:.4f}")
             position["epoch"] += 1
             position["batch"] = 0
-            last_dir = _save(out_dir, model, optimizer, scheduler, config, model_config, position, history)
-        log_file.flush()
+            last_dir = _save_on_main(run, out_dir, model, optimizer, scheduler, config, model_config,
+                                     position, history)
     progress.close()
     if last_dir is None or int(last_dir.name.split("_")[1]) != position["step"]:
-        last_dir = _save(out_dir, model, optimizer, scheduler, config, model_config, position, history)
-    if len(val_set):
-        _save_reconstruction_png(model, collate([val_set[0]]), config, out_dir / "reconstruction.png", device)
-    log_file.close()
-    board.close()
-    print(f"csfm.train: done. checkpoint {last_dir}, logs {log_path} and {out_dir / 'tensorboard'}, "
-          f"reconstruction {out_dir / 'reconstruction.png'}")
+        last_dir = _save_on_main(run, out_dir, model, optimizer, scheduler, config, model_config, position,
+                                 history)
+    if run.main:
+        if len(val_set):
+            _save_reconstruction_png(model, collate([val_set[0]]), config, out_dir / "reconstruction.png",
+                                     run.device)
+        log_file.close()
+        board.close()
+        print(f"csfm.train: done. checkpoint {last_dir}, logs {log_path} and {out_dir / 'tensorboard'}, "
+              f"reconstruction {out_dir / 'reconstruction.png'}")
+    if run.world > 1:
+        dist.destroy_process_group()
     return last_dir
+
+
+def _log_step(log, board, progress, position: dict, losses: np.ndarray, tokens_per_s: float, lr: float) -> None:
+    loss, signal_loss, text_loss = losses
+    step = position["step"]
+    log.writerow([step, position["epoch"], f"{loss:.5f}", f"{signal_loss:.5f}", f"{text_loss:.5f}",
+                  f"{lr:.3e}", f"{tokens_per_s:.0f}", ""])
+    for name, value in (("loss", loss), ("signal_loss", signal_loss), ("text_loss", text_loss), ("lr", lr)):
+        board.add_scalar(f"train/{name}", value, step)
+    progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:.0f}", lr=f"{lr:.2e}")
+    progress.update(1)
+
+
+def _save_on_main(run: _Run, out_dir: Path, *args) -> Path:
+    """Rank 0 writes the checkpoint; every process waits for it and gets its directory."""
+    directory = _save(out_dir, *args) if run.main else None
+    if run.world > 1:
+        shared = [directory]
+        dist.broadcast_object_list(shared, src=0)
+        directory = shared[0]
+    return directory
 
 
 def main(argv: Sequence[str] | None = None) -> None:

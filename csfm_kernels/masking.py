@@ -62,11 +62,14 @@ class MaskPlan:
 
 def random_masking(n_tokens: Sequence[int] | torch.Tensor, ratio: float,
                    generator: torch.Generator | None = None,
-                   device: torch.device | str | None = None) -> MaskPlan:
+                   device: torch.device | str | None = None,
+                   noise: torch.Tensor | None = None) -> MaskPlan:
     """Masks ``ratio`` of each sample's tokens at random. n_tokens [B] (tokens per sample).
 
     Deterministic for a given generator state; with equal N it draws ``rand(B, N)`` and
-    keeps exactly the tokens MAE's ``random_masking`` keeps for the same noise.
+    keeps exactly the tokens MAE's ``random_masking`` keeps for the same noise. ``noise``
+    [B, >= max N] in [0, 1) replaces the draw (its first N_b columns rank sample b's
+    tokens), so a batch split across processes can mask each sample as the whole would.
     """
     if not 0.0 <= float(ratio) <= 1.0:
         raise ValueError(f"ratio must lie in [0, 1], got {ratio}")
@@ -80,8 +83,11 @@ def random_masking(n_tokens: Sequence[int] | torch.Tensor, ratio: float,
     n_max = int(n.max())
     col = torch.arange(n_max, device=device)
     valid = col[None, :] < n[:, None]
-    noise = torch.rand(len(n), n_max, generator=generator, device=device)
-    noise = noise.masked_fill(~valid, 2.0)  # padding sorts after every real token
+    if noise is None:
+        noise = torch.rand(len(n), n_max, generator=generator, device=device)
+    elif noise.dim() != 2 or noise.shape[0] != len(n) or noise.shape[1] < n_max:
+        raise ValueError(f"noise must be [B={len(n)}, >= {n_max}], got {tuple(noise.shape)}")
+    noise = noise[:, :n_max].to(device).masked_fill(~valid, 2.0)  # padding sorts after every real token
     ids_shuffle = torch.argsort(noise, dim=1, stable=True)
     ids_restore = torch.argsort(ids_shuffle, dim=1, stable=True)
     ids_keep = ids_shuffle[col[None, :] < k[:, None]]

@@ -96,3 +96,19 @@ def test_precision_choices():
         choose_precision("fp16", torch.device("cpu"))
     with pytest.raises(ValueError, match="precision must be one of"):
         choose_precision("fp8", torch.device("cpu"))
+
+
+@pytest.mark.slow
+def test_two_process_run_matches_one_process(tmp_path):
+    """torchrun --nproc_per_node=2 (gloo, CPU) with the same global batch gives the same losses."""
+    common = [*SMALL, "--epochs", "1", "--max-steps", "3"]
+    train(parse_config([*common, "--out-dir", str(tmp_path / "one")]))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+                           "-m", "csfm.train", *common, "--out-dir", str(tmp_path / "two")],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, two = _losses(tmp_path / "one" / "log.csv"), _losses(tmp_path / "two" / "log.csv")
+    assert sorted(one) == sorted(two) == [1, 2, 3]
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=1e-4), step
