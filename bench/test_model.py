@@ -16,7 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import csfm.model
 from csfm.batch import Batch
 from csfm.config import preset
-from csfm.model import CSFMEncoder
+from csfm.model import CSFMEncoder, SequenceLayout
 from csfm.pretrain import MaskedPretrainer
 from csfm_kernels.varlen_attention import unpack
 
@@ -50,6 +50,26 @@ def padded_attention():
         csfm.model.varlen_attention = original
 
 
+def fully_padded_forward(model: CSFMEncoder, batch: Batch) -> torch.Tensor:
+    """The plain padded model: every sequence padded to the longest before the first layer,
+    so norms, projections and MLPs also run on padding; SDPA with a key-padding mask."""
+    patch_rows, n_patch = model.embed_signals(batch)
+    text_rows, n_text = model.embed_text(batch)
+    layout = SequenceLayout.of(n_patch, n_text)
+    tokens = layout.pack(model.cls_token[0].expand(len(n_patch), -1), patch_rows, text_rows)
+    x = unpack(tokens, layout.cu_seqlens, layout.max_seqlen)  # [B, N, d]
+    lengths = (layout.cu_seqlens[1:] - layout.cu_seqlens[:-1]).to(torch.int64)
+    keep = torch.arange(layout.max_seqlen)[None, :] < lengths[:, None]
+    b, n, _ = x.shape
+    for attention, feed_forward in model.transformer.layers:
+        qkv = attention.to_qkv(attention.norm(x)).view(b, n, 3, attention.heads, attention.dim_head)
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :])
+        x = attention.to_out(out.transpose(1, 2).reshape(b, n, -1)) + x
+        x = feed_forward(x) + x
+    return model.transformer.norm(x)
+
+
 def matmul_roof_gflops(n: int = 2048, repeats: int = 3) -> float:
     a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b
@@ -71,9 +91,20 @@ def test_encoder_forward_mixed(side_by_side):
         with torch.no_grad(), padded_attention():
             model(batch)
 
+    def fully_padded():
+        with torch.no_grad():
+            fully_padded_forward(model, batch)
+
+    with torch.no_grad():  # the baseline computes the same states
+        reference = fully_padded_forward(model, batch)
+        ours = model(batch)
+        lengths = (ours.layout.cu_seqlens[1:] - ours.layout.cu_seqlens[:-1]).tolist()
+        torch.testing.assert_close(reference[0, :lengths[0]], ours.tokens[:lengths[0]], atol=1e-4, rtol=1e-4)
+
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(batch)
-    side_by_side("tiny encoder fwd", "16 rec mixed (8x101,4x201,4x1201 tok) d768", {"padded SDPA + mask": padded},
+    side_by_side("tiny encoder fwd", "16 rec mixed (8x101,4x201,4x1201 tok) d768",
+                 {"padded model (all layers)": fully_padded, "padded SDPA in attention only": padded},
                  {"packed kernels": packed}, flops=counter.get_total_flops(), rounds=3)
 
 
