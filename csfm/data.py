@@ -90,8 +90,9 @@ class PretrainWindows(torch.utils.data.Dataset):
         return len(self.indices)
 
     def __getitem__(self, i: int) -> Sample:
-        record = self.records[self.indices[i]]
-        rng = np.random.default_rng([self.seed, self.epoch, self.indices[i]])
+        index = self.indices[i]
+        rng = np.random.default_rng([self.seed, self.epoch, index, i])
+        record = self._read(index, rng)
         windows = preprocess_record(record, self.preprocess)
         if len(windows.x) == 0:
             raise ValueError(f"record {record.record_id}: no window with enough valid samples")
@@ -104,6 +105,17 @@ class PretrainWindows(torch.utils.data.Dataset):
             text = np.asarray(self.tokenizer.encode(record.text, self.max_text_tokens).ids, dtype=np.int64)
         return Sample(windows.x[w][keep], windows.valid[w][keep], [record.channel_types[c] for c in keep],
                       text, record.record_id, record.patient_id, dict(record.metadata))
+
+
+    def _read(self, index: int, rng: np.random.Generator) -> Record:
+        """A random window of the record (plus a second each side for the filters) where the
+        source reads parts of records; the whole record otherwise."""
+        duration = self.records.duration_s(index) if hasattr(self.records, "duration_s") else None
+        if duration is None or not hasattr(self.records, "read_window"):
+            return self.records[index]
+        window_s = self.preprocess.window / self.preprocess.target_fs + 2.0
+        start = float(rng.uniform(0.0, max(0.0, duration - window_s)))
+        return self.records.read_window(index, start, window_s)
 
 
 def collate(samples: Sequence[Sample]) -> Batch:

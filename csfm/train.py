@@ -29,11 +29,11 @@ from tqdm import tqdm
 from csfm.checkpoint import atomic_write, load_train_state, load_weights, save_checkpoint
 from csfm.config import PRESETS, preset
 from csfm.data import PretrainWindows, collate, split_by_patient
-from csfm.demo import DemoDataset
 from csfm.optim import make_optimizer, warmup_cosine
 from csfm.precision import PRECISIONS, choose_precision
 from csfm.preprocess import PreprocessConfig
 from csfm.pretrain import MaskedPretrainer
+from csfm.sources import MixedSource, open_sources
 from csfm.tokenizer import ReportTokenizer
 
 
@@ -43,8 +43,8 @@ class TrainConfig:
 
     preset: str = field(default="demo", metadata={"help": f"model size: {', '.join(PRESETS)}"})
     data: list[str] = field(default_factory=list, metadata={
-        "help": "data sources: 'demo', or 'KIND:PATH[@WEIGHT]' with KIND wfdb|mimic3|mimic4|ptbxl|code15; "
-                "empty = demo"})
+        "help": "data sources, mixed: 'demo[:N][@WEIGHT]' or 'KIND:PATH[@WEIGHT]' with KIND "
+                "wfdb|mimic3|mimic4|ptbxl|code15; empty = demo"})
     demo_records: int = field(default=600, metadata={"help": "demo records to generate (3 per patient)"})
     out_dir: str = field(default="runs/demo", metadata={"help": "where logs and checkpoints go"})
     epochs: int = field(default=4, metadata={"help": "passes over the training records"})
@@ -109,14 +109,9 @@ def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
 
 # ----------------------------------------------------------------------------- data
 
-def _open_sources(config: TrainConfig):
-    """The record source of the run (demo data unless --data names readers)."""
-    specs = config.data or ["demo"]
-    if specs != ["demo"]:
-        from csfm.sources import open_sources  # readers load only when asked for
-
-        return open_sources(specs, seed=config.seed)
-    return DemoDataset(config.demo_records, seed=config.seed)
+def _open_sources(config: TrainConfig) -> MixedSource:
+    """The record sources of the run (demo data unless --data names others)."""
+    return open_sources(config.data or ["demo"], seed=config.seed, demo_records=config.demo_records)
 
 
 def _tokenizer(config: TrainConfig, records, train_idx: list[int], out_dir: Path,
@@ -345,6 +340,7 @@ def train(config: TrainConfig) -> Path:
 
     records = _open_sources(config)
     train_idx, val_idx = split_by_patient(records.patient_ids, config.val_fraction, config.seed)
+    train_idx = records.weighted(train_idx, config.seed)
     resume_from = _resume_dir(config, out_dir)
     tokenizer = _tokenizer(config, records, train_idx, out_dir, resume_from is not None, run.main)
     model_config = preset(config.preset, **({"vocab_size": tokenizer.vocab_size} if tokenizer else {}))

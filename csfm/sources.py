@@ -1,0 +1,102 @@
+"""``--data`` specs -> one record source: ``KIND:PATH[@WEIGHT]`` or ``demo[:N][@WEIGHT]``.
+
+KIND is wfdb (any folder of WFDB records, e.g. CinC 2017), mimic3 (a MIMIC-III waveform
+folder of multi-segment records), mimic4 (MIMIC-IV-ECG), ptbxl (PTB-XL) or code15 (CODE-15
+HDF5). WEIGHT (default 1) scales how often a source's records come up per epoch: 2 repeats
+each, 0.5 takes a seeded half.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from csfm.demo import DemoDataset
+from csfm.readers import PTBXL, Code15, MimicIVECG, WfdbDirectory
+from csfm.record import Record
+
+READERS = {"wfdb": WfdbDirectory, "mimic3": WfdbDirectory, "mimic4": MimicIVECG, "ptbxl": PTBXL, "code15": Code15}
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    kind: str
+    path: str
+    weight: float = 1.0
+
+
+def parse_spec(text: str, demo_records: int = 600) -> DataSpec:
+    """'KIND:PATH[@WEIGHT]' or 'demo[:N][@WEIGHT]' -> DataSpec, or a ValueError naming the spec."""
+    body, _, weight = text.partition("@")
+    kind, _, path = body.partition(":")
+    try:
+        value = float(weight) if weight else 1.0
+    except ValueError:
+        raise ValueError(f"--data {text!r}: weight {weight!r} is not a number") from None
+    if value <= 0:
+        raise ValueError(f"--data {text!r}: weight must be > 0")
+    if kind == "demo":
+        if path and not path.isdigit():
+            raise ValueError(f"--data {text!r}: demo takes a record count, e.g. demo:600")
+        return DataSpec(kind, path or str(demo_records), value)
+    if kind not in READERS or not path:
+        raise ValueError(f"--data {text!r}: expected KIND:PATH[@WEIGHT] with KIND one of "
+                         f"{sorted(READERS)} or demo[:N]")
+    return DataSpec(kind, path, value)
+
+
+class MixedSource:
+    """Several record sources as one sequence: item offset[s] + i is record i of source s.
+    Patient ids are prefixed with the source's position, so sources never share a patient."""
+
+    def __init__(self, sources: Sequence[Any], weights: Sequence[float]) -> None:
+        self.sources, self.weights = list(sources), list(weights)
+        self.offsets = np.cumsum([0] + [len(s) for s in self.sources])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def _locate(self, index: int) -> tuple[Any, int]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"record index {index} out of range for {len(self)} records")
+        s = int(np.searchsorted(self.offsets, index, side="right")) - 1
+        return self.sources[s], index - int(self.offsets[s])
+
+    def __getitem__(self, index: int) -> Record:
+        source, i = self._locate(index)
+        return source[i]
+
+    def read_window(self, index: int, start_s: float, window_s: float) -> Record:
+        """Only ``window_s`` seconds from ``start_s`` where the source can read part of a
+        record; the whole record otherwise."""
+        source, i = self._locate(index)
+        return source.read_window(i, start_s, window_s) if hasattr(source, "read_window") else source[i]
+
+    def duration_s(self, index: int) -> float | None:
+        source, i = self._locate(index)
+        return source.duration_s(i) if hasattr(source, "duration_s") else None
+
+    @property
+    def patient_ids(self) -> list[str]:
+        return [f"{s}:{p}" for s, source in enumerate(self.sources) for p in source.patient_ids]
+
+    def weighted(self, indices: Sequence[int], seed: int) -> list[int]:
+        """``indices`` with each source's share scaled by its weight: whole repeats, then a
+        seeded random part for the fraction."""
+        rng = np.random.default_rng([seed, 11])
+        out: list[int] = []
+        for s, weight in enumerate(self.weights):
+            mine = [i for i in indices if self.offsets[s] <= i < self.offsets[s + 1]]
+            out.extend(mine * int(weight))
+            extra = int(round((weight - int(weight)) * len(mine)))
+            out.extend(sorted(rng.choice(mine, extra, replace=False).tolist()) if extra else [])
+        return out
+
+
+def open_sources(specs: Sequence[str], seed: int = 0, demo_records: int = 600) -> MixedSource:
+    """Opens every ``--data`` spec (readers open files lazily, per worker)."""
+    parsed = [parse_spec(text, demo_records) for text in specs]
+    sources = [DemoDataset(int(p.path), seed=seed) if p.kind == "demo" else READERS[p.kind](p.path)
+               for p in parsed]
+    return MixedSource(sources, [p.weight for p in parsed])

@@ -1,0 +1,48 @@
+"""--data specs: parsing, mixing with weights, and a short run on real WFDB records."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from csfm.demo import DemoDataset
+from csfm.sources import DataSpec, MixedSource, open_sources, parse_spec
+from csfm.train import parse_config, train
+
+CINC = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cinc2017"
+
+
+def test_specs_parse_and_bad_ones_are_named():
+    assert parse_spec("wfdb:/data/x@2") == DataSpec("wfdb", "/data/x", 2.0)
+    assert parse_spec("demo", demo_records=7) == DataSpec("demo", "7", 1.0)
+    assert parse_spec("demo:40@0.5") == DataSpec("demo", "40", 0.5)
+    for bad, match in [("csv:/x", "KIND one of"), ("wfdb", "KIND one of"), ("wfdb:/x@-1", "weight must be > 0"),
+                       ("wfdb:/x@two", "not a number"), ("demo:many", "record count")]:
+        with pytest.raises(ValueError, match=match):
+            parse_spec(bad)
+
+
+def test_mixed_source_offsets_patients_and_weights():
+    mixed = MixedSource([DemoDataset(6), DemoDataset(9, seed=1)], [2.0, 0.5])
+    assert len(mixed) == 15
+    assert mixed[7].record_id == DemoDataset(9, seed=1)[1].record_id
+    assert mixed.patient_ids[0].startswith("0:") and mixed.patient_ids[6].startswith("1:")
+    weighted = mixed.weighted(list(range(15)), seed=0)
+    assert sorted(i for i in weighted if i < 6) == sorted(list(range(6)) * 2)
+    second = [i for i in weighted if i >= 6]
+    assert len(second) == 4 and len(set(second)) == 4  # round(0.5 * 9) distinct records
+    assert weighted == mixed.weighted(list(range(15)), seed=0)
+    with pytest.raises(IndexError):
+        mixed[15]
+
+
+@pytest.mark.data
+@pytest.mark.skipif(not CINC.is_dir(), reason=f"real recordings not present at {CINC}")
+def test_pretraining_reads_a_real_wfdb_folder(tmp_path):
+    source = open_sources([f"wfdb:{CINC}"])
+    window = source.read_window(0, 1.0, 12.0)
+    assert window.channel_types == [1] and abs(window.signal.shape[1] - 12.0 * window.fs) <= 1
+    config = parse_config(["--data", f"wfdb:{CINC}", "--max-steps", "2", "--batch-size", "4", "--epochs", "1",
+                           "--precision", "fp32", "--quiet", "--out-dir", str(tmp_path)])
+    final = train(config)
+    assert (final / "model.safetensors").is_file()
