@@ -50,6 +50,19 @@ class Batch:
     def n_channels(self) -> torch.Tensor:
         return torch.tensor([x.shape[0] for x in self.signals], dtype=torch.int64)
 
+    def split_windows(self, max_samples: int) -> tuple["Batch", torch.Tensor]:
+        """Records longer than ``max_samples`` cut into consecutive windows of that length
+        (the last one shorter, if the length is not a multiple); each window keeps the
+        record's channels and report. -> (batch of windows, owner [W] int64 record index)."""
+        parts: list[tuple[int, int, int]] = []  # (record, start, stop)
+        for b, x in enumerate(self.signals):
+            length = x.shape[1]
+            parts.extend((b, start, min(start + max_samples, length)) for start in range(0, max(length, 1), max_samples))
+        windows = Batch([self.signals[b][:, a:z] for b, a, z in parts], [self.channel_ids[b] for b, _, _ in parts],
+                        [self.text_ids[b] for b, _, _ in parts], [self.valid[b][:, a:z] for b, a, z in parts],
+                        [self.record_ids[b] for b, _, _ in parts] if self.record_ids else [])
+        return windows, torch.tensor([b for b, _, _ in parts], dtype=torch.int64)
+
     def to(self, device: torch.device | str) -> "Batch":
         move = lambda ts: [t.to(device, non_blocking=True) for t in ts]  # noqa: E731
         return Batch(move(self.signals), move(self.channel_ids), move(self.text_ids), move(self.valid),

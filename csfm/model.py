@@ -18,6 +18,7 @@ from csfm.batch import Batch
 from csfm.config import ModelConfig
 from csfm_kernels import patch_embed_packed
 from csfm_kernels.modules import add_patch_embedding, patch_embed_params
+from csfm_kernels.patch_embed import PATCH_LEN
 from csfm_kernels.varlen_attention import varlen_attention
 
 
@@ -75,13 +76,17 @@ class Transformer(nn.Module):
 
 @dataclass
 class EncoderOutput:
-    """tokens [T, d] packed final states; layout: where CLS, patches and text sit in them;
-    cls [B, d] (pooled = CLS, as in the reference); mean [B, d] (mean of non-CLS tokens)."""
+    """tokens [T, d] packed final states of every sequence; layout: where CLS, patches and
+    text sit in them; cls [B, d] (pooled = CLS, as in the reference); mean [B, d] (mean of
+    non-CLS tokens). A record longer than 10 s is encoded as consecutive 10 s windows
+    (window_owner [W] gives each sequence's record) and its cls / mean are the means over
+    its windows."""
 
     tokens: torch.Tensor
     layout: "SequenceLayout"
     cls: torch.Tensor
     mean: torch.Tensor
+    window_owner: torch.Tensor | None = None
 
 
 def sincos_table(n_positions: int, dim: int) -> torch.Tensor:
@@ -157,6 +162,12 @@ def segment_mean(tokens: torch.Tensor, cu_seqlens: torch.Tensor, skip_first: int
     return sums / counts[:, None]
 
 
+def _mean_by_owner(rows: torch.Tensor, owner: torch.Tensor, n: int) -> torch.Tensor:
+    """rows [W, d] -> [n, d]: the mean of the rows each of n owners has."""
+    sums = torch.zeros(n, rows.shape[1], dtype=rows.dtype, device=rows.device).index_add(0, owner, rows)
+    return sums / torch.bincount(owner, minlength=n).clamp(min=1).to(rows.dtype)[:, None]
+
+
 class CSFMEncoder(nn.Module):
     """The published encoder's layout; takes a Batch of any lead sets, lengths and texts."""
 
@@ -208,9 +219,16 @@ class CSFMEncoder(nn.Module):
         return EncoderOutput(states, layout, states[layout.cls_rows], segment_mean(states, layout.cu_seqlens))
 
     def forward(self, batch: Batch) -> EncoderOutput:
-        patch_rows, n_patch = self.embed_signals(batch)
-        text_rows, n_text = self.embed_text(batch)
-        return self.encode(patch_rows, n_patch, text_rows, n_text)
+        window = self.config.n_positions * PATCH_LEN
+        if max(x.shape[1] for x in batch.signals) <= window:
+            patch_rows, n_patch = self.embed_signals(batch)
+            text_rows, n_text = self.embed_text(batch)
+            return self.encode(patch_rows, n_patch, text_rows, n_text)
+        windows, owner = batch.split_windows(window)
+        out = self.forward(windows)
+        owner = owner.to(out.cls.device)
+        return EncoderOutput(out.tokens, out.layout, _mean_by_owner(out.cls, owner, len(batch)),
+                             _mean_by_owner(out.mean, owner, len(batch)), owner)
 
     def _op_backend(self) -> str:
         return "reference" if self.backend == "reference" else "auto"

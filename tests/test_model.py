@@ -139,6 +139,21 @@ def test_bad_batches_are_rejected():
     with pytest.raises(ValueError, match="multiple of the 25"):
         model(Batch([torch.zeros(1, 2510)], [torch.tensor([1])], [torch.zeros(0, dtype=torch.long)],
                     [torch.ones(1, 2510, dtype=torch.bool)]))
-    with pytest.raises(ValueError, match="position table"):
-        model(Batch([torch.zeros(1, 5000)], [torch.tensor([1])], [torch.zeros(0, dtype=torch.long)],
-                    [torch.ones(1, 5000, dtype=torch.bool)]))
+    with pytest.raises(ValueError, match="multiple of the 25"):
+        model(Batch([torch.zeros(1, 5010)], [torch.tensor([1])], [torch.zeros(0, dtype=torch.long)],
+                    [torch.ones(1, 5010, dtype=torch.bool)]))
+
+
+def test_long_records_are_encoded_as_pooled_10s_windows():
+    """A 25 s record = windows of 10 s, 10 s and 5 s; its embedding is the mean of theirs."""
+    model = CSFMEncoder(preset("demo")).eval()
+    g = torch.Generator().manual_seed(1)
+    long = torch.randn(2, 6250, generator=g)
+    ids, text = torch.tensor([1, 12]), torch.randint(0, 100, (4,), generator=g)
+    out = model(Batch([long, long[:, :1000]], [ids, ids], [text, text],
+                      [torch.ones_like(long, dtype=torch.bool), torch.ones(2, 1000, dtype=torch.bool)]))
+    assert out.window_owner.tolist() == [0, 0, 0, 1]
+    pieces = [long[:, :2500], long[:, 2500:5000], long[:, 5000:]]
+    alone = [model(Batch([p], [ids], [text], [torch.ones_like(p, dtype=torch.bool)])) for p in pieces]
+    torch.testing.assert_close(out.cls[0], torch.stack([a.cls[0] for a in alone]).mean(0), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.mean[0], torch.stack([a.mean[0] for a in alone]).mean(0), atol=1e-5, rtol=1e-5)
