@@ -1,0 +1,75 @@
+"""csfm.embed: pooled record embeddings, modality selection, windows, cache, bad input."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import csfm.embed as embed_module
+from csfm.checkpoint import save_checkpoint
+from csfm.config import preset
+from csfm.demo import DemoDataset
+from csfm.embed import EmbedConfig, Embeddings, embed_source, load_encoder, run, select_channels
+from csfm.pretrain import MaskedPretrainer
+from csfm.record import Record
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("ckpt")
+    save_checkpoint(directory, MaskedPretrainer(preset("demo")), preset("demo"))
+    return directory
+
+
+def test_embeddings_are_pooled_windows_and_deterministic(checkpoint):
+    encoder = load_encoder(checkpoint)
+    source = DemoDataset(4, duration_s=25.0)  # 3 windows each: 10 s, 10 s, 5 s (zero-padded, valid=False)
+    first = embed_source(encoder, source, keep_windows=True, progress=False)
+    again = embed_source(encoder, source, keep_windows=True, progress=False)
+    assert first.embeddings.shape == (4, 128) and np.array_equal(first.embeddings, again.embeddings)
+    assert list(first.record_ids) == [source[i].record_id for i in range(4)]
+    assert list(first.n_windows) == [3, 3, 3, 3]
+    assert list(first.window_start_s[:3]) == [0.0, 10.0, 20.0]
+    np.testing.assert_allclose(first.embeddings[1], first.window_embeddings[first.window_record == 1].mean(0),
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_modality_selection_and_records_without_it():
+    assert select_channels([1, 12, 0], "ppg") == [1]
+    assert select_channels([1, 12, 0], "ecg") == [0, 2]
+    with pytest.raises(ValueError, match="modality must be one of"):
+        select_channels([1], "eeg")
+
+
+def test_ppg_only_skips_ecg_only_records_loudly(checkpoint):
+    encoder = load_encoder(checkpoint)
+    demo = DemoDataset(2)
+    ecg_only = demo[0]
+    ecg_only = Record(ecg_only.signal[:12], ecg_only.fs, ecg_only.channel_names[:12], ecg_only.units[:12],
+                      ecg_only.channel_types[:12], ecg_only.modalities[:12], record_id="ecg_only")
+    with pytest.warns(UserWarning, match="1 record.*no ppg channel.*ecg_only"):
+        out = embed_source(encoder, [ecg_only, demo[1]], modality="ppg", progress=False)
+    assert list(out.record_ids) == [demo[1].record_id]
+    with pytest.raises(ValueError, match="no record has a ppg channel"), pytest.warns(UserWarning):
+        embed_source(encoder, [ecg_only], modality="ppg", progress=False)
+
+
+def test_cli_run_writes_outputs_and_reuses_the_cache(checkpoint, tmp_path, monkeypatch):
+    config = EmbedConfig(str(checkpoint), ["demo:5"], str(tmp_path / "e.npy"), cache_dir=str(tmp_path / "cache"),
+                         quiet=True)
+    first = run(config)
+    assert np.load(tmp_path / "e.npy").shape == (5, 128)
+    assert (tmp_path / "e.index.csv").read_text().splitlines()[0] == "record_id,patient_id,n_windows"
+    monkeypatch.setattr(embed_module, "load_encoder", lambda *a: pytest.fail("the cache was not used"))
+    second = run(EmbedConfig(**{**config.__dict__, "out": str(tmp_path / "e.npz")}))
+    assert np.array_equal(first.embeddings, second.embeddings)
+    assert np.array_equal(Embeddings.load(tmp_path / "e.npz").embeddings, first.embeddings)
+
+
+def test_bad_arguments(checkpoint, tmp_path):
+    with pytest.raises(ValueError, match="needs --preset"):
+        load_encoder(tmp_path / "published.pth")
+    with pytest.raises(ValueError, match="use a .npy or .npz"):
+        Embeddings(np.zeros((1, 2), np.float32), np.array(["a"]), np.array(["p"]), np.array([1])).save(
+            tmp_path / "e.csv")
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        embed_source(load_encoder(checkpoint), DemoDataset(1), pooling="max", progress=False)
