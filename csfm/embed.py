@@ -29,6 +29,7 @@ from csfm.precision import choose_precision
 from csfm.preprocess import PreprocessConfig, preprocess_record
 from csfm.record import PPG_TYPE
 from csfm.sources import open_sources
+from csfm_kernels.patch_embed import PATCH_LEN
 
 MODALITIES = ("both", "ecg", "ppg")
 POOLINGS = ("cls", "mean")
@@ -104,7 +105,17 @@ def _windows(source, preprocess: PreprocessConfig, modality: str, skipped: list[
         windows = preprocess_record(record, preprocess)
         types = [record.channel_types[c] for c in keep]
         for x, valid, start in zip(windows.x, windows.valid, windows.start_s):
-            yield row, record.record_id, record.patient_id, x[keep], valid[keep], types, float(start)
+            length = _valid_length(valid[keep])
+            yield (row, record.record_id, record.patient_id, x[keep][:, :length], valid[keep][:, :length], types,
+                   float(start))
+
+
+def _valid_length(valid: np.ndarray) -> int:
+    """Samples up to the last valid one, rounded up to whole 25-sample patches: the zero
+    padding after a record's end is cut off, not encoded (the encoder takes any length)."""
+    columns = np.flatnonzero(valid.any(axis=0))
+    end = int(columns[-1]) + 1 if len(columns) else valid.shape[1]
+    return min(valid.shape[1], -(-end // PATCH_LEN) * PATCH_LEN)
 
 
 @torch.no_grad()

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import csfm.embed as embed_module
+from csfm.batch import make_batch
 from csfm.checkpoint import save_checkpoint
 from csfm.config import preset
 from csfm.demo import DemoDataset
@@ -22,7 +23,7 @@ def checkpoint(tmp_path_factory):
 
 def test_embeddings_are_pooled_windows_and_deterministic(checkpoint):
     encoder = load_encoder(checkpoint)
-    source = DemoDataset(4, duration_s=25.0)  # 3 windows each: 10 s, 10 s, 5 s (zero-padded, valid=False)
+    source = DemoDataset(4, duration_s=25.0)  # 3 windows each: 10 s, 10 s and the last 5 s (padding cut off)
     first = embed_source(encoder, source, keep_windows=True, progress=False)
     again = embed_source(encoder, source, keep_windows=True, progress=False)
     assert first.embeddings.shape == (4, 128) and np.array_equal(first.embeddings, again.embeddings)
@@ -31,6 +32,15 @@ def test_embeddings_are_pooled_windows_and_deterministic(checkpoint):
     assert list(first.window_start_s[:3]) == [0.0, 10.0, 20.0]
     np.testing.assert_allclose(first.embeddings[1], first.window_embeddings[first.window_record == 1].mean(0),
                                rtol=1e-6, atol=1e-6)
+
+
+def test_last_partial_window_is_encoded_without_its_padding(checkpoint):
+    encoder = load_encoder(checkpoint)
+    record = DemoDataset(1, duration_s=17.0)[0]  # windows of 10 s and 7 s (0.7 valid: kept)
+    out = embed_source(encoder, [record], keep_windows=True, progress=False)
+    windows = embed_module.preprocess_record(record, embed_module.PreprocessConfig())
+    tail = make_batch([windows.x[1][:, :1750]], [record.channel_types], valid=[windows.valid[1][:, :1750]])
+    np.testing.assert_allclose(out.window_embeddings[1], encoder(tail).cls[0].detach().numpy(), rtol=1e-5, atol=1e-5)
 
 
 def test_modality_selection_and_records_without_it():
