@@ -6,21 +6,63 @@ import math
 import torch
 from torch import nn
 
-_NO_DECAY_NAMES = ("embedding", "cls_token", "mask_token", "norm")
-
-
-def no_weight_decay(name: str, param: nn.Parameter) -> bool:
-    """Norms, biases, embedding tables, the CLS and mask tokens get no weight decay."""
-    return param.ndim < 2 or any(part in name for part in _NO_DECAY_NAMES)
+def no_weight_decay_ids(model: nn.Module) -> set[int]:
+    """ids of the parameters that get no weight decay: norms and biases (under 2-D), the
+    tables of nn.Embedding modules, and parameters named as embedding tables or tokens
+    (``ts_pos_embedding``, ``cls_token``, ``signal_mask_token``, ...). Projections such as
+    ``ts_to_patch_embedding.2.weight`` are decayed."""
+    ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    for name, param in model.named_parameters():
+        own = name.rsplit(".", 1)[-1]
+        if param.ndim < 2 or "embedding" in own or "token" in own:
+            ids.add(id(param))
+    return ids
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Two AdamW groups: decayed weights and the no-decay rest."""
+    skip = no_weight_decay_ids(model)
     decay, rest = [], []
-    for name, param in model.named_parameters():
+    for param in model.parameters():
         if param.requires_grad:
-            (rest if no_weight_decay(name, param) else decay).append(param)
+            (rest if id(param) in skip else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
+def encoder_layer_id(name: str, depth: int) -> int:
+    """Depth of a parameter for layer-wise lr decay: 0 for the embeddings and CLS token,
+    i + 1 for ``transformer.layers.i``, depth + 1 for the final norm and any head."""
+    if name.startswith("transformer.layers."):
+        return int(name.split(".")[2]) + 1
+    if name.startswith("transformer.") or not any(part in name for part in ("embedding", "cls_token")):
+        return depth + 1
+    return 0
+
+
+def layerwise_param_groups(encoder: nn.Module, head: nn.Module, depth: int, lr: float, weight_decay: float,
+                           decay: float = 0.75) -> list[dict]:
+    """AdamW groups for fine-tuning (DESIGN.md §3): lr x decay^(depth + 1 - layer) per encoder
+    layer (the head at the full lr), no weight decay as in ``no_weight_decay_ids``."""
+    skip = no_weight_decay_ids(encoder) | no_weight_decay_ids(head)
+    named = [*encoder.named_parameters(), *((f"head.{n}", p) for n, p in head.named_parameters())]
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, param in named:
+        if not param.requires_grad:
+            continue
+        layer = encoder_layer_id(name, depth)
+        skip_decay = id(param) in skip
+        group = groups.setdefault((layer, skip_decay), {
+            "params": [], "lr": lr * decay ** (depth + 1 - layer), "weight_decay": 0.0 if skip_decay else weight_decay,
+            "layer": layer})
+        group["params"].append(param)
+    return [groups[key] for key in sorted(groups)]
+
+
+def warmup_linear(step: int, total_steps: int, warmup_steps: int) -> float:
+    """LR multiplier: linear warmup to 1, then linear decay to 0 at total_steps."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
 
 
 def warmup_cosine(step: int, total_steps: int, warmup_steps: int, min_ratio: float = 0.0) -> float:
