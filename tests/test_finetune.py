@@ -1,0 +1,52 @@
+"""Fine-tuning: the demo rhythm labels are learnt, early stopping restores the best epoch."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from csfm.config import preset
+from csfm.data import PretrainWindows
+from csfm.demo import RHYTHMS, DemoDataset
+from csfm.finetune import FineTuneConfig, _validation_loss, finetune
+from csfm.heads import ClassificationHead
+from csfm.model import CSFMEncoder
+
+
+def rhythm_targets(samples):
+    return torch.tensor([RHYTHMS.index(s.metadata["rhythm"]) for s in samples])
+
+
+@pytest.fixture(scope="module")
+def windows():
+    records = DemoDataset(48, seed=3)
+    data = PretrainWindows(records, None, subset_prob=0.0)
+    samples = [data[i] for i in range(len(records))]
+    for s in samples:  # lead II only: a small, fast task
+        s.x, s.valid, s.channel_types = s.x[1:2], s.valid[1:2], [1]
+    return samples[:36], samples[36:]
+
+
+@pytest.mark.slow
+def test_finetuning_learns_demo_rhythms(windows):
+    train, val = windows
+    torch.manual_seed(0)
+    encoder = CSFMEncoder(preset("demo"))
+    model, result = finetune(encoder, ClassificationHead(128, len(RHYTHMS)), "multiclass", train, val,
+                             rhythm_targets, FineTuneConfig(epochs=6, batch_size=12, lr=2e-3, patience=6),
+                             progress=False)
+    assert result.train_loss[-1] < result.train_loss[0]
+    assert result.best_val_loss == min(result.val_loss)
+    # the restored weights are those of the best epoch
+    restored = _validation_loss(model, val, 12, "multiclass", rhythm_targets)
+    assert restored == pytest.approx(result.best_val_loss, rel=1e-5)
+
+
+def test_early_stopping_and_bad_input(windows):
+    train, val = windows
+    encoder = CSFMEncoder(preset("demo", depth=1))
+    _, result = finetune(encoder, ClassificationHead(128, len(RHYTHMS)), "multiclass", train[:12], val[:6],
+                         rhythm_targets, FineTuneConfig(epochs=10, batch_size=12, lr=0.0, patience=1),
+                         progress=False)
+    assert len(result.val_loss) == 2  # lr 0: no improvement after the first epoch, patience 1
+    with pytest.raises(ValueError, match="needs training and validation samples"):
+        finetune(encoder, ClassificationHead(128, 4), "multiclass", train, [], rhythm_targets, progress=False)
