@@ -19,6 +19,7 @@ from csfm.config import ModelConfig
 from csfm_kernels import patch_embed_packed
 from csfm_kernels.modules import add_patch_embedding, patch_embed_params
 from csfm_kernels.patch_embed import PATCH_LEN
+from csfm_kernels.segments import cu_seqlens_from_lengths, segment_positions
 from csfm_kernels.varlen_attention import varlen_attention
 
 
@@ -101,13 +102,6 @@ def sincos_table(n_positions: int, dim: int) -> torch.Tensor:
     return table.float()
 
 
-def lengths_to_cu_seqlens(lengths: torch.Tensor) -> torch.Tensor:
-    """lengths [B] -> int32 [B+1] offsets (flash-attn convention)."""
-    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32, device=lengths.device)
-    cu[1:] = torch.cumsum(lengths, 0)
-    return cu
-
-
 @dataclass
 class SequenceLayout:
     """Where each part of every sample sits in the packed [CLS, patches, text] sequences.
@@ -126,7 +120,7 @@ class SequenceLayout:
     def of(cls, n_patch: torch.Tensor, n_text: torch.Tensor) -> "SequenceLayout":
         """n_patch [B], n_text [B] int64 token counts -> the layout of 1 + n_patch + n_text rows each."""
         lengths = 1 + n_patch + n_text
-        cu = lengths_to_cu_seqlens(lengths)
+        cu = cu_seqlens_from_lengths(lengths)
         start = cu[:-1].to(torch.int64)
         return cls(start, _rows_after(start + 1, n_patch), _rows_after(start + 1 + n_patch, n_text), cu,
                    int(lengths.max()))
@@ -144,8 +138,7 @@ class SequenceLayout:
 
 def _rows_after(first: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Rows first[b], first[b]+1, ..., first[b]+counts[b]-1 for every b, concatenated."""
-    owner = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts)
-    within = torch.arange(int(counts.sum()), device=counts.device) - (torch.cumsum(counts, 0) - counts)[owner]
+    owner, within = segment_positions(counts)
     return first[owner] + within
 
 
@@ -153,8 +146,7 @@ def segment_mean(tokens: torch.Tensor, cu_seqlens: torch.Tensor, skip_first: int
     """Mean of each packed sequence's rows after its first ``skip_first``: [T, d] -> [B, d].
     A sequence with no such rows gives zeros."""
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int64)
-    owner = torch.repeat_interleave(torch.arange(len(lengths), device=tokens.device), lengths)
-    within = torch.arange(tokens.shape[0], device=tokens.device) - cu_seqlens[:-1].to(torch.int64)[owner]
+    owner, within = segment_positions(lengths)
     keep = within >= skip_first
     sums = torch.zeros(len(lengths), tokens.shape[1], dtype=tokens.dtype, device=tokens.device)
     sums.index_add_(0, owner[keep], tokens[keep])

@@ -38,10 +38,3 @@ def check_channel_ids(name: str, ids: object, shape: Sequence[int], n_types: int
     """Channel-type ids: one per channel, each a row of the channel-type table."""
     check_index_tensor(name, ids, shape, 0, n_types, device)
 
-
-def cu_seqlens_from_lengths(lengths: Sequence[int] | torch.Tensor, device: torch.device) -> torch.Tensor:
-    """lengths [B] -> cu_seqlens int32 [B+1] = [0, l0, l0+l1, ...] (flash-attn convention)."""
-    lengths = torch.as_tensor(lengths, dtype=torch.int64, device=device)
-    out = torch.zeros(len(lengths) + 1, dtype=torch.int32, device=device)
-    out[1:] = torch.cumsum(lengths, 0)
-    return out

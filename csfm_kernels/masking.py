@@ -19,7 +19,8 @@ from typing import Sequence
 import torch
 
 from csfm_kernels import _ext
-from csfm_kernels._checks import check_float_tensor, check_index_tensor, cu_seqlens_from_lengths
+from csfm_kernels._checks import check_float_tensor, check_index_tensor
+from csfm_kernels.segments import cu_seqlens_from_lengths
 from csfm_kernels._triton import dummy_if_empty, next_pow2, require_triton, split_grid, tl, triton, triton_runs_on
 
 

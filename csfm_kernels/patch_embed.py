@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from csfm_kernels import _ext
-from csfm_kernels._checks import check_channel_ids, check_float_tensor, cu_seqlens_from_lengths
+from csfm_kernels._checks import check_channel_ids, check_float_tensor
+from csfm_kernels.segments import cu_seqlens_from_lengths, segment_positions
 from csfm_kernels._triton import default_max_programs, next_pow2, require_triton, split_grid, tl, triton, triton_runs_on
 
 PATCH_LEN = 25  # samples per patch (0.1 s at 250 Hz)
@@ -546,9 +547,7 @@ def _embed_channels(channels: torch.Tensor, chan_ids: torch.Tensor, n_patches: t
         per_row = channels.shape[1] // PATCH_LEN
         token_pos = torch.arange(per_row, device=device).repeat(channels.shape[0])
     else:
-        row_of_patch = torch.repeat_interleave(torch.arange(len(n_patches), device=device), n_patches)
-        start = torch.cumsum(n_patches, 0) - n_patches
-        token_pos = torch.arange(int(n_patches.sum()), device=device) - start[row_of_patch]
+        row_of_patch, token_pos = segment_positions(n_patches)
         patches = channels.reshape(channels.shape[0], -1, PATCH_LEN)[row_of_patch, token_pos]
     token_chan = torch.repeat_interleave(chan_ids.to(torch.int64), n_patches)
     if backend == "reference":
