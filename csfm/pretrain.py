@@ -22,7 +22,7 @@ from csfm.batch import Batch
 from csfm.config import ModelConfig
 from csfm.model import CSFMEncoder, SequenceLayout, Transformer, sincos_table
 from csfm_kernels import gather_kept, random_masking, scatter_with_mask_token
-from csfm_kernels.patch_embed import PATCH_LEN
+from csfm_kernels.patch_embed import PATCH_LEN, patch_token_ids
 
 
 @dataclass
@@ -71,12 +71,9 @@ def normalise_patches(patches: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 def _token_ids(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Channel-type id and position of every patch token: ([sum P], [sum P]) int64."""
-    chans, positions = [], []
-    for x, ids in zip(batch.signals, batch.channel_ids):
-        per_channel = x.shape[1] // PATCH_LEN
-        chans.append(ids.repeat_interleave(per_channel))
-        positions.append(torch.arange(per_channel, device=x.device).repeat(x.shape[0]))
-    return torch.cat(chans), torch.cat(positions)
+    per_channel = torch.cat([torch.full((x.shape[0],), x.shape[1] // PATCH_LEN, dtype=torch.int64)
+                             for x in batch.signals])
+    return patch_token_ids(torch.cat(batch.channel_ids).cpu(), per_channel)
 
 
 class MaskedPretrainer(nn.Module):

@@ -540,20 +540,23 @@ def _embed_channels(channels: torch.Tensor, chan_ids: torch.Tensor, n_patches: t
                     params: PatchEmbedParams, backend: str) -> torch.Tensor:
     """channels [M, Lmax] flat lead rows (row m uses its first 25*n_patches[m] samples),
     chan_ids [M] -> tokens [sum n_patches, d] in channel order."""
-    device = channels.device
-    uniform = bool((n_patches == n_patches[0]).all()) if len(n_patches) else True
-    if uniform:
-        patches = channels.reshape(-1, PATCH_LEN)
-        per_row = channels.shape[1] // PATCH_LEN
-        token_pos = torch.arange(per_row, device=device).repeat(channels.shape[0])
+    token_chan, token_pos = patch_token_ids(chan_ids, n_patches)
+    if bool((n_patches * PATCH_LEN == channels.shape[1]).all()):
+        patches = channels.reshape(-1, PATCH_LEN)  # every row is used whole: a view
     else:
-        row_of_patch, token_pos = segment_positions(n_patches)
+        row_of_patch, _ = segment_positions(n_patches)
         patches = channels.reshape(channels.shape[0], -1, PATCH_LEN)[row_of_patch, token_pos]
-    token_chan = torch.repeat_interleave(chan_ids.to(torch.int64), n_patches)
     if backend == "reference":
         return patch_embed_tokens_reference(patches, token_chan, token_pos, params)
     return _PatchEmbedFunction.apply(backend, params.eps, patches.contiguous(), token_chan,
                                      token_pos, *params.flat())
+
+
+def patch_token_ids(channel_ids: torch.Tensor, n_patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Channel-type id and position of every token of channels with ``n_patches`` [M]
+    patches each: channel_ids [M] -> (token_chan [sum n_patches], token_pos [sum n_patches])."""
+    row_of_patch, token_pos = segment_positions(n_patches)
+    return channel_ids.to(torch.int64)[row_of_patch], token_pos
 
 
 def patch_embed(x: torch.Tensor, channel_ids: torch.Tensor, params: PatchEmbedParams,
