@@ -3,7 +3,6 @@ from csfm.batch import Batch, make_batch
 from csfm.checkpoint import load_pretrained, save_checkpoint
 from csfm.config import PRESETS, ModelConfig, preset
 from csfm.demo import DemoDataset, make_demo_record
-from csfm.finetune import FineTuneConfig, finetune
 from csfm.leads import resolve_channels
 from csfm.model import CSFMEncoder
 from csfm.preprocess import PreprocessConfig, preprocess_record
@@ -15,8 +14,8 @@ from csfm.tokenizer import ReportTokenizer
 __version__ = "0.1.0"
 
 __all__ = [
-    "PRESETS", "PTBXL", "Batch", "CSFMEncoder", "Code15", "DemoDataset", "FineTuneConfig",
+    "PRESETS", "PTBXL", "Batch", "CSFMEncoder", "Code15", "DemoDataset",
     "MaskedPretrainer", "MimicIVECG", "ModelConfig", "PreprocessConfig", "Record", "ReportTokenizer",
-    "WfdbDirectory", "finetune", "load_pretrained", "make_batch", "make_demo_record", "preset",
+    "WfdbDirectory", "load_pretrained", "make_batch", "make_demo_record", "preset",
     "preprocess_record", "read_multisegment", "read_wfdb", "resolve_channels", "save_checkpoint", "stream_windows",
 ]

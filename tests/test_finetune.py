@@ -1,6 +1,8 @@
 """Fine-tuning: the demo rhythm labels are learnt, early stopping restores the best epoch."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -50,3 +52,23 @@ def test_early_stopping_and_bad_input(windows):
     assert len(result.val_loss) == 2  # lr 0: no improvement after the first epoch, patience 1
     with pytest.raises(ValueError, match="needs training and validation samples"):
         finetune(encoder, ClassificationHead(128, 4), "multiclass", train, [], rhythm_targets, progress=False)
+
+
+@pytest.mark.slow
+def test_finetune_cli_writes_results_and_reuses_its_split(tmp_path):
+    from csfm.checkpoint import save_checkpoint
+    from csfm.finetune import main
+    from csfm.pretrain import MaskedPretrainer
+
+    save_checkpoint(tmp_path / "ckpt", MaskedPretrainer(preset("demo", depth=1)), preset("demo", depth=1))
+    args = ["--checkpoint", str(tmp_path / "ckpt"), "--data", "demo:45", "--label", "rhythm", "--task", "multiclass",
+            "--out-dir", str(tmp_path / "ft"), "--epochs", "1", "--n-boot", "50"]
+    main(args)
+    results = json.loads((tmp_path / "ft" / "results.json").read_text())
+    assert results["task"] == "multiclass" and set(results["classes"]) <= set(RHYTHMS)
+    assert {"accuracy", "macro-F1"} <= set(results["metrics"])
+    split = (tmp_path / "ft" / "split.json").read_text()
+    main(args)
+    assert (tmp_path / "ft" / "split.json").read_text() == split
+    with pytest.raises(ValueError, match="no label 'nope'"):
+        main([*args[:5], "nope", *args[6:]])
