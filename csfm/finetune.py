@@ -26,7 +26,7 @@ from csfm.checkpoint import atomic_write, save_checkpoint
 from csfm.data import PretrainWindows, Sample, collate
 from csfm.embed import load_encoder
 from csfm.heads import ClassificationHead, RegressionHead, head_loss
-from csfm.metrics import evaluate, results_markdown, save_results
+from csfm.metrics import evaluate, reliability_plot, results_markdown, save_results
 from csfm.model import CSFMEncoder
 from csfm.optim import layerwise_param_groups, warmup_linear
 from csfm.sources import open_sources
@@ -222,6 +222,8 @@ def run(args: argparse.Namespace) -> dict:
                        n_boot=args.n_boot, seed=args.seed)
     results.update({"classes": [str(c) for c in classes], "best_epoch": history.best_epoch,
                     "val_loss": history.val_loss, "train_loss": history.train_loss})
+    if args.task == "binary":
+        reliability_plot(y_true, predict(model, samples["test"], args.task), out_dir / "reliability.png")
     save_results(results, out_dir / "results.json")
     atomic_write(out_dir / "results.md", lambda tmp: tmp.write_text(results_markdown(results)))
     save_checkpoint(out_dir / "model", model, encoder.config)

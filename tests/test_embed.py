@@ -1,6 +1,8 @@
 """csfm.embed: pooled record embeddings, modality selection, windows, cache, bad input."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -12,6 +14,7 @@ from csfm.demo import DemoDataset
 from csfm.embed import EmbedConfig, Embeddings, embed_source, load_encoder, run, select_channels
 from csfm.pretrain import MaskedPretrainer
 from csfm.record import Record
+from csfm.sources import open_sources
 
 
 @pytest.fixture(scope="module")
@@ -83,3 +86,22 @@ def test_bad_arguments(checkpoint, tmp_path):
             tmp_path / "e.csv")
     with pytest.raises(ValueError, match="pooling must be one of"):
         embed_source(load_encoder(checkpoint), DemoDataset(1), pooling="max", progress=False)
+
+
+PHYSIONET = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "physionet"
+
+
+@pytest.mark.data
+@pytest.mark.skipif(not PHYSIONET.is_dir(), reason=f"real recordings not present at {PHYSIONET}")
+def test_real_alarm_and_ptb_records_end_to_end(checkpoint):
+    """Windows -> embeddings -> labels from the header comments, on real PhysioNet records."""
+    source = open_sources([f"wfdb:{PHYSIONET / 'challenge2015'}", f"wfdb:{PHYSIONET / 'ptbdb'}"])
+    out = embed_source(load_encoder(checkpoint), source, progress=False)
+    records = {source[i].record_id: source[i] for i in range(len(source))}
+    assert set(out.record_ids) == set(records) and np.isfinite(out.embeddings).all()
+    n_windows = dict(zip(out.record_ids, out.n_windows))
+    assert n_windows["a103l"] == 33 and n_windows["s0010_re"] == 4  # 330 s and 38.4 s at 10 s windows
+    labels = {r: (rec.metadata.get("alarm_type"), rec.metadata.get("true_alarm"), rec.metadata.get("age"))
+              for r, rec in records.items()}
+    assert labels["a103l"][:2] == ("Asystole", False) and labels["v102s"][0] == "Ventricular_Tachycardia"
+    assert labels["s0010_re"][2] == 81.0

@@ -9,9 +9,11 @@ import torch
 from csfm.config import preset
 from csfm.data import PretrainWindows
 from csfm.demo import RHYTHMS, DemoDataset
-from csfm.finetune import FineTuneConfig, _validation_loss, finetune
+from csfm.checkpoint import save_checkpoint
+from csfm.finetune import FineTuneConfig, _validation_loss, finetune, main
 from csfm.heads import ClassificationHead
 from csfm.model import CSFMEncoder
+from csfm.pretrain import MaskedPretrainer
 
 
 def rhythm_targets(samples):
@@ -56,10 +58,6 @@ def test_early_stopping_and_bad_input(windows):
 
 @pytest.mark.slow
 def test_finetune_cli_writes_results_and_reuses_its_split(tmp_path):
-    from csfm.checkpoint import save_checkpoint
-    from csfm.finetune import main
-    from csfm.pretrain import MaskedPretrainer
-
     save_checkpoint(tmp_path / "ckpt", MaskedPretrainer(preset("demo", depth=1)), preset("demo", depth=1))
     args = ["--checkpoint", str(tmp_path / "ckpt"), "--data", "demo:45", "--label", "rhythm", "--task", "multiclass",
             "--out-dir", str(tmp_path / "ft"), "--epochs", "1", "--n-boot", "50"]
