@@ -218,12 +218,12 @@ def run(args: argparse.Namespace) -> dict:
     model, history = finetune(encoder, head, args.task, samples["train"], samples["val"], target_of, config)
     y_true = np.asarray([targets[int(i)] for i in split["test"]])
     groups = np.asarray(source.patient_ids)[split["test"]]
-    results = evaluate(args.task, y_true, predict(model, samples["test"], args.task), groups=groups,
-                       n_boot=args.n_boot, seed=args.seed)
+    predictions = predict(model, samples["test"], args.task)
+    results = evaluate(args.task, y_true, predictions, groups=groups, n_boot=args.n_boot, seed=args.seed)
     results.update({"classes": [str(c) for c in classes], "best_epoch": history.best_epoch,
                     "val_loss": history.val_loss, "train_loss": history.train_loss})
     if args.task == "binary":
-        reliability_plot(y_true, predict(model, samples["test"], args.task), out_dir / "reliability.png")
+        reliability_plot(y_true, predictions, out_dir / "reliability.png")
     save_results(results, out_dir / "results.json")
     atomic_write(out_dir / "results.md", lambda tmp: tmp.write_text(results_markdown(results)))
     save_checkpoint(out_dir / "model", model, encoder.config)
