@@ -41,7 +41,7 @@ class EmbedConfig:
 
     checkpoint: str = field(metadata={"help": "a csfm checkpoint directory, or a published .pth (then --preset)"})
     data: list[str] = field(metadata={"help": "data specs as for csfm.train, e.g. wfdb:PATH"})
-    out: str = field(metadata={"help": "output file: .npy (+ .index.csv beside it) or .npz"})
+    out: str = field(metadata={"help": "output file: .npy (+ .index.csv beside it), .npz or .parquet"})
     preset: str = field(default="", metadata={"help": "model preset of a .pth checkpoint"})
     modality: str = field(default="both", metadata={"help": "channels to embed: both, ecg or ppg"})
     pooling: str = field(default="cls", metadata={"help": "per window: cls (as the reference) or mean of tokens"})
@@ -67,9 +67,18 @@ class Embeddings:
     window_start_s: np.ndarray | None = None
 
     def save(self, path: Path) -> None:
-        """.npz with every field, or .npy (embeddings) plus ``<name>.index.csv`` (ids, windows)."""
+        """.npz with every field; .npy (embeddings) plus ``<name>.index.csv`` (ids, windows);
+        or .parquet: one row per record with record_id, patient_id, n_windows, e0..e{d-1}."""
         path = Path(path)
-        if path.suffix == ".npz":
+        if path.suffix == ".parquet":
+            import pandas as pd
+
+            table = pd.DataFrame(self.embeddings, columns=[f"e{i}" for i in range(self.embeddings.shape[1])])
+            table.insert(0, "n_windows", self.n_windows)
+            table.insert(0, "patient_id", self.patient_ids)
+            table.insert(0, "record_id", self.record_ids)
+            atomic_write(path, lambda tmp: table.to_parquet(tmp, index=False))
+        elif path.suffix == ".npz":
             arrays = {k: v for k, v in asdict(self).items() if v is not None}
             atomic_write(path, lambda tmp: np.savez(open(tmp, "wb"), **arrays))
         elif path.suffix == ".npy":
@@ -78,7 +87,7 @@ class Embeddings:
                 f"{r},{p},{n}" for r, p, n in zip(self.record_ids, self.patient_ids, self.n_windows)]
             atomic_write(path.with_suffix(".index.csv"), lambda tmp: tmp.write_text("\n".join(rows) + "\n"))
         else:
-            raise ValueError(f"--out {path}: use a .npy or .npz file")
+            raise ValueError(f"--out {path}: use a .npy, .npz or .parquet file")
 
     @classmethod
     def load(cls, path: Path) -> "Embeddings":

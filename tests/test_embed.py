@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 import csfm.embed as embed_module
@@ -76,12 +77,16 @@ def test_cli_run_writes_outputs_and_reuses_the_cache(checkpoint, tmp_path, monke
     second = run(EmbedConfig(**{**config.__dict__, "out": str(tmp_path / "e.npz")}))
     assert np.array_equal(first.embeddings, second.embeddings)
     assert np.array_equal(Embeddings.load(tmp_path / "e.npz").embeddings, first.embeddings)
+    first.save(tmp_path / "e.parquet")
+    table = pd.read_parquet(tmp_path / "e.parquet")
+    assert list(table["record_id"]) == list(first.record_ids)
+    assert np.array_equal(table[[f"e{i}" for i in range(128)]].to_numpy(np.float32), first.embeddings)
 
 
 def test_bad_arguments(checkpoint, tmp_path):
     with pytest.raises(ValueError, match="needs --preset"):
         load_encoder(tmp_path / "published.pth")
-    with pytest.raises(ValueError, match="use a .npy or .npz"):
+    with pytest.raises(ValueError, match="use a .npy, .npz or .parquet"):
         Embeddings(np.zeros((1, 2), np.float32), np.array(["a"]), np.array(["p"]), np.array([1])).save(
             tmp_path / "e.csv")
     with pytest.raises(ValueError, match="pooling must be one of"):
