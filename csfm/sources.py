@@ -1,9 +1,11 @@
-"""``--data`` specs -> one record source: ``KIND:PATH[@WEIGHT]`` or ``demo[:N][@WEIGHT]``.
+"""``--data`` specs -> one record source: ``KIND:PATH[?OPTION=VALUE&...][@WEIGHT]`` or
+``demo[:N][@WEIGHT]``.
 
 KIND is wfdb (any folder of WFDB records, e.g. CinC 2017), mimic3 (a MIMIC-III waveform
 folder of multi-segment records), mimic4 (MIMIC-IV-ECG), ptbxl (PTB-XL) or code15 (CODE-15
-HDF5). WEIGHT (default 1) scales how often a source's records come up per epoch: 2 repeats
-each, 0.5 takes a seeded half.
+HDF5). OPTIONs go to the reader, e.g. ``wfdb:data/cinc2017?labels_csv=REFERENCE.csv`` or
+``ptbxl:data/ptbxl?sampling=hr``. WEIGHT (default 1) scales how often a source's records
+come up per epoch: 2 repeats each, 0.5 takes a seeded half.
 """
 from __future__ import annotations
 
@@ -24,12 +26,20 @@ class DataSpec:
     kind: str
     path: str
     weight: float = 1.0
+    options: tuple[tuple[str, str], ...] = ()
 
 
 def parse_spec(text: str, demo_records: int = 600) -> DataSpec:
-    """'KIND:PATH[@WEIGHT]' or 'demo[:N][@WEIGHT]' -> DataSpec, or a ValueError naming the spec."""
-    body, _, weight = text.partition("@")
+    """'KIND:PATH[?OPTION=VALUE&...][@WEIGHT]' or 'demo[:N][@WEIGHT]' -> DataSpec, or a
+    ValueError naming the spec."""
+    body, at, weight = text.rpartition("@")
+    if not at:
+        body, weight = text, ""
+    body, _, query = body.partition("?")
     kind, _, path = body.partition(":")
+    options = tuple(tuple(item.split("=", 1)) for item in query.split("&") if item)
+    if any(len(option) != 2 or not option[0] for option in options):
+        raise ValueError(f"--data {text!r}: options must look like ?name=value&name=value")
     try:
         value = float(weight) if weight else 1.0
     except ValueError:
@@ -43,7 +53,7 @@ def parse_spec(text: str, demo_records: int = 600) -> DataSpec:
     if kind not in READERS or not path:
         raise ValueError(f"--data {text!r}: expected KIND:PATH[@WEIGHT] with KIND one of "
                          f"{sorted(READERS)} or demo[:N]")
-    return DataSpec(kind, path, value)
+    return DataSpec(kind, path, value, options)
 
 
 class MixedSource:
@@ -94,9 +104,17 @@ class MixedSource:
         return out
 
 
+def _open_reader(spec: DataSpec):
+    """The reader of ``spec`` with its options; a TypeError from an unknown option becomes a
+    ValueError that names the spec."""
+    try:
+        return READERS[spec.kind](spec.path, **dict(spec.options))
+    except TypeError as exc:
+        raise ValueError(f"--data {spec.kind}:{spec.path}: bad option in {dict(spec.options)} ({exc})") from exc
+
+
 def open_sources(specs: Sequence[str], seed: int = 0, demo_records: int = 600) -> MixedSource:
     """Opens every ``--data`` spec (readers open files lazily, per worker)."""
     parsed = [parse_spec(text, demo_records) for text in specs]
-    sources = [DemoDataset(int(p.path), seed=seed) if p.kind == "demo" else READERS[p.kind](p.path)
-               for p in parsed]
+    sources = [DemoDataset(int(p.path), seed=seed) if p.kind == "demo" else _open_reader(p) for p in parsed]
     return MixedSource(sources, [p.weight for p in parsed])

@@ -16,8 +16,11 @@ def test_specs_parse_and_bad_ones_are_named():
     assert parse_spec("wfdb:/data/x@2") == DataSpec("wfdb", "/data/x", 2.0)
     assert parse_spec("demo", demo_records=7) == DataSpec("demo", "7", 1.0)
     assert parse_spec("demo:40@0.5") == DataSpec("demo", "40", 0.5)
+    assert parse_spec("wfdb:/d/cinc?labels_csv=REFERENCE.csv@3") == DataSpec(
+        "wfdb", "/d/cinc", 3.0, (("labels_csv", "REFERENCE.csv"),))
     for bad, match in [("csv:/x", "KIND one of"), ("wfdb", "KIND one of"), ("wfdb:/x@-1", "weight must be > 0"),
-                       ("wfdb:/x@two", "not a number"), ("demo:many", "record count")]:
+                       ("wfdb:/x@two", "not a number"), ("demo:many", "record count"),
+                       ("wfdb:/x?labels", "name=value")]:
         with pytest.raises(ValueError, match=match):
             parse_spec(bad)
 
@@ -39,7 +42,10 @@ def test_mixed_source_offsets_patients_and_weights():
 @pytest.mark.data
 @pytest.mark.skipif(not CINC.is_dir(), reason=f"real recordings not present at {CINC}")
 def test_pretraining_reads_a_real_wfdb_folder(tmp_path):
-    source = open_sources([f"wfdb:{CINC}"])
+    source = open_sources([f"wfdb:{CINC}?labels_csv=REFERENCE.csv"])
+    assert source[0].metadata["label"] == "N"  # A00001 in REFERENCE.csv
+    with pytest.raises(ValueError, match="bad option"):
+        open_sources([f"wfdb:{CINC}?labels=REFERENCE.csv"])
     window = source.read_window(0, 1.0, 12.0)
     assert window.channel_types == [1] and abs(window.signal.shape[1] - 12.0 * window.fs) <= 1
     config = parse_config(["--data", f"wfdb:{CINC}", "--max-steps", "2", "--batch-size", "4", "--epochs", "1",
