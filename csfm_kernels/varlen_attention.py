@@ -112,6 +112,17 @@ _INTERPRETED = interpreter_enabled()
 
 if triton is not None:
     @triton.jit
+    def _record_span(CU, rec):
+        """First packed row (int64) and length (int32) of record ``rec``."""
+        start = tl.load(CU + rec).to(tl.int64)
+        return start, (tl.load(CU + rec + 1) - tl.load(CU + rec)).to(tl.int32)
+
+    @triton.jit
+    def _load_tile(X, rows, stride_t, head, stride_h, offs_d, mask):
+        """X[rows, head, offs_d] as a [len(rows), len(offs_d)] tile, 0 outside ``mask``."""
+        return tl.load(X + rows[:, None] * stride_t + head * stride_h + offs_d[None, :], mask=mask, other=0.0)
+
+    @triton.jit
     def _dot(a, b, IEEE: tl.constexpr):
         """a @ b with fp32 accumulation; IEEE: full-precision fp32 products (no tf32)."""
         if IEEE:
@@ -130,8 +141,7 @@ if triton is not None:
         pid_m = tl.program_id(0)
         rec = tl.program_id(1)
         head = tl.program_id(2)
-        start = tl.load(CU + rec).to(tl.int64)
-        seqlen = (tl.load(CU + rec + 1) - tl.load(CU + rec)).to(tl.int32)
+        start, seqlen = _record_span(CU, rec)
         # Blocks past the record's end skip the loop (stores are masked off) instead of returning.
         kv_end = tl.where(pid_m * BLOCK_M < seqlen, seqlen, 0)
 
@@ -181,10 +191,8 @@ if triton is not None:
         rows = (pid * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
         offs_d = tl.arange(0, BLOCK_D)
         mask = (rows < total)[:, None] & (offs_d < HEAD_DIM)[None, :]
-        o = tl.load(O + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
-                    mask=mask, other=0.0).to(tl.float32)
-        do = tl.load(DO + rows[:, None] * stride_dot + head * stride_doh + offs_d[None, :],
-                     mask=mask, other=0.0).to(tl.float32)
+        o = _load_tile(O, rows, stride_ot, head, stride_oh, offs_d, mask).to(tl.float32)
+        do = _load_tile(DO, rows, stride_dot, head, stride_doh, offs_d, mask).to(tl.float32)
         tl.store(DELTA + head * stride_dh + rows, tl.sum(o * do, 1), mask=rows < total)
 
     @triton.jit
@@ -198,8 +206,7 @@ if triton is not None:
         pid_n = tl.program_id(0)
         rec = tl.program_id(1)
         head = tl.program_id(2)
-        start = tl.load(CU + rec).to(tl.int64)
-        seqlen = (tl.load(CU + rec + 1) - tl.load(CU + rec)).to(tl.int32)
+        start, seqlen = _record_span(CU, rec)
         q_end = tl.where(pid_n * BLOCK_N < seqlen, seqlen, 0)
 
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -209,10 +216,8 @@ if triton is not None:
         d_valid = offs_d < HEAD_DIM
         cols = start + offs_n
         kv_mask = n_valid[:, None] & d_valid[None, :]
-        k = tl.load(K + cols[:, None] * stride_kt + head * stride_kh + offs_d[None, :],
-                    mask=kv_mask, other=0.0)
-        v = tl.load(V + cols[:, None] * stride_vt + head * stride_vh + offs_d[None, :],
-                    mask=kv_mask, other=0.0)
+        k = _load_tile(K, cols, stride_kt, head, stride_kh, offs_d, kv_mask)
+        v = _load_tile(V, cols, stride_vt, head, stride_vh, offs_d, kv_mask)
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         for start_m in range(0, q_end, BLOCK_M):
@@ -220,10 +225,8 @@ if triton is not None:
             m_valid = rows_in < seqlen
             rows = start + rows_in
             q_mask = m_valid[:, None] & d_valid[None, :]
-            q = tl.load(Q + rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
-                        mask=q_mask, other=0.0)
-            do = tl.load(DO + rows[:, None] * stride_dot + head * stride_doh + offs_d[None, :],
-                         mask=q_mask, other=0.0)
+            q = _load_tile(Q, rows, stride_qt, head, stride_qh, offs_d, q_mask)
+            do = _load_tile(DO, rows, stride_dot, head, stride_doh, offs_d, q_mask)
             lse = tl.load(LSE + head * stride_lh + rows, mask=m_valid, other=0.0)
             delta = tl.load(DELTA + head * stride_lh + rows, mask=m_valid, other=0.0)
             # Transposed tiles [BLOCK_N, BLOCK_M] so dV = P^T dO and dK = dS^T Q need no transposes.
@@ -251,8 +254,7 @@ if triton is not None:
         pid_m = tl.program_id(0)
         rec = tl.program_id(1)
         head = tl.program_id(2)
-        start = tl.load(CU + rec).to(tl.int64)
-        seqlen = (tl.load(CU + rec + 1) - tl.load(CU + rec)).to(tl.int32)
+        start, seqlen = _record_span(CU, rec)
         kv_end = tl.where(pid_m * BLOCK_M < seqlen, seqlen, 0)
 
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -262,10 +264,8 @@ if triton is not None:
         d_valid = offs_d < HEAD_DIM
         rows = start + offs_m
         q_mask = m_valid[:, None] & d_valid[None, :]
-        q = tl.load(Q + rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
-                    mask=q_mask, other=0.0)
-        do = tl.load(DO + rows[:, None] * stride_dot + head * stride_doh + offs_d[None, :],
-                     mask=q_mask, other=0.0)
+        q = _load_tile(Q, rows, stride_qt, head, stride_qh, offs_d, q_mask)
+        do = _load_tile(DO, rows, stride_dot, head, stride_doh, offs_d, q_mask)
         lse = tl.load(LSE + head * stride_lh + rows, mask=m_valid, other=0.0)
         delta = tl.load(DELTA + head * stride_lh + rows, mask=m_valid, other=0.0)
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -274,10 +274,8 @@ if triton is not None:
             n_valid = cols_in < seqlen
             cols = start + cols_in
             kv_mask = n_valid[:, None] & d_valid[None, :]
-            k = tl.load(K + cols[:, None] * stride_kt + head * stride_kh + offs_d[None, :],
-                        mask=kv_mask, other=0.0)
-            v = tl.load(V + cols[:, None] * stride_vt + head * stride_vh + offs_d[None, :],
-                        mask=kv_mask, other=0.0)
+            k = _load_tile(K, cols, stride_kt, head, stride_kh, offs_d, kv_mask)
+            v = _load_tile(V, cols, stride_vt, head, stride_vh, offs_d, kv_mask)
             s = _dot(q, tl.trans(k), IEEE)
             p = tl.exp2(s * qk_scale_log2 - lse[:, None] * 1.4426950408889634)
             p = tl.where(m_valid[:, None] & n_valid[None, :], p, 0.0)
