@@ -1,0 +1,326 @@
+"""PhysioNet/CinC Challenge 2017 (AF classification from single-lead ECG): scoring and a
+hand-crafted-feature baseline.
+
+Classes: N normal, A atrial fibrillation, O other rhythm, ~ noisy. The challenge score is
+the mean F1 of N, A and O, each F1 read off the 4-class confusion matrix C (rows true,
+columns predicted): F1_c = 2 C[c, c] / (row_sum_c + col_sum_c).
+
+The baseline: :mod:`csfm.rr_features` per record, stratified k-fold cross-validation at
+record level, median imputation + (logistic regression | gradient boosting), scored on
+out-of-fold predictions with bootstrap 95 % intervals over records::
+
+    python -m csfm.cinc2017 --data ../shared/data/cinc2017 --out runs/cinc2017_baseline
+
+Source: Clifford et al., "AF Classification from a Short Single Lead ECG Recording: the
+PhysioNet/Computing in Cardiology Challenge 2017" (ODC-BY).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+from csfm.metrics import UndefinedMetricError, auroc, bootstrap_ci, save_results
+
+LABELS = ("N", "A", "O", "~")
+SCORED = ("N", "A", "O")
+FS_HZ = 300
+MODELS = ("logistic", "gbm")
+LOGISTIC_CS = (0.01, 0.1, 1.0, 10.0)
+
+
+# ---------------------------------------------------------------------------------------
+# labels and scoring
+
+
+def read_reference(path: str | Path) -> dict[str, str]:
+    """Record name -> label from a ``REFERENCE.csv`` (no header, lines ``record,label``).
+
+    Raises ValueError naming the file, line and record on a malformed line or a label
+    outside :data:`LABELS`, or on a record listed twice.
+    """
+    path = Path(path)
+    reference: dict[str, str] = {}
+    with path.open(newline="") as f:
+        for line_no, row in enumerate(csv.reader(f), start=1):
+            if not row or not "".join(row).strip():
+                continue
+            if len(row) != 2:
+                raise ValueError(f"{path}:{line_no}: expected 'record,label', got {','.join(row)!r}")
+            record, label = row[0].strip(), row[1].strip()
+            if label not in LABELS:
+                raise ValueError(f"{path}:{line_no}: record {record!r} has unknown label {label!r} "
+                                 f"(expected one of {LABELS})")
+            if record in reference:
+                raise ValueError(f"{path}:{line_no}: record {record!r} is listed twice")
+            reference[record] = label
+    return reference
+
+
+def _codes(name: str, y: Any) -> np.ndarray:
+    """Class labels [N] ('N', 'A', 'O', '~' or indices 0..3 into LABELS) -> int64 codes [N]."""
+    y = np.asarray(y)
+    if y.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {y.shape}")
+    if y.dtype.kind in "iu":
+        if y.size and (y.min() < 0 or y.max() >= len(LABELS)):
+            raise ValueError(f"{name}: integer labels must lie in 0..{len(LABELS) - 1}, got {np.unique(y)[:5].tolist()}")
+        return y.astype(np.int64)
+    unknown = sorted(set(y.tolist()) - set(LABELS))
+    if unknown:
+        raise ValueError(f"{name} holds labels outside {LABELS}: {unknown[:5]}")
+    lookup = {label: k for k, label in enumerate(LABELS)}
+    return np.fromiter((lookup[v] for v in y.tolist()), np.int64, count=y.size)
+
+
+def confusion(y_true: Any, y_pred: Any) -> np.ndarray:
+    """4x4 confusion matrix, int64, rows = true class, columns = predicted, in LABELS order.
+
+    y_true, y_pred: [N] labels ('N', 'A', 'O', '~') or their indices 0..3.
+    """
+    t, p = _codes("y_true", y_true), _codes("y_pred", y_pred)
+    if t.shape != p.shape:
+        raise ValueError(f"y_true and y_pred have different lengths ({t.size} vs {p.size})")
+    k = len(LABELS)
+    return np.bincount(t * k + p, minlength=k * k).reshape(k, k)
+
+
+def _f1_from_confusion(c: np.ndarray) -> np.ndarray:
+    """[4] per-class F1 = 2 C[c, c] / (row_sum + col_sum); 0 where the class is absent and never predicted."""
+    den = c.sum(axis=1) + c.sum(axis=0)
+    return np.divide(2.0 * np.diag(c), den, out=np.zeros(len(c)), where=den > 0)
+
+
+def per_class_f1(y_true: Any, y_pred: Any) -> dict[str, float]:
+    """F1 of each class in LABELS order, from the 4-class confusion matrix.
+
+    A class neither present nor predicted gets F1 = 0 (the challenge's convention would
+    divide by zero; 0 keeps the score defined on every bootstrap resample).
+    """
+    return dict(zip(LABELS, _f1_from_confusion(confusion(y_true, y_pred)).tolist()))
+
+
+def cinc_score(y_true: Any, y_pred: Any) -> float:
+    """The challenge score: mean of F1(N), F1(A), F1(O); y_true, y_pred: [N] labels or codes."""
+    f1 = per_class_f1(y_true, y_pred)
+    return float(np.mean([f1[c] for c in SCORED]))
+
+
+# ---------------------------------------------------------------------------------------
+# cross-validation
+
+
+def _fold_assignment(y: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
+    """Test fold (0..n_folds-1) of each record [N], by seeded StratifiedKFold."""
+    from sklearn.model_selection import StratifiedKFold
+
+    fold = np.empty(len(y), np.int64)
+    splitter = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    for k, (_, test) in enumerate(splitter.split(np.zeros(len(y)), y)):
+        fold[test] = k
+    return fold
+
+
+def _folds(y: np.ndarray, n_folds: int, seed: int, split_path: str | Path | None,
+           record_ids: Sequence[str] | None) -> np.ndarray:
+    """Fold of each record; read from ``split_path`` when it exists (checked to match the
+    records, labels, n_folds and seed), else made and, with a path, saved there as JSON."""
+    ids = None if record_ids is None else [str(r) for r in record_ids]
+    labels = [LABELS[k] for k in y]
+    if split_path is not None and Path(split_path).exists():
+        saved = json.loads(Path(split_path).read_text())
+        expected = {"n_folds": n_folds, "seed": seed, "labels": labels, "record_ids": ids}
+        wrong = [key for key, value in expected.items() if saved.get(key) != value]
+        if wrong or len(saved.get("fold", ())) != len(y):
+            raise ValueError(f"{split_path}: the saved folds do not match these data "
+                             f"(differs in {wrong or ['number of records']}); delete it or pass another path")
+        return np.asarray(saved["fold"], np.int64)
+    fold = _fold_assignment(y, n_folds, seed)
+    if split_path is not None:
+        from csfm.checkpoint import atomic_write
+
+        content = {"n_folds": n_folds, "seed": seed, "fold": fold.tolist(), "labels": labels, "record_ids": ids}
+        Path(split_path).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(Path(split_path), lambda tmp: tmp.write_text(json.dumps(content)))
+    return fold
+
+
+def make_model(model: str, seed: int = 0, inner_folds: int = 3) -> Any:
+    """The scikit-learn pipeline of a baseline: median imputation, then for "logistic"
+    standardisation + multinomial logistic regression with C chosen by inner stratified CV
+    (CinC score) over :data:`LOGISTIC_CS`, for "gbm" a seeded HistGradientBoostingClassifier."""
+    from sklearn.ensemble import HistGradientBoostingClassifier
+    from sklearn.impute import SimpleImputer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import make_scorer
+    from sklearn.model_selection import GridSearchCV, StratifiedKFold
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    impute = ("impute", SimpleImputer(strategy="median", keep_empty_features=True))
+    if model == "logistic":
+        pipeline = Pipeline([impute, ("scale", StandardScaler()),
+                             ("classify", LogisticRegression(max_iter=2000))])
+        inner = StratifiedKFold(n_splits=inner_folds, shuffle=True, random_state=seed)
+        return GridSearchCV(pipeline, {"classify__C": list(LOGISTIC_CS)}, cv=inner,
+                            scoring=make_scorer(cinc_score))
+    if model == "gbm":
+        return Pipeline([impute, ("classify", HistGradientBoostingClassifier(
+            learning_rate=0.05, max_iter=300, max_leaf_nodes=15, min_samples_leaf=10,
+            l2_regularization=1.0, early_stopping=False, random_state=seed))])
+    raise ValueError(f"model must be one of {MODELS}, got {model!r}")
+
+
+def _interval(ci: Any) -> dict[str, float]:
+    return {"value": float(ci.point), "low": float(ci.low), "high": float(ci.high)}
+
+
+def cross_validate_baseline(X: Any, y: Any, model: str = "logistic", n_folds: int = 5, seed: int = 0,
+                            split_path: str | Path | None = None, record_ids: Sequence[str] | None = None,
+                            n_boot: int = 1000) -> dict[str, Any]:
+    """Out-of-fold evaluation of a baseline classifier on per-record features.
+
+    X: [N, F] float features (NaN allowed: imputed with the training fold's median);
+    y: [N] labels ('N', 'A', 'O', '~') or codes 0..3; model: "logistic" or "gbm".
+    Folds: seeded StratifiedKFold over records, saved to / reused from ``split_path`` (JSON)
+    when given; ``record_ids`` [N] are stored with it and checked on reuse.
+    Returns a JSON-able dict: "cinc_score" and "auroc_af" (AF vs rest, from P(A)) as
+    {"value", "low", "high"} with 95 % bootstrap intervals over records, "per_class_f1",
+    "confusion" (rows true, columns predicted, LABELS order), "fold_sizes", settings.
+    """
+    X = np.asarray(X, np.float64)
+    codes = _codes("y", y)
+    if X.ndim != 2 or len(X) != len(codes):
+        raise ValueError(f"X must be [N, F] with N = len(y) = {len(codes)}, got shape {X.shape}")
+    if record_ids is not None and len(record_ids) != len(codes):
+        raise ValueError(f"record_ids has {len(record_ids)} entries, y has {len(codes)}")
+    if model not in MODELS:
+        raise ValueError(f"model must be one of {MODELS}, got {model!r}")
+    fold = _folds(codes, n_folds, seed, split_path, record_ids)
+    started = time.perf_counter()
+    pred = np.empty(len(codes), np.int64)
+    prob = np.zeros((len(codes), len(LABELS)))
+    # One OpenMP thread: on a few thousand rows gradient boosting gains nothing from more,
+    # and on a shared, busy machine OpenMP's waiting threads slow it down many times over.
+    with threadpool_limits(limits=1, user_api="openmp"):
+        for k in range(n_folds):
+            train, test = fold != k, fold == k
+            fitted = make_model(model, seed).fit(X[train], codes[train])
+            classes = np.asarray(fitted.classes_, np.int64)
+            prob[np.ix_(test, classes)] = fitted.predict_proba(X[test])
+            pred[test] = classes[prob[test][:, classes].argmax(axis=1)]
+    fit_seconds = time.perf_counter() - started
+    is_af = (codes == LABELS.index("A")).astype(np.int64)
+    try:
+        af = _interval(bootstrap_ci(auroc, is_af, prob[:, LABELS.index("A")], n_boot=n_boot, seed=seed))
+    except UndefinedMetricError:
+        af = {"value": float("nan"), "low": float("nan"), "high": float("nan")}
+    return {
+        "model": model, "n_records": int(len(codes)), "n_features": int(X.shape[1]),
+        "n_folds": n_folds, "seed": seed, "labels": list(LABELS),
+        "class_counts": dict(zip(LABELS, np.bincount(codes, minlength=len(LABELS)).tolist())),
+        "cinc_score": _interval(bootstrap_ci(cinc_score, codes, pred, n_boot=n_boot, seed=seed)),
+        "per_class_f1": per_class_f1(codes, pred),
+        "auroc_af": af,
+        "confusion": confusion(codes, pred).tolist(),
+        "fold_sizes": np.bincount(fold, minlength=n_folds).tolist(),
+        "fit_seconds": round(fit_seconds, 2),
+    }
+
+
+def results_table(results: dict[str, Any]) -> str:
+    """Markdown table of :func:`cross_validate_baseline` results: one result, or a dict of
+    them keyed by name (one row each), with 95 % CIs, per-class F1 and AF AUROC."""
+    rows = {results["model"]: results} if "cinc_score" in results else results
+    head = "| model | CinC score (95 % CI) | " + " | ".join(f"F1 {c}" for c in LABELS) + " | AUROC AF (95 % CI) |"
+    lines = [head, "|---" * (len(LABELS) + 3) + "|"]
+    for name, r in rows.items():
+        s, a = r["cinc_score"], r["auroc_af"]
+        f1 = " | ".join(f"{r['per_class_f1'][c]:.3f}" for c in LABELS)
+        lines.append(f"| {name} | {s['value']:.3f} ({s['low']:.3f} – {s['high']:.3f}) | {f1} | "
+                     f"{a['value']:.3f} ({a['low']:.3f} – {a['high']:.3f}) |")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------
+# data and command line
+
+
+def load_features(data_dir: str | Path, cache_path: str | Path | None = None, limit: int | None = None,
+                  progress: bool = True) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Features of the records listed in ``data_dir/REFERENCE.csv`` (first ``limit`` of them).
+
+    Returns (X [N, F] in rr_features.FEATURE_NAMES order, labels [N] str, record ids [N]).
+    With ``cache_path`` (.npz) the matrix is read from there when it holds the same records
+    and feature names, and written there otherwise.
+    """
+    import wfdb
+
+    from csfm.rr_features import FEATURE_NAMES, feature_matrix
+
+    data_dir = Path(data_dir)
+    reference = read_reference(data_dir / "REFERENCE.csv")
+    ids = list(reference)[:limit]
+    labels = np.asarray([reference[r] for r in ids])
+    if cache_path is not None and Path(cache_path).exists():
+        cached = np.load(cache_path, allow_pickle=False)
+        if cached["record_ids"].tolist() == ids and cached["feature_names"].tolist() == list(FEATURE_NAMES):
+            return cached["X"], labels, ids
+    signals = []
+    for record in ids:
+        rec = wfdb.rdrecord(str(data_dir / record))
+        if rec.fs != FS_HZ:
+            raise ValueError(f"{data_dir / record}: header fs is {rec.fs} Hz, expected {FS_HZ}")
+        signals.append(rec.p_signal[:, 0])
+    X = feature_matrix(signals, FS_HZ, progress=progress)
+    if cache_path is not None:
+        Path(cache_path).parent.mkdir(parents=True, exist_ok=True)
+        np.savez(cache_path, X=X, record_ids=np.asarray(ids), feature_names=np.asarray(FEATURE_NAMES))
+    return X, labels, ids
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(prog="python -m csfm.cinc2017", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--data", default="../shared/data/cinc2017", help="folder with REFERENCE.csv and the records")
+    parser.add_argument("--out", default="runs/cinc2017_baseline", help="output folder")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS, help="baselines to cross-validate")
+    parser.add_argument("--n-folds", type=int, default=5, help="cross-validation folds")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the folds and the models")
+    parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the CIs")
+    parser.add_argument("--limit", type=int, default=None, help="use only the first LIMIT records")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    cached = (out / "features.npz").exists()
+    X, labels, ids = load_features(args.data, out / "features.npz", limit=args.limit)
+    feature_seconds = time.perf_counter() - started
+    results: dict[str, Any] = {}
+    for model in args.models:
+        results[model] = cross_validate_baseline(X, labels, model, args.n_folds, args.seed,
+                                                 split_path=out / "folds.json", record_ids=ids,
+                                                 n_boot=args.n_boot)
+    from csfm.rr_features import FEATURE_NAMES
+
+    summary = {"data": str(args.data), "n_records": len(ids), "feature_names": list(FEATURE_NAMES),
+               "feature_seconds": round(feature_seconds, 1), "feature_cache_existed": cached,
+               "results": results}
+    save_results(summary, out / "results.json")
+    table = results_table(results)
+    (out / "results.md").write_text(
+        f"# CinC 2017 baseline: hand-crafted RR features, {args.n_folds}-fold CV on {len(ids)} records\n\n"
+        f"Data: PhysioNet/CinC Challenge 2017 training set (ODC-BY). Score: mean F1 of N, A, O "
+        f"on out-of-fold predictions; 95 % bootstrap CIs over records.\n\n{table}")
+    print(table, end="")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
