@@ -3,7 +3,6 @@ bootstrap determinism and grouping, calibration, reports and input errors."""
 import functools
 import itertools
 import json
-import time
 import warnings
 
 import numpy as np
@@ -157,13 +156,6 @@ def test_group_bootstrap_resamples_whole_groups():
     assert np.allclose(grouped, row_level)
     naive = bootstrap_ci(auroc, np.repeat(y, 3), np.repeat(s, 3), n_boot=200, seed=7)
     assert naive.high - naive.low < grouped.high - grouped.low  # ignoring patients understates the width
-
-
-def test_bootstrap_auroc_is_fast():
-    y, s = _binary_data(5000)
-    start = time.perf_counter()
-    bootstrap_ci(auroc, y, s, n_boot=1000)
-    assert time.perf_counter() - start < 2.0  # typically ~0.5 s; generous for shared CI machines
 
 
 # --------------------------------------------------------------------------- calibration
