@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from csfm.batch import make_batch
 from csfm.checkpoint import WEIGHTS, atomic_write, load_pretrained, read_config
+from csfm.cli import add_dataclass_options
 from csfm.config import ModelConfig, preset
 from csfm.model import CSFMEncoder
 from csfm.precision import choose_precision
@@ -232,16 +233,7 @@ def run(config: EmbedConfig) -> Embeddings:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m csfm.embed", description=__doc__,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for name, f in EmbedConfig.__dataclass_fields__.items():
-        flag = f"--{name.replace('_', '-')}"
-        if f.type == "bool":
-            parser.add_argument(flag, action="store_true", help=f.metadata["help"])
-        elif f.type.startswith("list"):
-            parser.add_argument(flag, nargs="+", required=True, help=f.metadata["help"])
-        elif isinstance(f.default, str) or isinstance(f.default, int):
-            parser.add_argument(flag, type=type(f.default), default=f.default, help=f.metadata["help"])
-        else:
-            parser.add_argument(flag, required=True, help=f.metadata["help"])
+    add_dataclass_options(parser, EmbedConfig)
     run(EmbedConfig(**vars(parser.parse_args(argv))))
 
 

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from csfm.batch import Batch
 from csfm.checkpoint import atomic_write, save_checkpoint
+from csfm.cli import add_dataclass_options
 from csfm.data import PretrainWindows, Sample, collate
 from csfm.embed import load_encoder
 from csfm.heads import ClassificationHead, RegressionHead, head_loss
@@ -141,6 +142,7 @@ def _validation_loss(model: EncoderWithHead, samples: Sequence[Sample], batch_si
 # ----------------------------------------------------------------------------- command line
 
 TASKS = ("binary", "multiclass", "regression")
+_CLI_FIELDS = ("epochs", "batch_size", "lr", "layer_decay", "weight_decay", "warmup_fraction", "patience", "seed")
 
 
 def _labels(source, key: str) -> list:
@@ -188,11 +190,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--label", required=True, help="record metadata key holding the target")
     parser.add_argument("--task", choices=TASKS, required=True, help="kind of target")
     parser.add_argument("--out-dir", default="runs/finetune", help="split file, results and weights go here")
-    defaults = FineTuneConfig()
-    for name in ("epochs", "batch_size", "lr", "layer_decay", "weight_decay", "warmup_fraction", "patience",
-                 "seed"):
-        parser.add_argument(f"--{name.replace('_', '-')}", type=type(getattr(defaults, name)),
-                            default=getattr(defaults, name), help=f"FineTuneConfig.{name}")
+    add_dataclass_options(parser, FineTuneConfig, only=_CLI_FIELDS)
     parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the 95 %% CIs")
     args = parser.parse_args(argv)
     run(args)
@@ -213,8 +211,7 @@ def run(args: argparse.Namespace) -> dict:
     windows = PretrainWindows(source, None, subset_prob=0.0, seed=args.seed)
     samples = {part: [windows[int(i)] for i in rows] for part, rows in split.items()}
     target_of = _target_fn(args.task, dict(zip(record_ids, targets)))
-    config = FineTuneConfig(**{k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "layer_decay",
-                                                             "weight_decay", "warmup_fraction", "patience", "seed")})
+    config = FineTuneConfig(**{k: getattr(args, k) for k in _CLI_FIELDS})
     model, history = finetune(encoder, head, args.task, samples["train"], samples["val"], target_of, config)
     y_true = np.asarray([targets[int(i)] for i in split["test"]])
     groups = np.asarray(source.patient_ids)[split["test"]]

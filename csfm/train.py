@@ -27,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from csfm.checkpoint import atomic_write, load_train_state, load_weights, save_checkpoint
+from csfm.cli import add_dataclass_options
 from csfm.config import PRESETS, preset
 from csfm.data import PretrainWindows, collate, split_by_patient
 from csfm.optim import make_optimizer, warmup_cosine
@@ -77,15 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m csfm.train", description=__doc__,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", default="", help="YAML or JSON file of options (flags override it)")
-    for f in dataclasses.fields(TrainConfig):
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        flag = f"--{f.name.replace('_', '-')}"
-        if f.type == "bool":
-            parser.add_argument(flag, action="store_true", default=default, help=f.metadata["help"])
-        elif f.type.startswith("list"):
-            parser.add_argument(flag, nargs="*", default=default, help=f.metadata["help"])
-        else:
-            parser.add_argument(flag, type=type(default), default=default, help=f.metadata["help"])
+    add_dataclass_options(parser, TrainConfig)
     return parser
 
 
