@@ -1,7 +1,8 @@
 """Numba signal kernels of the preprocessing: resampling, zero-phase band-pass, z-score.
 
 All take [C, T] arrays (float32 or float64, NaN where samples are missing), work in
-float64, return float32, run channels (or chunks of samples) in parallel and compile once
+float64 (resampling at a rational ratio: float32 relative to a per-block reference
+sample), return float32, run channels (or chunks of samples) in parallel and compile once
 per input dtype (cached on disk). NaN gaps stay local: no kernel spreads a NaN over a
 whole channel.
 

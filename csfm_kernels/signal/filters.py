@@ -11,7 +11,15 @@ short to pad; ``sosfiltfilt`` refuses such input) becomes NaN: it joins the gap 
 than passing through unfiltered. NaN never spreads beyond its own gap.
 
 Sections run in pairs, one pass over the run per pair, so that the state of both
-sections stays in registers.
+sections stays in registers. Each pass runs four recurrences interleaved, so that the
+core overlaps them instead of waiting on one (about 3x faster per sample): four channels
+at once when a group of four channels is finite throughout (most multi-lead records),
+otherwise, for a run of at least ``_LANE_MIN`` x ``warmup`` samples, four overlapping
+stretches of the run. Every stretch but the first starts ``warmup`` samples early, from
+the steady state for its first sample; warmup is chosen so that this start-up error
+decays below 1e-12 of itself (slowest pole radius r: r ** warmup <= 1e-12; 3,112 samples
+for 0.5-40 Hz at 250 Hz), so long runs match ``sosfiltfilt`` as closely as short ones
+(float32 rounding: ~5e-8 of the output's range on MIT-BIH and PTB records).
 """
 from __future__ import annotations
 
@@ -21,7 +29,11 @@ import numpy as np
 import scipy.signal
 from numba import njit, prange
 
-from csfm_kernels.signal.resample import check_rate, check_signal, finite, output_array
+from csfm_kernels.signal.resample import FASTMATH, check_rate, check_signal, finite, output_array
+
+_SETTLE = 1e-12  # a lane's start-up error must decay below this fraction of itself
+_LANE_MIN = 2  # a pass runs in lanes from _LANE_MIN x warmup samples on
+_COPY_CHUNK = 256  # samples checked for finiteness at once when copying a run
 
 
 def bandpass(x: np.ndarray, fs: float, low_hz: float, high_hz: float, order: int = 2,
@@ -41,9 +53,9 @@ def bandpass(x: np.ndarray, fs: float, low_hz: float, high_hz: float, order: int
     low_hz, high_hz = _check_band(low_hz, high_hz, fs)
     if not isinstance(order, (int, np.integer)) or isinstance(order, bool) or order < 1:
         raise ValueError(f"order must be a positive integer, got {order!r}")
-    sos, zi, padlen = _butter_sections(fs, low_hz, high_hz, int(order))
+    sos, zi, padlen, warmup = _butter_sections(fs, low_hz, high_hz, int(order))
     out = output_array(out, x.shape)
-    _filtfilt_runs(x, sos, zi, padlen, out)
+    _filtfilt_runs(x, sos, zi, padlen, warmup, out)
     return out
 
 
@@ -59,70 +71,126 @@ def _check_band(low_hz: object, high_hz: object, fs: float) -> tuple[float, floa
 
 
 @lru_cache(maxsize=64)
-def _butter_sections(fs: float, low_hz: float, high_hz: float, order: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """(sos [S, 6], zi [S, 2], padlen) of the band-pass, as ``sosfiltfilt`` would use them.
+def _butter_sections(fs: float, low_hz: float, high_hz: float, order: int) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """(sos [S, 6], zi [S, 2], padlen, warmup) of the band-pass, as ``sosfiltfilt`` would use them.
 
     zi is the per-section state of the steady response to a unit step (``sosfilt_zi``);
-    padlen = 3 * (2 * S + 1 - trailing zero coefficients), scipy's default.
+    padlen = 3 * (2 * S + 1 - trailing zero coefficients), scipy's default. warmup: samples
+    after which a start-up error has decayed below _SETTLE of itself (its slowest pole,
+    of radius r, gives r ** warmup <= _SETTLE).
     """
     sos = scipy.signal.butter(order, (low_hz, high_hz), btype="band", fs=fs, output="sos")
     zi = scipy.signal.sosfilt_zi(sos)
     n_taps = 2 * len(sos) + 1 - min(int((sos[:, 2] == 0).sum()), int((sos[:, 5] == 0).sum()))
+    radius = max(np.abs(np.roots([1.0, a1, a2])).max() for a1, a2 in sos[:, 4:])
+    warmup = int(np.ceil(np.log(_SETTLE) / np.log(radius)))
     for arr in (sos, zi):
         arr.setflags(write=False)
-    return sos, zi, 3 * n_taps
+    return sos, zi, 3 * n_taps, warmup
 
 
 @njit(cache=True)
-def _section(sos, s):
-    """(b0, b1, b2, a1, a2) of section s, or an identity section when s is past the last."""
-    if s >= sos.shape[0]:
-        return 1.0, 0.0, 0.0, 0.0, 0.0
-    return sos[s, 0], sos[s, 1], sos[s, 2], sos[s, 4], sos[s, 5]
-
-
-@njit(cache=True)
-def _section_pair_pass(buf, sos, zi, s, x0, reverse):
-    """Runs sections s and s + 1 over buf in place (direct form II transposed), forwards
-    or backwards, each started from its steady state for a constant input x0."""
-    b0, b1, b2, a1, a2 = _section(sos, s)
-    c0, c1, c2, d1, d2 = _section(sos, s + 1)
-    z0, z1 = zi[s, 0] * x0, zi[s, 1] * x0
-    w0 = w1 = 0.0
+def _pair_coefficients(sos, s):
+    """(b0, b1, b2, a1, a2) of sections s and s + 1 as one 10-tuple; an identity section
+    stands in for s + 1 past the last."""
+    c0, c1, c2, d1, d2 = 1.0, 0.0, 0.0, 0.0, 0.0
     if s + 1 < sos.shape[0]:
-        w0, w1 = zi[s + 1, 0] * x0, zi[s + 1, 1] * x0
-    n = buf.shape[0]
-    for k in range(n):
-        i = n - 1 - k if reverse else k
-        v = buf[i]
-        y = b0 * v + z0
-        z0 = b1 * v - a1 * y + z1
-        z1 = b2 * v - a2 * y
-        out = c0 * y + w0
-        w0 = c1 * y - d1 * out + w1
-        w1 = c2 * y - d2 * out
-        buf[i] = out
+        c0, c1, c2, d1, d2 = sos[s + 1, 0], sos[s + 1, 1], sos[s + 1, 2], sos[s + 1, 4], sos[s + 1, 5]
+    return sos[s, 0], sos[s, 1], sos[s, 2], sos[s, 4], sos[s, 5], c0, c1, c2, d1, d2
 
 
 @njit(cache=True)
-def _cascade(buf, sos, zi, reverse):
-    """All sections over buf in place, started from the steady state for buf's first
-    sample in the direction of travel (sosfilt with zi * that sample)."""
-    x0 = buf[buf.shape[0] - 1] if reverse else buf[0]
-    for s in range(0, sos.shape[0], 2):
-        _section_pair_pass(buf, sos, zi, s, x0, reverse)
+def _pair_steady_state(zi, s, x0):
+    """State (z0, z1, w0, w1) of sections s, s + 1 in the steady response to a constant x0
+    at the cascade's input."""
+    w0 = w1 = 0.0
+    if s + 1 < zi.shape[0]:
+        w0, w1 = zi[s + 1, 0] * x0, zi[s + 1, 1] * x0
+    return zi[s, 0] * x0, zi[s, 1] * x0, w0, w1
+
+
+@njit(cache=True, fastmath=FASTMATH, inline="always")
+def _pair_step(v, coef, state):
+    """One sample v through two sections (direct form II transposed): (output, new state)."""
+    b0, b1, b2, a1, a2, c0, c1, c2, d1, d2 = coef
+    z0, z1, w0, w1 = state
+    y = b0 * v + z0
+    z0 = (b1 * v + z1) - a1 * y
+    z1 = b2 * v - a2 * y
+    out = c0 * y + w0
+    w0 = (c1 * y + w1) - d1 * out
+    w1 = c2 * y - d2 * out
+    return out, (z0, z1, w0, w1)
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _four_lanes(srcs, dsts, offsets, steps, coef, states):
+    """Four independent runs of two sections, interleaved so that the core overlaps their
+    recurrences: dsts[g][offsets[g] + k] = filtered srcs[g][offsets[g] + k] for k < steps,
+    lane g started from states[g]. srcs, dsts: 4-tuples of 1-D views. Returns the 4 final
+    states."""
+    a0, a1, a2, a3 = srcs
+    b0, b1, b2, b3 = dsts
+    o0, o1, o2, o3 = offsets
+    s0, s1, s2, s3 = states
+    for k in range(steps):
+        y0, s0 = _pair_step(a0[o0 + k], coef, s0)
+        y1, s1 = _pair_step(a1[o1 + k], coef, s1)
+        y2, s2 = _pair_step(a2[o2 + k], coef, s2)
+        y3, s3 = _pair_step(a3[o3 + k], coef, s3)
+        b0[o0 + k], b1[o1 + k], b2[o2 + k], b3[o3 + k] = y0, y1, y2, y3
+    return s0, s1, s2, s3
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _pair_pass(src, dst, sos, zi, s, x0, warmup):
+    """dst [G, n] = sections s, s + 1 run over each row of src [G, n] (views, either
+    direction), row g started from the steady state for a constant x0[g] at the cascade's
+    input. G = 4: the rows run as four interleaved lanes.
+
+    G = 1 and n >= _LANE_MIN * warmup: the row is cut into four overlapping lanes, lane g
+    filtering src[g m:g m + m + warmup], m = (n - warmup) // 4, the last lane on to the
+    end. Lanes after the first start from the steady state for their first sample and
+    only their outputs after the first warmup count: the earlier lane overwrites the
+    others later in the same loop. G = 1 and a shorter row: one plain recurrence.
+    """
+    n = src.shape[1]
+    coef = _pair_coefficients(sos, s)
+    if src.shape[0] == 4:
+        states = (_pair_steady_state(zi, s, x0[0]), _pair_steady_state(zi, s, x0[1]),
+                  _pair_steady_state(zi, s, x0[2]), _pair_steady_state(zi, s, x0[3]))
+        _four_lanes((src[0], src[1], src[2], src[3]), (dst[0], dst[1], dst[2], dst[3]), (0, 0, 0, 0), n, coef, states)
+        return
+    row, out = src[0], dst[0]
+    state = _pair_steady_state(zi, s, x0[0])
+    if n < _LANE_MIN * warmup:
+        for i in range(n):
+            out[i], state = _pair_step(row[i], coef, state)
+        return
+    m = (n - warmup) // 4
+    states = (state, _pair_steady_state(zi, s, row[m]), _pair_steady_state(zi, s, row[2 * m]),
+              _pair_steady_state(zi, s, row[3 * m]))
+    state = _four_lanes((row, row, row, row), (out, out, out, out), (0, m, 2 * m, 3 * m), m + warmup, coef, states)[3]
+    for i in range(4 * m + warmup, n):
+        out[i], state = _pair_step(row[i], coef, state)
 
 
 @njit(cache=True)
 def _copy_finite_run(row, start, dest):
     """Copies row[start:] into dest as float64 up to the first non-finite sample; returns
     that sample's index (len(row) if none)."""
-    i = start
-    while i < row.shape[0]:
-        v = np.float64(row[i])
-        if not finite(v):
+    i, n = start, row.shape[0]
+    while i + _COPY_CHUNK <= n:  # whole chunks while all finite: a vectorised check and copy
+        chunk = row[i:i + _COPY_CHUNK]
+        n_finite = 0
+        for v in chunk:
+            n_finite += finite(v)
+        if n_finite < _COPY_CHUNK:
             break
-        dest[i - start] = v
+        dest[i - start:i - start + _COPY_CHUNK] = chunk
+        i += _COPY_CHUNK
+    while i < n and finite(row[i]):
+        dest[i - start] = row[i]
         i += 1
     return i
 
@@ -139,11 +207,22 @@ def _odd_pad(buf, padlen):
 
 
 @njit(cache=True)
-def _filtfilt_padded(buf, sos, zi, padlen):
-    """sosfiltfilt in place on buf [n + 2 * padlen] whose middle n samples are a finite run."""
-    _odd_pad(buf, padlen)
-    _cascade(buf, sos, zi, False)
-    _cascade(buf, sos, zi, True)
+def _filtfilt_padded(buf, tmp, sos, zi, padlen, warmup):
+    """sosfiltfilt of each row of buf [G, n + 2 * padlen] (G = 1 or 4) whose middle n
+    samples are a finite run; tmp: scratch of the same shape. Returns the filtered rows:
+    buf or tmp."""
+    for g in range(buf.shape[0]):
+        _odd_pad(buf[g], padlen)
+    src, dst = buf, tmp
+    x0 = src[:, 0].copy()
+    for s in range(0, sos.shape[0], 2):
+        _pair_pass(src, dst, sos, zi, s, x0, warmup)
+        src, dst = dst, src
+    x0 = src[:, src.shape[1] - 1].copy()
+    for s in range(0, sos.shape[0], 2):
+        _pair_pass(src[:, ::-1], dst[:, ::-1], sos, zi, s, x0, warmup)
+        src, dst = dst, src
+    return src
 
 
 @njit(cache=True)
@@ -155,23 +234,42 @@ def _skip_gap(row, start):
     return i
 
 
+@njit(cache=True)
+def _filtfilt_row(row, out_row, padlen, sos, zi, warmup, ext, tmp):
+    """out_row [T] (may be row) = row [T] with each finite run longer than padlen filtered,
+    the rest NaN; ext, tmp: scratch [1, T + 2 padlen]. A run is read whole before its
+    output is written."""
+    n_samples = row.shape[0]
+    start = _skip_gap(row, 0)
+    out_row[:start] = np.nan
+    while start < n_samples:
+        stop = _copy_finite_run(row, start, ext[0, padlen:])
+        n = stop - start
+        if n > padlen:
+            filtered = _filtfilt_padded(ext[:, :n + 2 * padlen], tmp[:, :n + 2 * padlen], sos, zi, padlen, warmup)
+            out_row[start:stop] = filtered[0, padlen:padlen + n]
+        else:
+            out_row[start:stop] = np.nan
+        start = _skip_gap(row, stop)
+        out_row[stop:start] = np.nan
+
+
 @njit(cache=True, parallel=True)
-def _filtfilt_runs(x, sos, zi, padlen, out):
+def _filtfilt_runs(x, sos, zi, padlen, warmup, out):
     """out [C, T] (may be x) = x [C, T] with each finite run longer than padlen filtered,
-    the rest NaN. A run is read whole before its output is written."""
+    the rest NaN. Channels go in groups of four: a group whose channels are all finite
+    throughout runs as four interleaved lanes, any other channel on its own."""
     n_channels, n_samples = x.shape
-    for c in prange(n_channels):
-        row, out_row = x[c], out[c]
-        ext = np.empty(n_samples + 2 * padlen)
-        start = _skip_gap(row, 0)
-        out_row[:start] = np.nan
-        while start < n_samples:
-            stop = _copy_finite_run(row, start, ext[padlen:])
-            n = stop - start
-            if n > padlen:
-                _filtfilt_padded(ext[:n + 2 * padlen], sos, zi, padlen)
-                out_row[start:stop] = ext[padlen:padlen + n]
-            else:
-                out_row[start:stop] = np.nan
-            start = _skip_gap(row, stop)
-            out_row[stop:start] = np.nan
+    for group in prange((n_channels + 3) // 4):
+        first, last = 4 * group, min(n_channels, 4 * group + 4)
+        ext, tmp = np.empty((last - first, n_samples + 2 * padlen)), np.empty((last - first, n_samples + 2 * padlen))
+        whole = last - first == 4 and n_samples > padlen
+        for c in range(first, last):
+            whole = whole and _copy_finite_run(x[c], 0, ext[c - first, padlen:]) == n_samples
+        if whole:
+            filtered = _filtfilt_padded(ext, tmp, sos, zi, padlen, warmup)
+            for c in range(first, last):
+                out[c] = filtered[c - first, padlen:padlen + n_samples]
+        else:
+            for c in range(first, last):
+                _filtfilt_row(x[c], out[c], padlen, sos, zi, warmup, ext[c - first:c - first + 1], tmp[c - first:c - first + 1])

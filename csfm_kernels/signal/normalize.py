@@ -7,22 +7,31 @@ from numba import njit, prange
 from csfm_kernels.signal.resample import FASTMATH, check_signal, finite, output_array
 
 
-def zscore(x: np.ndarray, std_floor: float, out: np.ndarray | None = None) -> np.ndarray:
+def zscore(x: np.ndarray, std_floor: float, out: np.ndarray | None = None,
+           valid: np.ndarray | None = None) -> np.ndarray:
     """(x - mean) / max(std, std_floor) per channel, mean and std over the finite samples.
 
     x: [C, T] real array, NaN where missing. std_floor > 0, in x's units: a channel whose
     standard deviation (population, ddof = 0) is below it is divided by std_floor instead,
     so a flat line becomes all zeros. out: optional [C, T] float32 C-contiguous array to
-    write into; it may be x itself.
-    Returns [C, T] float32 (out when given); non-finite samples (NaN, inf) are NaN, and a
-    channel with no finite sample is all NaN. T = 0 gives [C, 0].
+    write into; it may be x itself. valid: optional [C, T] bool C-contiguous array; when
+    given it receives np.isfinite(x) and non-finite samples are written as 0, not NaN.
+    Returns [C, T] float32 (out when given); non-finite samples (NaN, inf) are NaN (0 with
+    valid), and a channel with no finite sample is all NaN (all 0). T = 0 gives [C, 0].
     """
     x = check_signal(x)
     floor = float(std_floor) if isinstance(std_floor, (int, float, np.number)) else np.nan
     if not (np.isfinite(floor) and floor > 0):
         raise ValueError(f"std_floor must be a positive finite number, got {std_floor!r}")
     out = output_array(out, x.shape)
-    _zscore(x, floor, out)
+    if valid is None:
+        _zscore(x, floor, np.nan, out, np.empty((x.shape[0], 0), np.bool_))
+        return out
+    if not (isinstance(valid, np.ndarray) and valid.dtype == np.bool_ and valid.shape == x.shape
+            and valid.flags.c_contiguous and valid.flags.writeable):
+        raise ValueError(f"valid must be a writeable C-contiguous bool array of shape {x.shape}, got "
+                         f"{getattr(valid, 'dtype', type(valid).__name__)} {getattr(valid, 'shape', '')}")
+    _zscore(x, floor, 0.0, out, valid)
     return out
 
 
@@ -46,12 +55,21 @@ def _finite_mean_std(row):
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH)
-def _zscore(x, std_floor, out):
-    """out [C, T] (may be x) = z-scores of x [C, T]; non-finite samples become NaN."""
+def _zscore(x, std_floor, missing, out, valid):
+    """out [C, T] (may be x) = z-scores of x [C, T]; non-finite samples become missing.
+    valid: [C, T] bool receiving the finite mask, or [C, 0] for none."""
     for c in prange(x.shape[0]):
         row, out_row = x[c], out[c]
         mean, std = _finite_mean_std(row)
         scale = 1.0 / max(std, std_floor)
-        for t in range(row.shape[0]):
-            v = np.float64(row[t])
-            out_row[t] = (v - mean) * scale if finite(v) else np.nan
+        if valid.shape[1] == 0:
+            for t in range(row.shape[0]):
+                v = np.float64(row[t])
+                out_row[t] = (v - mean) * scale if finite(v) else missing
+        else:
+            valid_row = valid[c]
+            for t in range(row.shape[0]):
+                v = np.float64(row[t])
+                ok = finite(v)
+                out_row[t] = (v - mean) * scale if ok else missing
+                valid_row[t] = ok

@@ -2,28 +2,40 @@
 
 Output sample n sits at time n / fs_out, i.e. at input position u = n * fs_in / fs_out
 (in input samples), and is the dot product of the 2 * half input samples nearest to u
-(its *support*) with the interpolation kernel centred on u. The kernel is a sinc with
-its cut-off at ``_ROLLOFF`` x the lower of the two Nyquist frequencies (so it also
-anti-aliases when downsampling), under a Kaiser window spanning ``_HALF_WIDTH`` samples
-of the lower rate on each side. Each output's taps are normalised to sum to one, so DC
-passes exactly.
+(its *support*) with the interpolation kernel centred on u. The kernel is a sinc cut off
+at the lower of the two Nyquist frequencies (so it also anti-aliases when downsampling)
+under a Kaiser window. The window is designed (Kaiser's formulas, ``_ATTENUATION_DB`` of
+ripple and stop-band attenuation) for a pass band up to ``band`` and a stop band from
+``1 - band`` (units of the lower rate): aliases and images of frequencies up to band then
+land above band. By default band = 0.4 (0.8 x the lower Nyquist), a kernel half-width of
+12.5 samples of the lower rate; a caller that low-passes afterwards may ask for a
+narrower band (``band_hz``, clipped to >= 0.2), hence a wider transition band and a
+shorter kernel (e.g. band 0.24: half-width 4.8). Each output's taps are normalised to sum
+to one, so DC passes exactly.
 
 Two paths share one kernel function. When fs_out / fs_in = up / down with up <=
 ``_MAX_PHASES``, the taps of the ``up`` possible phases are precomputed once (polyphase
-bank). Otherwise (e.g. 62.4725 Hz -> 250 Hz) each output's taps are interpolated from a
-finely sampled table of the kernel.
+bank) and outputs of one phase are computed together: their supports lie ``down`` input
+samples apart, so the input is deinterleaved into ``down`` streams in which each tap
+meets contiguous samples (one vectorised multiply-add per tap and 16 outputs). This path
+works in float32 relative to a reference sample (the first finite input of each block of
+outputs, added back in float64), so large offsets lose no precision. Otherwise (e.g.
+62.4725 Hz -> 250 Hz) each output's taps are interpolated from a finely sampled table of
+the kernel and applied in float64.
 
 Samples past either end are mirrored (even reflection about the end sample). An output
 whose support holds a NaN is NaN (NaN propagates through the dot product), so gaps stay
 gaps, widened by at most ``half`` input samples on each side; all other outputs are
 computed normally.
 
-Accuracy (frequencies in units of the lower Nyquist frequency): the kernel's response
-ripples by <= 1.4e-4 up to 0.8, is -6 dB at 0.95 and attenuates >= 77 dB from 1.1 on, so
-aliases and images stay out of the band below 0.9. A sinusoid below 0.8 comes back at its
-frequency and phase with its amplitude to within 4e-4 relative (worst of 1,500 random
-cases, rates 40-1200 Hz, both paths: 3.0e-4); real ECG records match scipy's FFT
-resampling to within 5e-4 of the signal's range below 0.8, away from the record's ends.
+Accuracy (frequencies in units of the lower Nyquist frequency), default band: the
+kernel's response ripples by <= 1.2e-4 up to 0.8, is -6 dB at 1.0 and attenuates >= 79 dB
+from 1.2 on. A sinusoid below 0.8 comes back at its frequency and phase with its
+amplitude to within 2.5e-4 relative (worst of 750 random cases, rates 40-1200 Hz, both
+paths); with a narrower band_hz, sinusoids below it to within 5.1e-4 (750 cases). Real
+ECG records (PTB 1000 Hz, MIT-BIH 360 Hz, MIMIC II 125 Hz) match scipy's FFT resampling to
+within 3.1e-4 of the signal's range below 0.8, away from the record's ends (resample_poly:
+5.1e-4, its own filter ripples).
 
 Also what the signal kernels share: argument checks (``check_signal``, ``check_rate``,
 ``output_array``), the numba scalar test ``finite`` and the ``FASTMATH`` flags.
@@ -36,12 +48,13 @@ from functools import lru_cache
 import numpy as np
 from numba import njit, prange
 
-_ROLLOFF = 0.95  # cut-off, as a fraction of the lower Nyquist frequency
-_HALF_WIDTH = 16.0  # kernel half-width, in samples of the lower rate
-_KAISER_BETA = 7.5
+_MAX_BAND = 0.4  # default and widest pass band, in units of the lower rate (0.8 x its Nyquist)
+_MIN_BAND = 0.2  # narrowest pass band designed for (a narrower band_hz gets this kernel)
+_ATTENUATION_DB = 80.0  # kernel design: pass-band ripple and stop-band attenuation
 _MAX_PHASES = 512  # largest `up` given a precomputed polyphase bank
 _TABLE_STEPS = 2048  # kernel table entries per sample of the lower rate
-_CHUNK = 4096  # output samples per parallel task
+_PHASE_BLOCK = 1024  # outputs of one phase computed together (one parallel task: up x that)
+_CHUNK = 4096  # output samples per parallel task of the interpolated path
 FASTMATH = {"reassoc", "contract", "nsz"}  # vectorised sums; NaN and inf still propagate
 
 
@@ -85,30 +98,59 @@ def finite(v):
     return abs(v) < np.inf
 
 
-def resample(x: np.ndarray, fs_in: float, fs_out: float = 250.0) -> np.ndarray:
+def resample(x: np.ndarray, fs_in: float, fs_out: float = 250.0, band_hz: float | None = None) -> np.ndarray:
     """Resamples every channel of x from fs_in to fs_out (Hz), any ratio.
 
-    x: [C, T] real array, samples at fs_in Hz, NaN where missing.
+    x: [C, T] real array, samples at fs_in Hz, NaN where missing. band_hz: the highest
+    frequency (Hz) that must come back accurately; default and upper limit 0.8 x the lower
+    Nyquist frequency (below 0.4 x the lower Nyquist it is taken as that). A lower band_hz
+    (e.g. when a low-pass follows) widens the kernel's transition band and so shortens it:
+    frequencies up to band_hz keep the accuracy below and aliases and images still land
+    above band_hz, but frequencies between band_hz and the lower Nyquist are attenuated
+    and aliased partly into the band between band_hz and the lower Nyquist.
     Returns [C, T_out] float32 at fs_out Hz with T_out = round(T * fs_out / fs_in); T = 0 gives
     [C, 0]; fs_out == fs_in returns a float32 copy. An output is NaN exactly where its
-    support (the 2 * half input samples nearest its time, half = ceil(16 * max(1, fs_in /
-    fs_out))) holds a NaN. Accuracy: see the module docstring (error <= 4e-4 of a
-    sinusoid's amplitude below 0.8 x the lower Nyquist frequency).
+    support (the 2 * half input samples nearest its time, see ``support_half``) holds a NaN.
+    Accuracy: see the module docstring.
     """
     x = check_signal(x)
     fs_in, fs_out = check_rate(fs_in, "fs_in"), check_rate(fs_out, "fs_out")
+    band_hz = None if band_hz is None else check_rate(band_hz, "band_hz")
     n_out = round(x.shape[1] * fs_out / fs_in)
-    scale = min(1.0, fs_out / fs_in)  # input samples -> samples of the lower rate
-    half = int(np.ceil(_HALF_WIDTH / scale))
     if x.shape[1] == 0 or n_out == 0:
         return np.zeros((x.shape[0], n_out), np.float32)
-    ratio = _rational_ratio(fs_in, fs_out)
+    ratio, width, beta, half = _plan(fs_in, fs_out, band_hz)
     if ratio == (1, 1):
         return x.astype(np.float32)
     if ratio is not None:
         up, down = ratio
-        return _resample_polyphase(x, _polyphase_bank(up, down, half), up, down, half, n_out)
-    return _resample_interpolated(x, _kernel_table(), scale, fs_in / fs_out, half, n_out)
+        return _resample_polyphase(x, _polyphase_bank(up, down, half, width, beta), up, down, half, n_out)
+    scale = min(1.0, fs_out / fs_in)  # input samples -> samples of the lower rate
+    return _resample_interpolated(x, _kernel_table(width, beta), scale, fs_in / fs_out, half, n_out)
+
+
+def support_half(fs_in: float, fs_out: float, band_hz: float | None = None) -> int:
+    """Half the support of ``resample(x, fs_in, fs_out, band_hz)``, in input samples:
+    ceil(kernel half-width x max(1, fs_in / fs_out)); 0 when fs_in == fs_out."""
+    return _plan(float(fs_in), float(fs_out), None if band_hz is None else float(band_hz))[3]
+
+
+@lru_cache(maxsize=256)
+def _plan(fs_in: float, fs_out: float, band_hz: float | None) -> tuple[tuple[int, int] | None, float, float, int]:
+    """(rational ratio or None, kernel half-width in samples of the lower rate, Kaiser beta,
+    support half in input samples) of resampling fs_in -> fs_out keeping band_hz."""
+    ratio = _rational_ratio(fs_in, fs_out)
+    width, beta = _kaiser_design(_design_band(fs_in, fs_out, band_hz))
+    half = 0 if ratio == (1, 1) else int(np.ceil(width * max(1.0, fs_in / fs_out)))
+    return ratio, width, beta, half
+
+
+def _design_band(fs_in: float, fs_out: float, band_hz: float | None) -> float:
+    """The kernel's pass band, in units of the lower rate: band_hz clipped to [_MIN_BAND,
+    _MAX_BAND] (_MAX_BAND when None)."""
+    if band_hz is None:
+        return _MAX_BAND
+    return min(_MAX_BAND, max(_MIN_BAND, band_hz / min(fs_in, fs_out)))
 
 
 def _rational_ratio(fs_in: float, fs_out: float) -> tuple[int, int] | None:
@@ -119,30 +161,40 @@ def _rational_ratio(fs_in: float, fs_out: float) -> tuple[int, int] | None:
     return ratio.numerator, ratio.denominator
 
 
-def _kernel(tau: np.ndarray) -> np.ndarray:
-    """Kaiser-windowed sinc at tau (samples of the lower rate), zero for |tau| >= _HALF_WIDTH."""
-    inside = np.clip(1.0 - (tau / _HALF_WIDTH) ** 2, 0.0, None)
-    window = np.i0(_KAISER_BETA * np.sqrt(inside)) / np.i0(_KAISER_BETA)
-    return np.where(inside > 0, _ROLLOFF * np.sinc(_ROLLOFF * tau) * window, 0.0)
+def _kaiser_design(band: float) -> tuple[float, float]:
+    """(half-width in samples of the lower rate, Kaiser beta) of the kernel whose pass band
+    ends at ``band`` and stop band starts at 1 - band (units of the lower rate), with
+    _ATTENUATION_DB of ripple and stop-band attenuation (Kaiser's formulas)."""
+    transition = 2 * np.pi * (1.0 - 2.0 * band)  # rad per sample of the lower rate
+    length = (_ATTENUATION_DB - 7.95) / (2.285 * transition)
+    return length / 2, 0.1102 * (_ATTENUATION_DB - 8.7)
+
+
+def _kernel(tau: np.ndarray, width: float, beta: float) -> np.ndarray:
+    """Kaiser-windowed sinc cut off at the lower Nyquist, at tau (samples of the lower rate),
+    zero for |tau| >= width."""
+    inside = np.clip(1.0 - (tau / width) ** 2, 0.0, None)
+    window = np.i0(beta * np.sqrt(inside)) / np.i0(beta)
+    return np.where(inside > 0, np.sinc(tau) * window, 0.0)
 
 
 @lru_cache(maxsize=32)
-def _polyphase_bank(up: int, down: int, half: int) -> np.ndarray:
-    """[up, 2 * half] float64 taps: row p serves outputs at fractional input offset p / up.
+def _polyphase_bank(up: int, down: int, half: int, width: float, beta: float) -> np.ndarray:
+    """[up, 2 * half] float32 taps: row p serves outputs at fractional input offset p / up.
 
     Tap j multiplies input sample floor(u) - half + 1 + j, at distance p / up + half - 1 - j.
     """
     offsets = np.arange(up)[:, None] / up + (half - 1 - np.arange(2 * half))[None, :]
-    taps = _kernel(offsets * min(1.0, up / down))
-    taps /= taps.sum(axis=1, keepdims=True)
+    taps = _kernel(offsets * min(1.0, up / down), width, beta)
+    taps = (taps / taps.sum(axis=1, keepdims=True)).astype(np.float32)
     taps.setflags(write=False)
     return taps
 
 
-@lru_cache(maxsize=1)
-def _kernel_table() -> np.ndarray:
-    """_kernel sampled every 1 / _TABLE_STEPS samples of the lower rate on [0, _HALF_WIDTH + 1]."""
-    table = _kernel(np.arange(int((_HALF_WIDTH + 1) * _TABLE_STEPS) + 1) / _TABLE_STEPS)
+@lru_cache(maxsize=8)
+def _kernel_table(width: float, beta: float) -> np.ndarray:
+    """_kernel sampled every 1 / _TABLE_STEPS samples of the lower rate on [0, width + 1]."""
+    table = _kernel(np.arange(int((width + 1) * _TABLE_STEPS) + 1) / _TABLE_STEPS, width, beta)
     table.setflags(write=False)
     return table
 
@@ -154,23 +206,6 @@ def _dot(taps, window):
     for j in range(taps.shape[0]):
         acc += taps[j] * window[j]
     return acc
-
-
-@njit(cache=True, fastmath=FASTMATH)
-def _dot4(taps, span, start, stride):
-    """_dot of taps with the 4 windows of span starting at start + m * stride, m = 0..3,
-    sharing each tap load across the 4 sums."""
-    n = taps.shape[0]
-    w0, w1 = span[start:start + n], span[start + stride:start + stride + n]
-    w2, w3 = span[start + 2 * stride:start + 2 * stride + n], span[start + 3 * stride:start + 3 * stride + n]
-    a0 = a1 = a2 = a3 = 0.0
-    for j in range(n):
-        tap = taps[j]
-        a0 += tap * w0[j]
-        a1 += tap * w1[j]
-        a2 += tap * w2[j]
-        a3 += tap * w3[j]
-    return a0, a1, a2, a3
 
 
 @njit(cache=True)
@@ -198,42 +233,98 @@ def _copy_span(row, start, span):
         span[j] = row[_reflect(start + j, row.shape[0])]
 
 
+@njit(cache=True)
+def _first_finite(row, start, stop):
+    """First finite value of row[max(start, 0):stop] as float64; 0 if there is none."""
+    for i in range(max(start, 0), min(stop, row.shape[0])):
+        v = np.float64(row[i])
+        if finite(v):
+            return v
+    return 0.0
+
+
+@njit(cache=True)
+def _copy_streams(row, start, length, down, reference, streams):
+    """Deinterleaves span = row[start:start + length] (indices outside row mirrored), minus
+    reference, into float32 streams [down, ceil(length / down)]: streams[r, m] = span[r + m
+    * down] - reference."""
+    n = row.shape[0]
+    for r in range(down):
+        dest, first = streams[r], start + r  # dest[m] = row[first + m * down]
+        count = (length - r + down - 1) // down
+        inside_from = min(count, max(0, (down - 1 - first) // down))  # first m with first + m * down >= 0
+        inside_to = max(inside_from, min(count, (n - first + down - 1) // down))  # first m past row's end
+        for m in range(inside_from, inside_to):
+            dest[m] = np.float64(row[first + m * down]) - reference
+        for m in range(inside_from):
+            dest[m] = np.float64(row[_reflect(first + m * down, n)]) - reference
+        for m in range(inside_to, count):
+            dest[m] = np.float64(row[_reflect(first + m * down, n)]) - reference
+
+
+@njit(cache=True, inline="always")
+def _stream_window(streams, i, down, n):
+    """span[i + k * down] for k < n, as a contiguous view of span's deinterleaved streams."""
+    return streams[i % down, i // down:i // down + n]
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _phase_outputs(taps, streams, first_input, down, acc):
+    """acc[k] = sum_j taps[j] * span[first_input + k * down + j] for k < len(acc), with span
+    deinterleaved into streams [down, M]: each pass over acc (vectorised) adds 4 taps."""
+    n, n_taps = acc.shape[0], taps.shape[0]
+    acc[:] = 0.0
+    for j in range(0, n_taps - 3, 4):
+        t0, t1, t2, t3 = taps[j], taps[j + 1], taps[j + 2], taps[j + 3]
+        w0 = _stream_window(streams, first_input + j, down, n)
+        w1 = _stream_window(streams, first_input + j + 1, down, n)
+        w2 = _stream_window(streams, first_input + j + 2, down, n)
+        w3 = _stream_window(streams, first_input + j + 3, down, n)
+        for k in range(n):
+            acc[k] += (t0 * w0[k] + t1 * w1[k]) + (t2 * w2[k] + t3 * w3[k])
+    for j in range(n_taps - n_taps % 4, n_taps):
+        tap, w = taps[j], _stream_window(streams, first_input + j, down, n)
+        for k in range(n):
+            acc[k] += tap * w[k]
+
+
 @njit(cache=True, parallel=True)
 def _resample_polyphase(x, bank, up, down, half, n_out):
     """x [C, T] -> [C, n_out] float32 with output n at input position n * down / up.
 
-    Outputs n, n + up, n + 2 up, n + 3 up share their phase, hence their taps, and are
-    computed together (their supports start down input samples apart).
+    A task computes up x _PHASE_BLOCK consecutive outputs of one channel; outputs p, p + up,
+    p + 2 up, ... share phase p (hence taps) and read supports down input samples apart, so
+    the task's input span is deinterleaved into down streams in which those supports are
+    contiguous.
     """
     n_channels = x.shape[0]
-    n_chunks = (n_out + _CHUNK - 1) // _CHUNK
+    block = up * _PHASE_BLOCK
+    n_blocks = (n_out + block - 1) // block
     out = np.empty((n_channels, n_out), np.float32)
-    for task in prange(n_channels * n_chunks):
-        c = task // n_chunks
-        first = (task % n_chunks) * _CHUNK
-        last = min(n_out, first + _CHUNK)
-        span_start = first * down // up - half + 1  # support start of the chunk's first output
-        span = np.empty((last - 1) * down // up + half + 1 - span_start)
-        _copy_span(x[c], span_start, span)
-        for n0 in range(first, min(last, first + up)):
-            base, phase = divmod(n0 * down, up)  # floor(u) and up * frac(u)
-            offset = base - half + 1 - span_start
-            taps = bank[phase]
-            for n in range(n0, last, 4 * up):
-                if n + 3 * up < last:
-                    y0, y1, y2, y3 = _dot4(taps, span, offset, down)
-                    out[c, n], out[c, n + up], out[c, n + 2 * up], out[c, n + 3 * up] = y0, y1, y2, y3
-                else:
-                    for m in range((last - 1 - n) // up + 1):
-                        out[c, n + m * up] = _dot(taps, span[offset + m * down:offset + m * down + 2 * half])
-                offset += 4 * down
+    for task in prange(n_channels * n_blocks):
+        c = task // n_blocks
+        first = (task % n_blocks) * block
+        last = min(n_out, first + block)
+        span_start = first // up * down - half + 1  # support start of the block's first output
+        length = (last - 1) * down // up + half + 1 - span_start
+        reference = _first_finite(x[c], span_start, span_start + length)
+        streams = np.empty((down, (length + down - 1) // down), np.float32)
+        _copy_streams(x[c], span_start, length, down, reference, streams)
+        acc = np.empty(_PHASE_BLOCK, np.float32)
+        for p in range(min(up, last - first)):
+            base, phase = divmod(p * down, up)  # floor(u) - floor(u of first) and up * frac(u)
+            n_phase = (last - first - p + up - 1) // up
+            _phase_outputs(bank[phase], streams, base, down, acc[:n_phase])
+            for k in range(n_phase):
+                out[c, first + p + k * up] = acc[k] + reference
     return out
 
 
 @njit(cache=True)
 def _interpolated_taps(table, scale, frac, taps):
-    """Fills taps [2 * half] for fractional offset frac by linear interpolation of table,
-    normalised to sum to one. scale: input samples -> samples of the lower rate."""
+    """Fills taps [2 * half] for fractional offset frac by linear interpolation of table
+    (zero past its end), normalised to sum to one. scale: input samples -> samples of the
+    lower rate."""
     half = taps.shape[0] // 2
     total = 0.0
     for j in range(taps.shape[0]):
