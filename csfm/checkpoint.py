@@ -51,6 +51,13 @@ def save_checkpoint(directory: Path, model: nn.Module, config: ModelConfig,
         atomic_write(directory / STATE, lambda tmp: torch.save(train_state, tmp))
 
 
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The checkpoint directory ``run_dir/checkpoints/latest`` points to (a run of
+    ``csfm.train``), or None when there is no such pointer."""
+    pointer = Path(run_dir) / "checkpoints" / "latest"
+    return pointer.parent / pointer.read_text().strip() if pointer.is_file() else None
+
+
 def read_config(directory: Path) -> dict[str, Any]:
     path = Path(directory) / CONFIG
     if not path.is_file():

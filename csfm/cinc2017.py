@@ -127,8 +127,8 @@ def _fold_assignment(y: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
     return fold
 
 
-def _folds(y: np.ndarray, n_folds: int, seed: int, split_path: str | Path | None,
-           record_ids: Sequence[str] | None) -> np.ndarray:
+def record_folds(y: np.ndarray, n_folds: int, seed: int, split_path: str | Path | None,
+                 record_ids: Sequence[str] | None) -> np.ndarray:
     """Fold of each record; read from ``split_path`` when it exists (checked to match the
     records, labels, n_folds and seed), else made and, with a path, saved there as JSON."""
     ids = None if record_ids is None else [str(r) for r in record_ids]
@@ -181,70 +181,103 @@ def _interval(ci: Any) -> dict[str, float]:
     return {"value": float(ci.point), "low": float(ci.low), "high": float(ci.high)}
 
 
-def cross_validate_baseline(X: Any, y: Any, model: str = "logistic", n_folds: int = 5, seed: int = 0,
-                            split_path: str | Path | None = None, record_ids: Sequence[str] | None = None,
-                            n_boot: int = 1000) -> dict[str, Any]:
-    """Out-of-fold evaluation of a baseline classifier on per-record features.
-
-    X: [N, F] float features (NaN allowed: imputed with the training fold's median);
-    y: [N] labels ('N', 'A', 'O', '~') or codes 0..3; model: "logistic" or "gbm".
-    Folds: seeded StratifiedKFold over records, saved to / reused from ``split_path`` (JSON)
-    when given; ``record_ids`` [N] are stored with it and checked on reuse.
-    Returns a JSON-able dict: "cinc_score" and "auroc_af" (AF vs rest, from P(A)) as
-    {"value", "low", "high"} with 95 % bootstrap intervals over records, "per_class_f1",
-    "confusion" (rows true, columns predicted, LABELS order), "fold_sizes", settings.
-    """
+def _features(X: Any, n: int) -> np.ndarray:
+    """X as float64 [n, F]; ValueError otherwise."""
     X = np.asarray(X, np.float64)
-    codes = _codes("y", y)
-    if X.ndim != 2 or len(X) != len(codes):
-        raise ValueError(f"X must be [N, F] with N = len(y) = {len(codes)}, got shape {X.shape}")
-    if record_ids is not None and len(record_ids) != len(codes):
-        raise ValueError(f"record_ids has {len(record_ids)} entries, y has {len(codes)}")
+    if X.ndim != 2 or len(X) != n:
+        raise ValueError(f"X must be [N, F] with N = len(y) = {n}, got shape {X.shape}")
+    return X
+
+
+def feature_probabilities(X: np.ndarray, codes: np.ndarray, fold: np.ndarray, model: str = "logistic",
+                          seed: int = 0) -> np.ndarray:
+    """Out-of-fold class probabilities [N, 4] (LABELS order) of a classifier on features.
+
+    X: [N, F] float (NaN imputed with the training fold's median); codes: [N] in 0..3;
+    fold: [N] test fold of each record; model: "logistic" or "gbm" (:func:`make_model`).
+    A class absent from a training fold gets probability 0 in that fold.
+    """
+    X = _features(X, len(codes))
     if model not in MODELS:
         raise ValueError(f"model must be one of {MODELS}, got {model!r}")
-    fold = _folds(codes, n_folds, seed, split_path, record_ids)
-    started = time.perf_counter()
-    pred = np.empty(len(codes), np.int64)
     prob = np.zeros((len(codes), len(LABELS)))
     # One OpenMP thread: on a few thousand rows gradient boosting gains nothing from more,
     # and on a shared, busy machine OpenMP's waiting threads slow it down many times over.
     with threadpool_limits(limits=1, user_api="openmp"):
-        for k in range(n_folds):
+        for k in np.unique(fold):
             train, test = fold != k, fold == k
             fitted = make_model(model, seed).fit(X[train], codes[train])
-            classes = np.asarray(fitted.classes_, np.int64)
-            prob[np.ix_(test, classes)] = fitted.predict_proba(X[test])
-            pred[test] = classes[prob[test][:, classes].argmax(axis=1)]
-    fit_seconds = time.perf_counter() - started
+            prob[np.ix_(test, np.asarray(fitted.classes_, np.int64))] = fitted.predict_proba(X[test])
+    return prob
+
+
+def score_predictions(y: Any, prob: np.ndarray, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """Scores out-of-fold class probabilities prob [N, 4] (LABELS order) against y [N].
+
+    The predicted class is the most probable one. Returns a JSON-able dict: "cinc_score" and
+    "auroc_af" (AF vs rest, from P(A)) as {"value", "low", "high"} with 95 % bootstrap
+    intervals over records, "per_class_f1", "confusion" (rows true, columns predicted,
+    LABELS order), "class_counts".
+    """
+    codes, prob = _codes("y", y), np.asarray(prob, np.float64)
+    if prob.shape != (len(codes), len(LABELS)):
+        raise ValueError(f"prob must be [N, {len(LABELS)}] with N = {len(codes)}, got {prob.shape}")
+    pred = prob.argmax(axis=1)
     is_af = (codes == LABELS.index("A")).astype(np.int64)
     try:
         af = _interval(bootstrap_ci(auroc, is_af, prob[:, LABELS.index("A")], n_boot=n_boot, seed=seed))
     except UndefinedMetricError:
         af = {"value": float("nan"), "low": float("nan"), "high": float("nan")}
     return {
-        "model": model, "n_records": int(len(codes)), "n_features": int(X.shape[1]),
-        "n_folds": n_folds, "seed": seed, "labels": list(LABELS),
+        "n_records": int(len(codes)), "labels": list(LABELS),
         "class_counts": dict(zip(LABELS, np.bincount(codes, minlength=len(LABELS)).tolist())),
         "cinc_score": _interval(bootstrap_ci(cinc_score, codes, pred, n_boot=n_boot, seed=seed)),
         "per_class_f1": per_class_f1(codes, pred),
         "auroc_af": af,
         "confusion": confusion(codes, pred).tolist(),
-        "fold_sizes": np.bincount(fold, minlength=n_folds).tolist(),
-        "fit_seconds": round(fit_seconds, 2),
     }
 
 
+def cross_validate_features(X: Any, y: Any, model: str = "logistic", n_folds: int = 5, seed: int = 0,
+                            split_path: str | Path | None = None, record_ids: Sequence[str] | None = None,
+                            n_boot: int = 1000) -> dict[str, Any]:
+    """Out-of-fold evaluation of a classifier on per-record features (hand-crafted or embeddings).
+
+    X: [N, F] float features; y: [N] labels ('N', 'A', 'O', '~') or codes 0..3; model:
+    "logistic" or "gbm". Folds: seeded StratifiedKFold over records, saved to / reused from
+    ``split_path`` (JSON) when given; ``record_ids`` [N] are stored with it and checked on reuse.
+    Returns :func:`score_predictions`' dict plus the settings, "fold_sizes" and "fit_seconds".
+    """
+    codes = _codes("y", y)
+    X = _features(X, len(codes))
+    if record_ids is not None and len(record_ids) != len(codes):
+        raise ValueError(f"record_ids has {len(record_ids)} entries, y has {len(codes)}")
+    if model not in MODELS:
+        raise ValueError(f"model must be one of {MODELS}, got {model!r}")
+    fold = record_folds(codes, n_folds, seed, split_path, record_ids)
+    started = time.perf_counter()
+    prob = feature_probabilities(X, codes, fold, model, seed)
+    return {"model": model, "n_features": int(X.shape[1]), "n_folds": n_folds, "seed": seed,
+            **score_predictions(codes, prob, n_boot, seed),
+            "fold_sizes": np.bincount(fold, minlength=n_folds).tolist(),
+            "fit_seconds": round(time.perf_counter() - started, 2)}
+
+
 def results_table(results: dict[str, Any]) -> str:
-    """Markdown table of :func:`cross_validate_baseline` results: one result, or a dict of
-    them keyed by name (one row each), with 95 % CIs, per-class F1 and AF AUROC."""
+    """Markdown table of :func:`score_predictions` results: one result (named by its
+    "model"), or a dict of them keyed by row name, with 95 % CIs, per-class F1, AF AUROC and,
+    where a result has "seconds", its wall time."""
     rows = {results["model"]: results} if "cinc_score" in results else results
-    head = "| model | CinC score (95 % CI) | " + " | ".join(f"F1 {c}" for c in LABELS) + " | AUROC AF (95 % CI) |"
-    lines = [head, "|---" * (len(LABELS) + 3) + "|"]
+    timed = any("seconds" in r for r in rows.values())
+    head = ("| model | CinC score (95 % CI) | " + " | ".join(f"F1 {c}" for c in LABELS)
+            + " | AUROC AF (95 % CI) |" + (" time (s) |" if timed else ""))
+    lines = [head, "|---" * (len(LABELS) + 3 + timed) + "|"]
     for name, r in rows.items():
         s, a = r["cinc_score"], r["auroc_af"]
         f1 = " | ".join(f"{r['per_class_f1'][c]:.3f}" for c in LABELS)
         lines.append(f"| {name} | {s['value']:.3f} ({s['low']:.3f} – {s['high']:.3f}) | {f1} | "
-                     f"{a['value']:.3f} ({a['low']:.3f} – {a['high']:.3f}) |")
+                     f"{a['value']:.3f} ({a['low']:.3f} – {a['high']:.3f}) |"
+                     + (f" {r['seconds']:.0f} |" if "seconds" in r else " – |" if timed else ""))
     return "\n".join(lines) + "\n"
 
 
@@ -304,7 +337,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     feature_seconds = time.perf_counter() - started
     results: dict[str, Any] = {}
     for model in args.models:
-        results[model] = cross_validate_baseline(X, labels, model, args.n_folds, args.seed,
+        results[model] = cross_validate_features(X, labels, model, args.n_folds, args.seed,
                                                  split_path=out / "folds.json", record_ids=ids,
                                                  n_boot=args.n_boot)
     from csfm.rr_features import FEATURE_NAMES

@@ -9,6 +9,7 @@ do not recompute.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import sys
@@ -22,10 +23,10 @@ import torch
 from tqdm import tqdm
 
 from csfm.batch import make_batch
-from csfm.checkpoint import WEIGHTS, atomic_write, load_pretrained, read_config
+from csfm.checkpoint import WEIGHTS, atomic_write, latest_checkpoint, load_pretrained, read_config
 from csfm.cli import add_dataclass_options
 from csfm.config import ModelConfig, preset
-from csfm.model import CSFMEncoder
+from csfm.model import CSFMEncoder, segment_mean
 from csfm.precision import choose_precision
 from csfm.preprocess import PreprocessConfig, preprocess_record
 from csfm.record import PPG_TYPE
@@ -33,7 +34,7 @@ from csfm.sources import open_sources
 from csfm_kernels.patch_embed import PATCH_LEN
 
 MODALITIES = ("both", "ecg", "ppg")
-POOLINGS = ("cls", "mean")
+POOLINGS = ("cls", "mean", "mean+std")
 
 
 @dataclass
@@ -45,7 +46,7 @@ class EmbedConfig:
     out: str = field(metadata={"help": "output file: .npy (+ .index.csv beside it), .npz or .parquet"})
     preset: str = field(default="", metadata={"help": "model preset of a .pth checkpoint"})
     modality: str = field(default="both", metadata={"help": "channels to embed: both, ecg or ppg"})
-    pooling: str = field(default="cls", metadata={"help": "per window: cls (as the reference) or mean of tokens"})
+    pooling: str = field(default="cls", metadata={"help": "per window: cls (as the reference), mean of tokens, or mean+std (2 d wide)"})
     batch_windows: int = field(default=32, metadata={"help": "10 s windows per encoder batch"})
     keep_windows: bool = field(default=False, metadata={"help": "also save every window's embedding and start time"})
     precision: str = field(default="fp32", metadata={"help": "fp32, bf16 or auto"})
@@ -129,6 +130,32 @@ def _valid_length(valid: np.ndarray) -> int:
 
 
 @torch.no_grad()
+def encode_windows(encoder: CSFMEncoder, signals: Sequence[np.ndarray], channel_types: Sequence[Sequence[int]],
+                   valid: Sequence[np.ndarray], pooling: str = "cls", autocast=contextlib.nullcontext) -> np.ndarray:
+    """One packed encoder batch of windows -> their embeddings [B, d] float32.
+
+    signals[b], valid[b]: [C_b, T_b] preprocessed samples and validity (T_b a multiple of 25,
+    at most 10 s); channel_types[b]: [C_b]; pooling: "cls", "mean" (of the non-CLS tokens) or
+    "mean+std" (their mean and standard deviation side by side: [B, 2 d]); autocast: a context
+    manager factory (e.g. a Precision's ``autocast``). Call with the encoder in eval mode.
+    """
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    device = next(encoder.parameters()).device
+    batch = make_batch(list(signals), [list(t) for t in channel_types], valid=list(valid))
+    with autocast():
+        out = encoder(batch.to(device))
+    if pooling != "mean+std":
+        return (out.cls if pooling == "cls" else out.mean).float().cpu().numpy()
+    if out.window_owner is not None:
+        raise ValueError("mean+std pooling takes windows of at most 10 s")
+    tokens = out.tokens.float()
+    second_moment = segment_mean(tokens * tokens, out.layout.cu_seqlens)
+    std = (second_moment - out.mean.float() ** 2).clamp(min=0).sqrt()
+    return torch.cat([out.mean.float(), std], dim=1).cpu().numpy()
+
+
+@torch.no_grad()
 def embed_source(encoder: CSFMEncoder, source, modality: str = "both", pooling: str = "cls",
                  batch_windows: int = 32, keep_windows: bool = False, precision: str = "fp32",
                  preprocess: PreprocessConfig | None = None, progress: bool = True) -> Embeddings:
@@ -136,18 +163,15 @@ def embed_source(encoder: CSFMEncoder, source, modality: str = "both", pooling: 
     if pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
     encoder.eval()
-    device = next(encoder.parameters()).device
-    autocast = choose_precision(precision, device).autocast
+    autocast = choose_precision(precision, next(encoder.parameters()).device).autocast
     preprocess = preprocess or PreprocessConfig()
     skipped: list[str] = []
     rows, starts, vectors, ids = [], [], [], {}
     pending: list[tuple] = []
 
     def flush() -> None:
-        batch = make_batch([w[3] for w in pending], [w[5] for w in pending], valid=[w[4] for w in pending])
-        with autocast():
-            out = encoder(batch.to(device))
-        vectors.append((out.cls if pooling == "cls" else out.mean).float().cpu().numpy())
+        vectors.append(encode_windows(encoder, [w[3] for w in pending], [w[5] for w in pending],
+                                      [w[4] for w in pending], pooling, autocast))
         pending.clear()
 
     bar = tqdm(total=len(source), disable=not progress, unit="record", desc="embedding")
@@ -189,8 +213,10 @@ def _pool(window_vectors: np.ndarray, rows: np.ndarray, starts: np.ndarray, ids:
 
 
 def load_encoder(checkpoint: str | Path, preset_name: str = "") -> CSFMEncoder:
-    """The encoder of one of our checkpoint directories, or of a published .pth (needs a preset)."""
+    """The encoder of one of our checkpoint directories (or of the latest checkpoint of a
+    ``csfm.train`` run directory), or of a published .pth (needs a preset)."""
     path = Path(checkpoint)
+    path = latest_checkpoint(path) or path
     if path.is_dir():
         config = ModelConfig.from_dict(read_config(path)["model"])
     elif preset_name:
@@ -203,7 +229,8 @@ def load_encoder(checkpoint: str | Path, preset_name: str = "") -> CSFMEncoder:
 def cache_key(config: EmbedConfig, preprocess: PreprocessConfig) -> str:
     """Hash of the checkpoint's weights file, the data specs and every setting that changes rows."""
     digest = hashlib.sha256()
-    weights = Path(config.checkpoint) / WEIGHTS if Path(config.checkpoint).is_dir() else Path(config.checkpoint)
+    checkpoint = latest_checkpoint(config.checkpoint) or Path(config.checkpoint)
+    weights = checkpoint / WEIGHTS if checkpoint.is_dir() else checkpoint
     digest.update(hashlib.sha256(weights.read_bytes()).digest())
     settings = {"data": config.data, "preset": config.preset, "modality": config.modality, "pooling": config.pooling,
                 "keep_windows": config.keep_windows, "precision": config.precision, "preprocess": asdict(preprocess)}

@@ -19,12 +19,12 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 from sklearn.linear_model import LogisticRegression, Ridge
-from sklearn.metrics import accuracy_score, mean_absolute_error, roc_auc_score
 from sklearn.model_selection import GridSearchCV, GroupKFold, KFold, StratifiedGroupKFold, StratifiedKFold
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
 from csfm.embed import Embeddings
+from csfm.metrics import UndefinedMetricError, accuracy, auroc, mae, pearson_r
 
 TASKS = ("binary", "multiclass", "multilabel", "regression")
 CLI_TASKS = ("binary", "multiclass", "regression")
@@ -208,19 +208,27 @@ def _outer_splitter(task: str, folds: int, seed: int):
 
 def fold_metrics(task: str, y_true: np.ndarray, predictions: np.ndarray, classes: np.ndarray) -> dict[str, float]:
     """binary / multiclass: auroc (one-vs-rest macro; NaN when a class is absent from
-    y_true) and accuracy; regression: mae and pearson r. predictions as of ProbeResult,
-    multiclass columns in the order of ``classes``."""
+    y_true) and accuracy; regression: mae and pearson r (NaN for a constant input).
+    predictions as of ProbeResult, multiclass columns in the order of ``classes``."""
     if task == "regression":
-        return {"mae": float(mean_absolute_error(y_true, predictions)),
-                "pearson": float(np.corrcoef(y_true.astype(float), predictions)[0, 1])}
+        return {"mae": mae(y_true, predictions), "pearson": _or_nan(pearson_r, y_true, predictions)}
     if task == "binary":
         predicted = np.where(predictions >= 0.5, classes[1], classes[0])
-        auroc = roc_auc_score(y_true == classes[1], predictions) if len(np.unique(y_true)) == 2 else np.nan
+        auc = _or_nan(auroc, (y_true == classes[1]).astype(np.int64), predictions)
     else:
         predicted = classes[predictions.argmax(1)]
         present = set(np.unique(y_true)) == set(classes)
-        auroc = roc_auc_score(y_true, predictions, multi_class="ovr", labels=classes) if present else np.nan
-    return {"auroc": float(auroc), "accuracy": float(accuracy_score(y_true, predicted))}
+        one_hot = (y_true[:, None] == classes[None, :]).astype(np.int64)
+        auc = _or_nan(auroc, one_hot, predictions) if present else float("nan")
+    return {"auroc": auc, "accuracy": accuracy(y_true, predicted)}
+
+
+def _or_nan(metric, *arrays: np.ndarray) -> float:
+    """metric(*arrays), or NaN where it is undefined on this fold."""
+    try:
+        return float(metric(*arrays))
+    except UndefinedMetricError:
+        return float("nan")
 
 
 def cross_validate(x: np.ndarray, y: np.ndarray, patients: np.ndarray, task: str, folds: int = 5,

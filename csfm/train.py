@@ -26,7 +26,7 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from csfm.checkpoint import atomic_write, load_train_state, load_weights, save_checkpoint
+from csfm.checkpoint import atomic_write, latest_checkpoint, load_train_state, load_weights, save_checkpoint
 from csfm.cli import add_dataclass_options
 from csfm.config import PRESETS, preset
 from csfm.data import PretrainWindows, collate, split_by_patient
@@ -64,6 +64,10 @@ class TrainConfig:
     precision: str = field(default="auto", metadata={"help": f"{'/'.join(PRECISIONS)}; auto measures whether bf16 is fast here"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda or auto"})
     workers: int = field(default=0, metadata={"help": "DataLoader worker processes"})
+    cache_mb: float = field(default=1024.0, metadata={
+        "help": "memory (MiB; training and validation set each, per process and worker) for "
+                "preprocessed records of up to 10 min, "
+                "so each is read and filtered once; 0 = off"})
     seed: int = field(default=0, metadata={"help": "seed of data order, masking, dropout and init"})
     save_every: int = field(default=0, metadata={"help": "also checkpoint every N optimizer steps (0 = each epoch only)"})
     keep_last: int = field(default=2, metadata={"help": "checkpoints kept"})
@@ -217,10 +221,7 @@ def _save(out_dir: Path, model, optimizer, scheduler, config: TrainConfig, model
 def _resume_dir(config: TrainConfig, out_dir: Path) -> Path | None:
     if not config.resume:
         return None
-    if config.resume == "auto":
-        pointer = out_dir / "checkpoints" / "latest"
-        return out_dir / "checkpoints" / pointer.read_text().strip() if pointer.is_file() else None
-    return Path(config.resume)
+    return latest_checkpoint(out_dir) if config.resume == "auto" else Path(config.resume)
 
 
 # ----------------------------------------------------------------------------- logs
@@ -360,9 +361,9 @@ def train(config: TrainConfig) -> Path:
 
     preprocess = PreprocessConfig()
     train_set = PretrainWindows(records, tokenizer, preprocess, config.lead_subset_prob,
-                                model_config.max_text_tokens, config.seed, train_idx)
+                                model_config.max_text_tokens, config.seed, train_idx, config.cache_mb)
     val_set = PretrainWindows(records, tokenizer, preprocess, 0.0, model_config.max_text_tokens,
-                              config.seed, val_idx)
+                              config.seed, val_idx, config.cache_mb)
     val_loader = _loader(val_set, [list(range(i, min(i + config.batch_size, len(val_set))))
                                    for i in range(0, len(val_set), config.batch_size)], config.workers)
     log_path = out_dir / "log.csv"

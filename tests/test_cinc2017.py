@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from csfm.cinc2017 import (LABELS, cinc_score, confusion, cross_validate_baseline, load_features,
+from csfm.cinc2017 import (LABELS, cinc_score, confusion, cross_validate_features, load_features,
                            main, per_class_f1, read_reference, results_table)
 
 CINC = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cinc2017"
@@ -101,7 +101,7 @@ def _synthetic(n=400, separable=True, seed=0):
 @pytest.mark.parametrize("model", ["logistic", "gbm"])
 def test_cv_on_separable_features_scores_high(model):
     X, y = _synthetic()
-    r = cross_validate_baseline(X, y, model=model, n_boot=200)
+    r = cross_validate_features(X, y, model=model, n_boot=200)
     assert r["cinc_score"]["value"] > 0.9
     assert r["cinc_score"]["low"] <= r["cinc_score"]["value"] <= r["cinc_score"]["high"]
     assert r["auroc_af"]["value"] > 0.95
@@ -111,7 +111,7 @@ def test_cv_on_separable_features_scores_high(model):
 
 def test_cv_on_random_labels_is_near_chance():
     X, y = _synthetic(separable=False)
-    r = cross_validate_baseline(X, y, model="logistic", n_boot=200)
+    r = cross_validate_features(X, y, model="logistic", n_boot=200)
     # chance level: the always-N score is about 2 * 0.55 / 1.55 / 3 = 0.24; guessing in
     # proportion to the classes about (0.55 + 0.15 + 0.25) / 3 = 0.32
     assert r["cinc_score"]["value"] < 0.4
@@ -122,7 +122,7 @@ def test_split_file_is_saved_and_reused(tmp_path):
     X, y = _synthetic(n=120)
     ids = [f"r{i}" for i in range(len(y))]
     path = tmp_path / "folds.json"
-    first = cross_validate_baseline(X, y, model="logistic", n_folds=3, seed=1, split_path=path,
+    first = cross_validate_features(X, y, model="logistic", n_folds=3, seed=1, split_path=path,
                                     record_ids=ids, n_boot=50)
     saved = json.loads(path.read_text())
     assert saved["n_folds"] == 3 and len(saved["fold"]) == len(y) and saved["record_ids"] == ids
@@ -130,30 +130,30 @@ def test_split_file_is_saved_and_reused(tmp_path):
     fold = np.array(saved["fold"])
     fold = (fold + 1) % 3  # a different but valid assignment, written in place
     path.write_text(json.dumps({**saved, "fold": fold.tolist()}))
-    again = cross_validate_baseline(X, y, model="logistic", n_folds=3, seed=1, split_path=path,
+    again = cross_validate_features(X, y, model="logistic", n_folds=3, seed=1, split_path=path,
                                     record_ids=ids, n_boot=50)
     assert again["fold_sizes"] == np.bincount(fold, minlength=3).tolist()
     assert first["fold_sizes"] == np.bincount(np.array(saved["fold"]), minlength=3).tolist()
     # a file that does not match the records is refused
     with pytest.raises(ValueError, match="do not match"):
-        cross_validate_baseline(X, y, model="logistic", n_folds=3, seed=1, split_path=path,
+        cross_validate_features(X, y, model="logistic", n_folds=3, seed=1, split_path=path,
                                 record_ids=[f"s{i}" for i in range(len(y))], n_boot=50)
     with pytest.raises(ValueError, match="do not match"):
-        cross_validate_baseline(X, y, model="logistic", n_folds=4, seed=1, split_path=path,
+        cross_validate_features(X, y, model="logistic", n_folds=4, seed=1, split_path=path,
                                 record_ids=ids, n_boot=50)
 
 
 def test_bad_model_and_shapes_raise():
     X, y = _synthetic(n=50)
     with pytest.raises(ValueError, match="model must be one of"):
-        cross_validate_baseline(X, y, model="svm")
+        cross_validate_features(X, y, model="svm")
     with pytest.raises(ValueError, match=r"\[N, F\]"):
-        cross_validate_baseline(X[:10], y)
+        cross_validate_features(X[:10], y)
 
 
 def test_results_table_has_a_row_per_model():
     X, y = _synthetic(n=200)
-    results = {m: cross_validate_baseline(X, y, model=m, n_boot=50) for m in ("logistic", "gbm")}
+    results = {m: cross_validate_features(X, y, model=m, n_boot=50) for m in ("logistic", "gbm")}
     table = results_table(results)
     lines = table.strip().splitlines()
     assert len(lines) == 4 and lines[2].startswith("| logistic |") and lines[3].startswith("| gbm |")
@@ -171,7 +171,7 @@ def test_real_records_end_to_end(tmp_path):
     X, labels, ids = load_features(CINC, tmp_path / "features.npz", limit=40, progress=False)
     assert X.shape[0] == len(labels) == len(ids) == 40 and ids[0] == "A00001"
     for model in ("logistic", "gbm"):
-        r = cross_validate_baseline(X, labels, model=model, n_folds=3, n_boot=50,
+        r = cross_validate_features(X, labels, model=model, n_folds=3, n_boot=50,
                                     split_path=tmp_path / "folds.json", record_ids=ids)
         assert set(r["per_class_f1"]) == set(LABELS)
     # the cached matrix is read back unchanged

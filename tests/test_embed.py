@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 import csfm.embed as embed_module
 from csfm.batch import make_batch
@@ -110,3 +111,19 @@ def test_real_alarm_and_ptb_records_end_to_end(checkpoint):
               for r, rec in records.items()}
     assert labels["a103l"][:2] == ("Asystole", False) and labels["v102s"][0] == "Ventricular_Tachycardia"
     assert labels["s0010_re"][2] == 81.0
+
+
+def test_mean_std_pooling_matches_each_window_alone(checkpoint):
+    encoder = load_encoder(checkpoint).eval()
+    rng = np.random.default_rng(5)
+    signals = [rng.standard_normal((2, 2500)).astype(np.float32), rng.standard_normal((1, 1250)).astype(np.float32)]
+    types, valid = [[1, 12], [1]], [np.ones(s.shape, bool) for s in signals]
+    pooled = embed_module.encode_windows(encoder, signals, types, valid, "mean+std")
+    assert pooled.shape == (2, 256)
+    np.testing.assert_allclose(pooled[:, :128], embed_module.encode_windows(encoder, signals, types, valid, "mean"),
+                               rtol=1e-5, atol=1e-5)
+    for b in range(2):  # the std of a window's non-CLS token states, computed from that window alone
+        with torch.no_grad():
+            out = encoder(make_batch([signals[b]], [types[b]], valid=[valid[b]]))
+        np.testing.assert_allclose(pooled[b, 128:], out.tokens[1:].std(0, unbiased=False).numpy(),
+                                   rtol=1e-3, atol=1e-4)

@@ -1,0 +1,118 @@
+"""The CinC 2017 AF benchmark harness: config checks, labels, folds, pooling, and the whole
+harness (hand-crafted, probe and fine-tuning rows) on a 40-record subset of the real data."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from csfm.benchmark import BenchmarkConfig, labelled_records, main, pool_records
+from csfm.checkpoint import save_checkpoint
+from csfm.cinc2017 import LABELS, record_folds
+from csfm.config import preset
+from csfm.model import CSFMEncoder
+from tests.fixtures import CINC2017, write_wfdb
+
+needs_cinc = pytest.mark.skipif(not (CINC2017 / "REFERENCE.csv").exists(),
+                                reason=f"CinC 2017 records absent: {CINC2017}")
+
+
+def _write_folder(tmp_path, labels: dict[str, str]):
+    t = np.arange(3000) / 300.0
+    for name in ("A00001", "A00002"):
+        write_wfdb(tmp_path, name, np.sin(2 * np.pi * 1.1 * t)[:, None], 300, ["ECG"])
+    (tmp_path / "REFERENCE.csv").write_text("".join(f"{r},{label}\n" for r, label in labels.items()))
+    return tmp_path
+
+
+def test_unlabelled_or_missing_records_are_named(tmp_path):
+    folder = _write_folder(tmp_path, {"A00001": "N"})
+    with pytest.raises(ValueError, match=r"\['A00002'\] have no label in REFERENCE.csv"):
+        labelled_records(folder)
+    (folder / "REFERENCE.csv").write_text("A00001,N\nA00002,A\nA09999,O\n")
+    with pytest.raises(ValueError, match=r"labelled record\(s\) \['A09999'\] are not in the folder"):
+        labelled_records(folder)
+    (folder / "REFERENCE.csv").write_text("A00001,N\nA00002,A\n")
+    _, ids, codes = labelled_records(folder)
+    assert ids == ["A00001", "A00002"] and codes.tolist() == [LABELS.index("N"), LABELS.index("A")]
+
+
+def test_folds_put_every_record_in_exactly_one_test_fold_stratified():
+    codes = np.repeat(np.arange(4), [300, 60, 120, 20])
+    fold = record_folds(codes, 5, seed=3, split_path=None, record_ids=None)
+    assert fold.shape == codes.shape and set(fold.tolist()) == set(range(5))
+    for k in range(5):
+        test = fold == k  # each record tests in exactly the fold it is assigned to
+        assert np.bincount(codes[test], minlength=4).tolist() == [60, 12, 24, 4]
+
+
+def test_pool_records_mean_and_mean_max():
+    per_record = [np.array([[1.0, 5.0], [3.0, -1.0]]), np.array([[2.0, 2.0]])]
+    np.testing.assert_allclose(pool_records(per_record, "mean"), [[2.0, 2.0], [2.0, 2.0]])
+    np.testing.assert_allclose(pool_records(per_record, "mean+max"), [[2.0, 2.0, 3.0, 5.0], [2.0, 2.0, 2.0, 2.0]])
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        pool_records(per_record, "max")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("bogus: 1\n", "unknown keys \\['bogus'\\]"),
+    ("rows: [{name: a, kind: probe}]\n", "a probe row needs a checkpoint"),
+    ("rows: [{name: a, kind: handcrafted, model: gbm, lr: 1}]\n", "unknown keys \\['lr'\\] for kind handcrafted"),
+    ("rows: [{name: a, kind: magic}]\n", "needs a name and a kind"),
+    ("rows: [{name: a, kind: finetune, checkpoint: c, token_pooling: mean+std}]\n", "token_pooling must be one of"),
+    ("rows: [{name: a, kind: probe, checkpoint: c, pooling: max}]\n", "pooling must be one of"),
+])
+def test_config_errors_name_the_file_and_key(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        BenchmarkConfig.from_file(path)
+
+
+def test_shipped_config_parses():
+    from pathlib import Path
+
+    config = BenchmarkConfig.from_file(Path(__file__).resolve().parents[1] / "configs" / "cinc2017_af.yaml")
+    kinds = {row["kind"] for row in config.rows}
+    assert kinds == {"handcrafted", "probe", "finetune"} and config.n_folds == 5
+    assert any(row.get("random_init") for row in config.rows)  # the random-weight floor
+
+
+@pytest.mark.data
+@needs_cinc
+@pytest.mark.filterwarnings("ignore:The least populated class:UserWarning")
+def test_harness_on_40_records(tmp_path):
+    torch.manual_seed(0)
+    checkpoint = tmp_path / "ckpt"
+    save_checkpoint(checkpoint, CSFMEncoder(preset("demo", depth=1)), preset("demo", depth=1))
+    config = tmp_path / "af.yaml"
+    config.write_text(f"""
+data: {CINC2017}
+out: {tmp_path / 'out'}
+n_folds: 5
+n_boot: 50
+rows:
+  - {{name: hand, kind: handcrafted, model: logistic}}
+  - {{name: floor, kind: probe, checkpoint: {checkpoint}, random_init: true, pooling: mean+max}}
+  - {{name: tuned, kind: finetune, checkpoint: {checkpoint}, stride_s: 10.0, epochs: 1, batch_size: 16}}
+""")
+    summary = main(["--config", str(config), "--limit", "40", "--quiet"])
+    out = tmp_path / "out"
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["n_records"] == 40 and sum(saved["fold_sizes"]) == 40
+    assert list(saved["rows"]) == ["hand", "floor", "tuned"]
+    for name, row in saved["rows"].items():
+        assert 0.0 <= row["cinc_score"]["low"] <= row["cinc_score"]["value"] <= row["cinc_score"]["high"] <= 1.0
+        assert np.asarray(row["confusion"]).sum() == 40 and set(row["per_class_f1"]) == set(LABELS)
+        assert (out / row["reliability_png"].split("/")[-1]).is_file() and row["seconds"] >= 0
+        assert f"| {name} |" in (out / "results.md").read_text()
+    assert saved["rows"]["floor"]["n_features"] == 2 * 128  # mean and max side by side
+    # the saved folds are reused: a second run with another row scores on the same split
+    folds = json.loads((out / "folds.json").read_text())["fold"]
+    main(["--config", str(config), "--limit", "40", "--quiet", "--rows", "hand"])
+    assert json.loads((out / "folds.json").read_text())["fold"] == folds
+    assert summary["rows"]["hand"]["cinc_score"] == saved["rows"]["hand"]["cinc_score"]
+    with pytest.raises(ValueError, match="not rows of"):
+        main(["--config", str(config), "--rows", "nope"])
