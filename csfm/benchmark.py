@@ -14,7 +14,8 @@ Rows (each a ``rows`` entry of the config, run in order):
 - ``finetune``: the encoder of ``checkpoint`` plus a linear head, trained on every window of
   the training records (layer-wise lr decay, early stopping on an inner validation tenth of
   them; ``stride_s``, a multiple of the benchmark's, spaces the training windows further
-  apart); a record's class probabilities are the mean over all its windows.
+  apart; ``class_weight: balanced`` weights the cross-entropy by inverse class frequency);
+  a record's class probabilities are the mean over all its windows.
 
 Stratified ``n_folds``-fold cross-validation over records, the fold of each record saved to
 ``out/folds.json`` and reused. Each row gets the challenge score (mean F1 of N, A, O from the
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,7 +56,7 @@ _ROW_KEYS = {
     "handcrafted": {"name", "kind", "model"},
     "probe": {"name", "kind", "checkpoint", "random_init", "token_pooling", "pooling"},
     "finetune": {"name", "kind", "checkpoint", "random_init", "token_pooling", "epochs", "batch_size", "lr",
-                 "layer_decay", "weight_decay", "patience", "stride_s"},
+                 "layer_decay", "weight_decay", "patience", "stride_s", "class_weight"},
 }
 
 
@@ -91,7 +93,7 @@ class BenchmarkConfig:
                 raise ValueError(f"{path}: rows[{i}] ({row['name']}): unknown keys {bad} for kind {kind}")
             if kind != "handcrafted" and "checkpoint" not in row:
                 raise ValueError(f"{path}: rows[{i}] ({row['name']}): a {kind} row needs a checkpoint")
-            choices = {"model": MODELS, "pooling": RECORD_POOLINGS,
+            choices = {"model": MODELS, "pooling": RECORD_POOLINGS, "class_weight": ("none", "balanced"),
                        "token_pooling": ("cls", "mean") if kind == "finetune" else POOLINGS}
             for key, allowed in choices.items():
                 if key in row and row[key] not in allowed:
@@ -106,11 +108,13 @@ class BenchmarkConfig:
 @dataclass
 class LabelledWindows:
     """Every record of the benchmark, preprocessed once: record_ids [N], codes [N] (index
-    into LABELS), windows[i] = (x [W_i, 1, 2500] float32, valid [W_i, 1, 2500] bool)."""
+    into LABELS), windows[i] = (x [W_i, C_i, 2500] float32, valid [W_i, C_i, 2500] bool),
+    channel_types[i] [C_i] (CinC: one lead, II)."""
 
     record_ids: list[str]
     codes: np.ndarray
     windows: list[tuple[np.ndarray, np.ndarray]]
+    channel_types: list[list[int]]
 
 
 def labelled_records(data_dir: str | Path, limit: int | None = None) -> tuple[WfdbDirectory, list[str], np.ndarray]:
@@ -139,7 +143,7 @@ def load_windows(data_dir: str | Path, stride_s: float, limit: int | None = None
     reader, ids, codes = labelled_records(data_dir, limit)
     index = {r: i for i, r in enumerate(reader.record_ids)}
     stride = max(1, int(round(stride_s * preprocess.target_fs)))
-    windows = []
+    windows, types = [], []
     for record_id in tqdm(ids, disable=not progress, desc="reading records", unit="record"):
         record = reader[index[record_id]]
         x, valid = preprocess_signal(record.signal, record.fs, record.channel_types, preprocess)
@@ -147,7 +151,8 @@ def load_windows(data_dir: str | Path, stride_s: float, limit: int | None = None
         if len(cut.x) == 0:
             raise ValueError(f"{Path(data_dir) / record_id}: no 10 s window with enough valid signal")
         windows.append((cut.x, cut.valid))
-    return LabelledWindows(ids, codes, windows)
+        types.append(list(record.channel_types))
+    return LabelledWindows(ids, codes, windows, types)
 
 
 # ----------------------------------------------------------------------------- embeddings
@@ -164,13 +169,13 @@ def _encoder(row: dict[str, Any], seed: int) -> CSFMEncoder:
 
 def window_embeddings(encoder: CSFMEncoder, data: LabelledWindows, token_pooling: str = "mean",
                       batch_windows: int = 64, progress: bool = True) -> list[np.ndarray]:
-    """[W_i, d] embeddings of every record's windows (lead II, eval mode)."""
+    """[W_i, d] embeddings of every record's windows (eval mode)."""
     encoder.eval()
     flat = [(i, x, v) for i, (xs, vs) in enumerate(data.windows) for x, v in zip(xs, vs)]
     vectors = []
     for start in tqdm(range(0, len(flat), batch_windows), disable=not progress, desc="embedding", unit="batch"):
         chunk = flat[start:start + batch_windows]
-        vectors.append(encode_windows(encoder, [c[1] for c in chunk], [[1] * c[1].shape[0] for c in chunk],
+        vectors.append(encode_windows(encoder, [c[1] for c in chunk], [data.channel_types[c[0]] for c in chunk],
                                       [c[2] for c in chunk], token_pooling))
     stacked = np.concatenate(vectors)
     owner = np.asarray([c[0] for c in flat])
@@ -190,8 +195,8 @@ def pool_records(per_record: Sequence[np.ndarray], pooling: str) -> np.ndarray:
 
 
 def _samples(data: LabelledWindows, rows: np.ndarray, every: int = 1) -> list[Sample]:
-    """One Sample per ``every``-th window of the records ``rows`` (lead II, no text)."""
-    return [Sample(x, v, [1] * x.shape[0], np.zeros(0, np.int64), data.record_ids[i], data.record_ids[i])
+    """One Sample per ``every``-th window of the records ``rows`` (no text)."""
+    return [Sample(x, v, data.channel_types[i], np.zeros(0, np.int64), data.record_ids[i], data.record_ids[i])
             for i in rows for x, v in zip(data.windows[i][0][::every], data.windows[i][1][::every])]
 
 
@@ -220,13 +225,18 @@ def finetune_probabilities(row: dict[str, Any], data: LabelledWindows, fold: np.
     prob = np.zeros((len(data.codes), len(LABELS)))
     for k in np.unique(fold):
         train_rows = np.flatnonzero(fold != k)
+        loss_kw = {}
+        if row.get("class_weight", "none") == "balanced":  # n / (K n_c) of the training fold, 0 for absent classes
+            counts = np.bincount(data.codes[train_rows], minlength=len(LABELS))
+            weight = np.divide(len(train_rows), len(LABELS) * counts, out=np.zeros(len(LABELS)), where=counts > 0)
+            loss_kw["class_weight"] = torch.tensor(weight, dtype=torch.float32)
         counts = np.bincount(data.codes[train_rows])
         stratify = data.codes[train_rows] if counts[counts > 0].min() >= 2 else None  # sklearn needs 2 per class
         fit_rows, val_rows = train_test_split(train_rows, test_size=0.1, random_state=seed, stratify=stratify)
         torch.manual_seed(seed)
         head = ClassificationHead(base.config.dim, len(LABELS))
         model, history = finetune(copy.deepcopy(base), head, "multiclass", _samples(data, fit_rows, every),
-                                  _samples(data, val_rows, every), target_of, config, progress=progress)
+                                  _samples(data, val_rows, every), target_of, config, progress=progress, **loss_kw)
         test_rows = np.flatnonzero(fold == k)
         test = _samples(data, test_rows)
         window_prob = predict(model, test, "multiclass", batch_size=64)
@@ -244,15 +254,23 @@ def finetune_probabilities(row: dict[str, Any], data: LabelledWindows, fold: np.
 
 def run_benchmark(config: BenchmarkConfig, progress: bool = True) -> dict[str, Any]:
     """Runs every row of ``config`` on the same folds; writes results.json, results.md and one
-    reliability PNG per row under config.out; returns the results dict."""
+    reliability PNG per row under config.out, after each row; returns the results dict.
+
+    Rows of an earlier run into the same folder (same data, records, folds, seed and window
+    stride) are kept, and a row run again replaces its old result, so rows can be added or
+    rerun one at a time (``--rows``).
+    """
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     data = load_windows(config.data, config.stride_s, config.limit, progress=progress)
-    stages = {"read_and_preprocess_s": round(time.perf_counter() - started, 1)}
     fold = record_folds(data.codes, config.n_folds, config.seed, out / "folds.json", data.record_ids)
+    summary = {"data": config.data, "n_records": len(data.codes), "n_folds": config.n_folds, "seed": config.seed,
+               "stride_s": config.stride_s, "n_windows": int(sum(len(x) for x, _ in data.windows)),
+               "fold_sizes": np.bincount(fold).tolist(),
+               "read_and_preprocess_s": round(time.perf_counter() - started, 1)}
+    summary["rows"] = _earlier_rows(out / "results.json", summary)
     embedded: dict[tuple, list[np.ndarray]] = {}
-    rows: dict[str, Any] = {}
     for row in config.rows:
         started = time.perf_counter()
         prob, details = _row_probabilities(row, config, data, fold, embedded, out, progress)
@@ -261,22 +279,36 @@ def run_benchmark(config: BenchmarkConfig, progress: bool = True) -> dict[str, A
                   **score_predictions(data.codes, prob, config.n_boot, config.seed), "seconds": round(seconds, 1)}
         slug = "".join(c if c.isalnum() else "_" for c in row["name"]).strip("_")
         result["reliability_png"] = str(reliability_plot(data.codes, prob, out / f"reliability_{slug}.png"))
-        rows[row["name"]] = result
+        summary["rows"][row["name"]] = result
+        _write_results(out, summary)
         if progress:
             tqdm.write(f"{row['name']}: CinC score {result['cinc_score']['value']:.3f} "
                        f"({result['cinc_score']['low']:.3f} - {result['cinc_score']['high']:.3f}), {seconds:.0f} s")
-    summary = {"data": config.data, "n_records": len(data.codes), "n_folds": config.n_folds, "seed": config.seed,
-               "stride_s": config.stride_s, "n_windows": int(sum(len(x) for x, _ in data.windows)),
-               "fold_sizes": np.bincount(fold).tolist(), "stages": stages, "rows": rows}
+    if progress:
+        print(results_table(summary["rows"]), end="")
+    return summary
+
+
+_SAME_RUN_KEYS = ("data", "n_records", "n_folds", "seed", "stride_s", "fold_sizes")
+
+
+def _earlier_rows(path: Path, summary: dict[str, Any]) -> dict[str, Any]:
+    """The rows of an earlier results.json made on the same records and folds, else {}."""
+    if not path.is_file():
+        return {}
+    earlier = json.loads(path.read_text())
+    same = all(earlier.get(key) == summary[key] for key in _SAME_RUN_KEYS)
+    return dict(earlier.get("rows", {})) if same else {}
+
+
+def _write_results(out: Path, summary: dict[str, Any]) -> None:
+    """results.json and results.md (atomically) from the summary so far."""
     save_results(summary, out / "results.json")
-    table = results_table(rows)
+    table = results_table(summary["rows"])
     atomic_write(out / "results.md", lambda tmp: tmp.write_text(
-        f"# CinC 2017 AF benchmark: {config.n_folds}-fold CV on {len(data.codes)} records\n\n"
+        f"# CinC 2017 AF benchmark: {summary['n_folds']}-fold CV on {summary['n_records']} records\n\n"
         f"Score: mean F1 of N, A, O on out-of-fold predictions, 95 % bootstrap CIs over records. "
         f"Data: PhysioNet/CinC Challenge 2017 training set (ODC-BY).\n\n{table}"))
-    if progress:
-        print(table, end="")
-    return summary
 
 
 def _row_probabilities(row: dict[str, Any], config: BenchmarkConfig, data: LabelledWindows, fold: np.ndarray,

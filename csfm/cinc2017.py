@@ -26,7 +26,7 @@ from typing import Any, Sequence
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from csfm.metrics import UndefinedMetricError, auroc, bootstrap_ci, save_results
+from csfm.metrics import UndefinedMetricError, auroc, bootstrap_ci, expected_calibration_error, save_results
 
 LABELS = ("N", "A", "O", "~")
 SCORED = ("N", "A", "O")
@@ -217,7 +217,7 @@ def score_predictions(y: Any, prob: np.ndarray, n_boot: int = 1000, seed: int = 
     The predicted class is the most probable one. Returns a JSON-able dict: "cinc_score" and
     "auroc_af" (AF vs rest, from P(A)) as {"value", "low", "high"} with 95 % bootstrap
     intervals over records, "per_class_f1", "confusion" (rows true, columns predicted,
-    LABELS order), "class_counts".
+    LABELS order), "class_counts", "ece" (top-label expected calibration error).
     """
     codes, prob = _codes("y", y), np.asarray(prob, np.float64)
     if prob.shape != (len(codes), len(LABELS)):
@@ -235,6 +235,7 @@ def score_predictions(y: Any, prob: np.ndarray, n_boot: int = 1000, seed: int = 
         "per_class_f1": per_class_f1(codes, pred),
         "auroc_af": af,
         "confusion": confusion(codes, pred).tolist(),
+        "ece": expected_calibration_error(codes, prob),
     }
 
 

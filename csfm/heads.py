@@ -112,10 +112,11 @@ class QuestionAnsweringHead(nn.Module):
 
 
 def head_loss(task: str, output: torch.Tensor, target, *, asymmetric: bool = False, ignore_nan: bool = False,
-              **asymmetric_kwargs) -> torch.Tensor:
+              class_weight: torch.Tensor | None = None, **asymmetric_kwargs) -> torch.Tensor:
     """Scalar loss of a head's ``output`` for ``task``.
 
-    - "multiclass": output [N, K] logits, target [N] int64 class indices -> cross-entropy.
+    - "multiclass": output [N, K] logits, target [N] int64 class indices -> cross-entropy,
+      each class weighted by ``class_weight`` [K] when given (the weighted mean over rows).
     - "multilabel": output [N, K] logits, target [N, K] in {0, 1} -> BCE with logits, or the
       asymmetric loss with ``asymmetric=True`` (``asymmetric_kwargs``: gamma_neg, gamma_pos, clip).
     - "binary": output [N] or [N, 1] logits, target [N] in {0, 1} -> BCE with logits.
@@ -127,7 +128,10 @@ def head_loss(task: str, output: torch.Tensor, target, *, asymmetric: bool = Fal
         if output.ndim != 2 or target.shape != (len(output),):
             raise ValueError(f"multiclass: output must be [N, K] and target [N], got {tuple(output.shape)} "
                              f"and {tuple(target.shape)}")
-        return F.cross_entropy(output, target.long())
+        if class_weight is not None and class_weight.shape != (output.shape[1],):
+            raise ValueError(f"multiclass: class_weight must be [{output.shape[1]}], got {tuple(class_weight.shape)}")
+        return F.cross_entropy(output, target.long(),
+                               weight=None if class_weight is None else class_weight.to(output))
     if task == "multilabel":
         target = _like(output, target)
         if asymmetric:

@@ -64,6 +64,8 @@ class TrainConfig:
     precision: str = field(default="auto", metadata={"help": f"{'/'.join(PRECISIONS)}; auto measures whether bf16 is fast here"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda or auto"})
     workers: int = field(default=0, metadata={"help": "DataLoader worker processes"})
+    threads: int = field(default=0, metadata={
+        "help": "torch CPU threads per process (0 = torch's default); 1 keeps a small model fast on a busy machine"})
     cache_mb: float = field(default=1024.0, metadata={
         "help": "memory (MiB; training and validation set each, per process and worker) for "
                 "preprocessed records of up to 10 min, "
@@ -329,6 +331,10 @@ def train(config: TrainConfig) -> Path:
     run = _start(config)
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if config.threads < 0:
+        raise ValueError(f"--threads must be >= 0, got {config.threads}")
+    if config.threads:
+        torch.set_num_threads(config.threads)
     precision = choose_precision(config.precision, run.device)
     torch.manual_seed(config.seed)
 

@@ -63,6 +63,7 @@ def test_pool_records_mean_and_mean_max():
     ("rows: [{name: a, kind: magic}]\n", "needs a name and a kind"),
     ("rows: [{name: a, kind: finetune, checkpoint: c, token_pooling: mean+std}]\n", "token_pooling must be one of"),
     ("rows: [{name: a, kind: probe, checkpoint: c, pooling: max}]\n", "pooling must be one of"),
+    ("rows: [{name: a, kind: finetune, checkpoint: c, class_weight: inverse}]\n", "class_weight must be one of"),
 ])
 def test_config_errors_name_the_file_and_key(tmp_path, text, message):
     path = tmp_path / "bad.yaml"
@@ -96,7 +97,8 @@ n_boot: 50
 rows:
   - {{name: hand, kind: handcrafted, model: logistic}}
   - {{name: floor, kind: probe, checkpoint: {checkpoint}, random_init: true, pooling: mean+max}}
-  - {{name: tuned, kind: finetune, checkpoint: {checkpoint}, stride_s: 10.0, epochs: 1, batch_size: 16}}
+  - {{name: tuned, kind: finetune, checkpoint: {checkpoint}, stride_s: 10.0, epochs: 1, batch_size: 16,
+      class_weight: balanced}}
 """)
     summary = main(["--config", str(config), "--limit", "40", "--quiet"])
     out = tmp_path / "out"
@@ -109,10 +111,13 @@ rows:
         assert (out / row["reliability_png"].split("/")[-1]).is_file() and row["seconds"] >= 0
         assert f"| {name} |" in (out / "results.md").read_text()
     assert saved["rows"]["floor"]["n_features"] == 2 * 128  # mean and max side by side
-    # the saved folds are reused: a second run with another row scores on the same split
+    # a rerun of one row reuses the saved folds, replaces that row and keeps the others
     folds = json.loads((out / "folds.json").read_text())["fold"]
-    main(["--config", str(config), "--limit", "40", "--quiet", "--rows", "hand"])
+    (out / "results.json").write_text(json.dumps({**saved, "rows": {**saved["rows"], "hand": {}}}))
+    again = main(["--config", str(config), "--limit", "40", "--quiet", "--rows", "hand"])
     assert json.loads((out / "folds.json").read_text())["fold"] == folds
-    assert summary["rows"]["hand"]["cinc_score"] == saved["rows"]["hand"]["cinc_score"]
+    assert list(again["rows"]) == ["hand", "floor", "tuned"] and again["rows"]["tuned"] == saved["rows"]["tuned"]
+    assert again["rows"]["hand"]["cinc_score"] == summary["rows"]["hand"]["cinc_score"]
+    assert "| tuned |" in (out / "results.md").read_text()
     with pytest.raises(ValueError, match="not rows of"):
         main(["--config", str(config), "--rows", "nope"])

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from csfm.cinc2017 import (LABELS, cinc_score, confusion, cross_validate_features, load_features,
+from csfm.cinc2017 import (LABELS, cinc_score, confusion, cross_validate_features, load_features, score_predictions,
                            main, per_class_f1, read_reference, results_table)
 
 CINC = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cinc2017"
@@ -189,3 +189,21 @@ def test_cli_writes_results(tmp_path):
     assert (tmp_path / "features.npz").exists() and (tmp_path / "folds.json").exists()
     assert summary["n_records"] == 20
     assert "| gbm |" in (tmp_path / "results.md").read_text()
+
+
+def test_score_predictions_from_probabilities():
+    y = np.array(["N", "N", "A", "O", "~", "A"])
+    prob = np.array([[0.7, 0.1, 0.1, 0.1],   # N -> N
+                     [0.2, 0.6, 0.1, 0.1],   # N -> A
+                     [0.1, 0.8, 0.05, 0.05],  # A -> A
+                     [0.1, 0.1, 0.7, 0.1],   # O -> O
+                     [0.4, 0.2, 0.2, 0.2],   # ~ -> N
+                     [0.1, 0.3, 0.5, 0.1]])  # A -> O
+    result = score_predictions(y, prob, n_boot=20)
+    assert result["confusion"] == confusion(y, ["N", "A", "A", "O", "N", "O"]).tolist()
+    assert result["cinc_score"]["value"] == pytest.approx(cinc_score(y, ["N", "A", "A", "O", "N", "O"]))
+    assert result["auroc_af"]["value"] == pytest.approx(7 / 8)  # P(A) ranks 7 of the 8 (A, other) pairs right
+    correct = prob.argmax(1) == np.array([0, 0, 1, 2, 3, 1])
+    assert 0.0 <= result["ece"] <= 1.0 and correct.sum() == 3
+    with pytest.raises(ValueError, match="prob must be"):
+        score_predictions(y, prob[:, :3])

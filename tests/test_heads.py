@@ -157,3 +157,15 @@ def test_question_answering_head_bad_input():
         head(torch.randn(2, 16), torch.tensor([[1, 2]]))
     with pytest.raises(ValueError, match="question must be"):
         head(torch.randn(2, 16), torch.randn(2, 3))
+
+
+def test_class_weighted_cross_entropy_is_the_weighted_mean_over_rows():
+    torch.manual_seed(0)
+    logits, target = torch.randn(7, 4), torch.tensor([0, 0, 0, 1, 2, 3, 3])
+    weight = torch.tensor([0.5, 2.0, 1.0, 4.0])
+    per_row = F.cross_entropy(logits, target, reduction="none")
+    expected = (weight[target] * per_row).sum() / weight[target].sum()
+    assert torch.allclose(head_loss("multiclass", logits, target, class_weight=weight), expected)
+    assert torch.allclose(head_loss("multiclass", logits, target, class_weight=torch.ones(4)), per_row.mean())
+    with pytest.raises(ValueError, match="class_weight must be \\[4\\]"):
+        head_loss("multiclass", logits, target, class_weight=torch.ones(3))

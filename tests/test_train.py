@@ -112,3 +112,10 @@ def test_two_process_run_matches_one_process(tmp_path):
     assert sorted(one) == sorted(two) == [1, 2, 3]
     for step in one:
         assert two[step] == pytest.approx(one[step], rel=1e-4), step
+
+
+def test_shipped_cinc2017_config_parses_and_bad_threads_fail(tmp_path):
+    config = parse_config(["--config", str(Path(__file__).resolve().parents[1] / "configs" / "cinc2017_pretrain.yaml")])
+    assert config.preset == "demo" and config.threads == 1 and config.data == ["wfdb:../shared/data/cinc2017"]
+    with pytest.raises(ValueError, match="--threads must be >= 0"):
+        train(TrainConfig(out_dir=str(tmp_path), threads=-1))
