@@ -258,7 +258,8 @@ def run_benchmark(config: BenchmarkConfig, progress: bool = True) -> dict[str, A
 
     Rows of an earlier run into the same folder (same data, records, folds, seed and window
     stride) are kept, and a row run again replaces its old result, so rows can be added or
-    rerun one at a time (``--rows``).
+    rerun one at a time (``--rows``); results.json is read again before each write, so runs
+    of different rows in parallel processes add up too.
     """
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -270,6 +271,7 @@ def run_benchmark(config: BenchmarkConfig, progress: bool = True) -> dict[str, A
                "fold_sizes": np.bincount(fold).tolist(),
                "read_and_preprocess_s": round(time.perf_counter() - started, 1)}
     summary["rows"] = _earlier_rows(out / "results.json", summary)
+    ran: dict[str, Any] = {}
     embedded: dict[tuple, list[np.ndarray]] = {}
     for row in config.rows:
         started = time.perf_counter()
@@ -279,7 +281,8 @@ def run_benchmark(config: BenchmarkConfig, progress: bool = True) -> dict[str, A
                   **score_predictions(data.codes, prob, config.n_boot, config.seed), "seconds": round(seconds, 1)}
         slug = "".join(c if c.isalnum() else "_" for c in row["name"]).strip("_")
         result["reliability_png"] = str(reliability_plot(data.codes, prob, out / f"reliability_{slug}.png"))
-        summary["rows"][row["name"]] = result
+        ran[row["name"]] = result
+        summary["rows"] = {**_earlier_rows(out / "results.json", summary), **ran}
         _write_results(out, summary)
         if progress:
             tqdm.write(f"{row['name']}: CinC score {result['cinc_score']['value']:.3f} "

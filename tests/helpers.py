@@ -8,6 +8,7 @@ import torch
 
 from csfm_kernels import _ext
 from csfm_kernels._triton import triton_runs_on
+from csfm_kernels.patch_embed import PatchEmbedParams, patch_embed_tokens_reference
 
 FP32_TOL = {"atol": 1e-5, "rtol": 1e-5}
 
@@ -45,3 +46,39 @@ def assert_close_by_rule(ours: torch.Tensor, ref32: torch.Tensor, ref_low: torch
     ours_err = (ours.float() - ref32.float()).abs().max().item() if ours.numel() else 0.0
     ref_err = (ref_low.float() - ref32.float()).abs().max().item() if ours.numel() else 0.0
     assert ours_err <= 2 * ref_err + atol, f"{name}: error {ours_err:.3g} > 2 x reference error {ref_err:.3g} + {atol}"
+
+
+PATCH_PARAM_NAMES = ["ln_p_w", "ln_p_b", "weight", "bias", "ln_d_w", "ln_d_b", "chan_emb", "pos_emb"]
+
+
+def patch_embed_inputs(T: int, P: int, D: int, n_chan: int = 13, n_pos: int = 100, seed: int = 0,
+                       offset: float = 0.0, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Random fp32 inputs of the fused patch embedding: patches [T, P] with a random scale and
+    DC level per token, like raw ECG patches, plus ``offset``; token_chan [T] < n_chan and
+    token_pos [T] < n_pos (int64); the eight parameters of PATCH_PARAM_NAMES for width D."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape: int, scale: float = 1.0, shift: float = 0.0) -> torch.Tensor:
+        return torch.randn(*shape, generator=g) * scale + shift
+
+    patches = rnd(T, P) * (0.5 + torch.rand(T, 1, generator=g)) + rnd(T, 1, shift=offset)
+    inputs = dict(
+        patches=patches,
+        token_chan=torch.randint(0, n_chan, (T,), generator=g),
+        token_pos=torch.randint(0, n_pos, (T,), generator=g),
+        ln_p_w=rnd(P, scale=0.2, shift=1.0),
+        ln_p_b=rnd(P, scale=0.1),
+        weight=rnd(D, P, scale=P ** -0.5),
+        bias=rnd(D, scale=0.1),
+        ln_d_w=rnd(D, scale=0.2, shift=1.0),
+        ln_d_b=rnd(D, scale=0.1),
+        chan_emb=rnd(n_chan, D, scale=0.5),
+        pos_emb=rnd(n_pos, D, scale=0.5),
+    )
+    return {k: v.to(device) for k, v in inputs.items()}
+
+
+def patch_embed_torch(inputs: dict[str, torch.Tensor], eps: float = 1e-5) -> torch.Tensor:
+    """The package's plain-torch reference on a :func:`patch_embed_inputs` dict -> [T, D]."""
+    params = PatchEmbedParams(*[inputs[k] for k in PATCH_PARAM_NAMES], eps=eps)
+    return patch_embed_tokens_reference(inputs["patches"], inputs["token_chan"], inputs["token_pos"], params)

@@ -104,7 +104,7 @@ def test_two_process_run_matches_one_process(tmp_path):
     common = [*SMALL, "--epochs", "1", "--max-steps", "3"]
     train(parse_config([*common, "--out-dir", str(tmp_path / "one")]))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            "-m", "csfm.train", *common, "--out-dir", str(tmp_path / "two")],
                           capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

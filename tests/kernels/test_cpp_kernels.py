@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from csfm_kernels import _ext
+from helpers import PATCH_PARAM_NAMES, patch_embed_inputs, patch_embed_torch
 
 try:
     from hypothesis import HealthCheck, given, settings
@@ -32,38 +32,7 @@ EPS = 1e-5
 # ------------------------------------------------------------------------------------------
 # helpers
 # ------------------------------------------------------------------------------------------
-def make_inputs(T, P, D, NC, NP, seed=0, offset=0.0):
-    g = torch.Generator().manual_seed(seed)
-
-    def rnd(*shape, scale=1.0, shift=0.0):
-        return torch.randn(*shape, generator=g) * scale + shift
-
-    return dict(
-        patches=rnd(T, P, scale=2.0, shift=offset),
-        token_chan=torch.randint(0, NC, (T,), generator=g),
-        token_pos=torch.randint(0, NP, (T,), generator=g),
-        ln_p_w=rnd(P, scale=0.5, shift=1.0),
-        ln_p_b=rnd(P, scale=0.1),
-        weight=rnd(D, P, scale=P ** -0.5),
-        bias=rnd(D, scale=0.1),
-        ln_d_w=rnd(D, scale=0.5, shift=1.0),
-        ln_d_b=rnd(D, scale=0.1),
-        chan_emb=rnd(NC, D, scale=0.02),
-        pos_emb=rnd(NP, D, scale=0.02),
-    )
-
-
-PARAM_NAMES = ["ln_p_w", "ln_p_b", "weight", "bias", "ln_d_w", "ln_d_b", "chan_emb", "pos_emb"]
-ARG_ORDER = ["patches", "token_chan", "token_pos"] + PARAM_NAMES
-
-
-def torch_forward(x, eps=EPS):
-    P = x["patches"].shape[1]
-    D = x["weight"].shape[0]
-    h = F.layer_norm(x["patches"], (P,), x["ln_p_w"], x["ln_p_b"], eps)
-    y = F.linear(h, x["weight"], x["bias"])
-    z = F.layer_norm(y, (D,), x["ln_d_w"], x["ln_d_b"], eps)
-    return z + x["chan_emb"].index_select(0, x["token_chan"]) + x["pos_emb"].index_select(0, x["token_pos"])
+ARG_ORDER = ["patches", "token_chan", "token_pos"] + PATCH_PARAM_NAMES
 
 
 def ours_forward(x, n_threads, eps=EPS, out=None):
@@ -77,8 +46,8 @@ def ours_forward(x, n_threads, eps=EPS, out=None):
 
 def torch_backward(x, grad_out, eps=EPS):
     leaves = {k: (v.clone().requires_grad_(True) if v.is_floating_point() else v) for k, v in x.items()}
-    torch_forward(leaves, eps).backward(grad_out)
-    return {k: leaves[k].grad for k in ["patches"] + PARAM_NAMES}
+    patch_embed_torch(leaves, eps).backward(grad_out)
+    return {k: leaves[k].grad for k in ["patches"] + PATCH_PARAM_NAMES}
 
 
 def _to64(x):
@@ -100,9 +69,9 @@ def check_forward(x, n_threads, eps=EPS, fp32=True):
     # D < 8: a token's y can have a variance far below eps (e.g. D = 2 with two close values),
     # where zhat amplifies fp32 rounding by up to 1/sqrt(eps); fp32 torch is off more there
     tol = 1e-5 if x["weight"].shape[0] >= 8 else 1e-4
-    torch.testing.assert_close(out.double(), torch_forward(_to64(x), eps), rtol=tol, atol=tol)
+    torch.testing.assert_close(out.double(), patch_embed_torch(_to64(x), eps), rtol=tol, atol=tol)
     if fp32 and x["patches"].shape[1] >= 8 and x["weight"].shape[0] >= 16:
-        torch.testing.assert_close(out, torch_forward(x, eps), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out, patch_embed_torch(x, eps), rtol=1e-5, atol=1e-5)
     return out
 
 
@@ -125,9 +94,9 @@ def check_backward(x, grad_out, n_threads, eps=EPS, fp32=True):
 
 
 def ours_backward(x, grad_out, n_threads, eps=EPS):
-    grads = {k: torch.full_like(x[k], float("nan")) for k in ["patches"] + PARAM_NAMES}
+    grads = {k: torch.full_like(x[k], float("nan")) for k in ["patches"] + PATCH_PARAM_NAMES}
     C.patch_embed_backward(grad_out.numpy(), *[x[k].numpy() for k in ARG_ORDER], eps,
-                           *[grads[k].numpy() for k in ["patches"] + PARAM_NAMES], n_threads)
+                           *[grads[k].numpy() for k in ["patches"] + PATCH_PARAM_NAMES], n_threads)
     return grads
 
 
@@ -173,24 +142,24 @@ SHAPES = [  # T, P, D, NC, NP
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}_P{}_D{}_NC{}_NP{}".format(*s))
 @pytest.mark.parametrize("n_threads", [1, 2, 5])
 def test_patch_embed_forward_matches_torch(shape, n_threads):
-    check_forward(make_inputs(*shape, seed=sum(shape)), n_threads)
+    check_forward(patch_embed_inputs(*shape, seed=sum(shape)), n_threads)
 
 
 def test_patch_embed_forward_offset_patches_and_eps():
     # ECG patches with a large DC offset: fp32 torch's own LayerNorm is off by ~7e-5 here, so
     # only the float64 reference applies
-    x = make_inputs(40, 25, 96, 13, 100, seed=3, offset=500.0)
+    x = patch_embed_inputs(40, 25, 96, 13, 100, seed=3, offset=500.0)
     check_forward(x, 2, eps=1e-6, fp32=False)
 
 
 def test_patch_embed_backward_offset_patches_and_eps():
-    x = make_inputs(40, 25, 96, 13, 100, seed=4, offset=500.0)
+    x = patch_embed_inputs(40, 25, 96, 13, 100, seed=4, offset=500.0)
     grad_out = torch.randn(40, 96, generator=torch.Generator().manual_seed(4))
     check_backward(x, grad_out, 2, eps=1e-6, fp32=False)
 
 
 def test_patch_embed_forward_n_threads_larger_than_work():
-    x = make_inputs(3, 25, 33, 2, 2, seed=1)
+    x = patch_embed_inputs(3, 25, 33, 2, 2, seed=1)
     check_forward(x, 64)
     check_backward(x, torch.randn(3, 33, generator=torch.Generator().manual_seed(1)), 64)
 
@@ -198,13 +167,13 @@ def test_patch_embed_forward_n_threads_larger_than_work():
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}_P{}_D{}_NC{}_NP{}".format(*s))
 @pytest.mark.parametrize("n_threads", [1, 2, 5])
 def test_patch_embed_backward_matches_autograd(shape, n_threads):
-    x = make_inputs(*shape, seed=sum(shape) + 1)
+    x = patch_embed_inputs(*shape, seed=sum(shape) + 1)
     grad_out = torch.randn(shape[0], shape[2], generator=torch.Generator().manual_seed(7))
     check_backward(x, grad_out, n_threads)
 
 
 def test_patch_embed_backward_large_many_tokens():
-    x = make_inputs(1000, 25, 768, 13, 100, seed=11, offset=3.0)
+    x = patch_embed_inputs(1000, 25, 768, 13, 100, seed=11, offset=3.0)
     grad_out = torch.randn(1000, 768, generator=torch.Generator().manual_seed(2))
     check_backward(x, grad_out, 2)
 
@@ -212,8 +181,8 @@ def test_patch_embed_backward_large_many_tokens():
 def test_patch_embed_forward_large_output_streaming_and_misaligned_out():
     # >= 8 MiB of output takes the non-temporal store path (aligned rows); a misaligned
     # (but C-contiguous) out array takes the plain path
-    x = make_inputs(3000, 25, 768, 13, 100, seed=9)
-    ref = torch_forward(x)
+    x = patch_embed_inputs(3000, 25, 768, 13, 100, seed=9)
+    ref = patch_embed_torch(x)
     torch.testing.assert_close(ours_forward(x, 2), ref, rtol=1e-5, atol=1e-5)
     buf = np.full(3000 * 768 + 1, np.nan, np.float32)
     out = buf[1:].reshape(3000, 768)
@@ -225,14 +194,14 @@ def test_patch_embed_forward_large_output_streaming_and_misaligned_out():
 
 def test_patch_embed_backward_large_tables_and_many_threads():
     # big embedding tables cap the number of accumulator segments; many threads on few blocks
-    x = make_inputs(700, 25, 96, 13, 60000, seed=12)
+    x = patch_embed_inputs(700, 25, 96, 13, 60000, seed=12)
     grad_out = torch.randn(700, 96, generator=torch.Generator().manual_seed(12))
     check_backward(x, grad_out, 3)
     check_backward(x, grad_out, 16)
 
 
 def test_patch_embed_backward_deterministic():
-    x = make_inputs(203, 25, 96, 13, 100, seed=5)
+    x = patch_embed_inputs(203, 25, 96, 13, 100, seed=5)
     grad_out = torch.randn(203, 96, generator=torch.Generator().manual_seed(3))
     for n_threads in (1, 2, 3, 7):
         a = ours_backward(x, grad_out, n_threads)
@@ -247,24 +216,24 @@ def test_patch_embed_backward_deterministic():
 
 def test_patch_embed_single_feature_is_exactly_flat():
     # D == 1: LayerNorm_D outputs ln_d_b whatever y is, so every upstream gradient is 0
-    x = make_inputs(20, 25, 1, 2, 3, seed=6)
+    x = patch_embed_inputs(20, 25, 1, 2, 3, seed=6)
     grad_out = torch.randn(20, 1, generator=torch.Generator().manual_seed(6))
     grads = ours_backward(x, grad_out, 2)
     for k in ["patches", "ln_p_w", "ln_p_b", "weight", "bias", "ln_d_w"]:
         assert torch.equal(grads[k], torch.zeros_like(grads[k])), k
     torch.testing.assert_close(grads["ln_d_b"], grad_out.sum(0))
-    torch.testing.assert_close(ours_forward(x, 2), torch_forward(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours_forward(x, 2), patch_embed_torch(x), rtol=1e-5, atol=1e-5)
 
 
 def test_patch_embed_backward_zero_tokens_zeroes_grads():
-    x = make_inputs(0, 25, 20, 3, 4)
+    x = patch_embed_inputs(0, 25, 20, 3, 4)
     grads = ours_backward(x, torch.zeros(0, 20), 2)
     for k, v in grads.items():
         assert torch.equal(v, torch.zeros_like(v)), k
 
 
 def test_patch_embed_backward_unused_embedding_rows_are_zero():
-    x = make_inputs(10, 25, 40, 13, 100, seed=2)
+    x = patch_embed_inputs(10, 25, 40, 13, 100, seed=2)
     x["token_chan"] = torch.zeros(10, dtype=torch.int64)
     x["token_pos"] = torch.arange(10)
     grads = ours_backward(x, torch.randn(10, 40), 2)
@@ -279,7 +248,7 @@ if given is not None:
            NC=st.integers(1, 5), NP=st.integers(1, 20), n_threads=st.integers(1, 4),
            offset=st.sampled_from([0.0, 0.0, 30.0]), seed=st.integers(0, 2 ** 16))
     def test_patch_embed_random_shapes(T, P, D, NC, NP, n_threads, offset, seed):
-        x = make_inputs(T, P, D, NC, NP, seed=seed, offset=offset)
+        x = patch_embed_inputs(T, P, D, NC, NP, seed=seed, offset=offset)
         check_forward(x, n_threads, fp32=offset == 0.0)
         grad_out = torch.randn(T, D, generator=torch.Generator().manual_seed(seed + 1))
         check_backward(x, grad_out, n_threads, fp32=offset == 0.0)
@@ -381,14 +350,14 @@ def _fwd_args(x, out=None, eps=EPS, n_threads=2):
     ("pos_emb", lambda v: v.half(), "pos_emb.*float32"),
 ])
 def test_patch_embed_forward_rejects_bad_arrays(name, bad, match):
-    x = make_inputs(8, 25, 32, 3, 6)
+    x = patch_embed_inputs(8, 25, 32, 3, 6)
     x[name] = bad(x[name])
     with pytest.raises(ValueError, match=match):
         C.patch_embed_forward(*_fwd_args(x))
 
 
 def test_patch_embed_forward_rejects_bad_out_and_threads():
-    x = make_inputs(8, 25, 32, 3, 6)
+    x = patch_embed_inputs(8, 25, 32, 3, 6)
     with pytest.raises(ValueError, match="out.*shape"):
         C.patch_embed_forward(*_fwd_args(x, out=np.empty((8, 31), np.float32)))
     with pytest.raises(ValueError, match="out.*float32"):
@@ -407,7 +376,7 @@ def test_patch_embed_forward_rejects_bad_out_and_threads():
 
 @pytest.mark.parametrize("name,value,nmax", [("token_chan", 3, 3), ("token_chan", -1, 3), ("token_pos", 6, 6)])
 def test_patch_embed_rejects_out_of_range_index(name, value, nmax):
-    x = make_inputs(8, 25, 32, 3, 6)
+    x = patch_embed_inputs(8, 25, 32, 3, 6)
     x[name] = x[name].clone()
     x[name][5] = value
     with pytest.raises(IndexError, match=rf"{name}\[5\] = {value}"):
@@ -417,16 +386,16 @@ def test_patch_embed_rejects_out_of_range_index(name, value, nmax):
 
 
 def test_patch_embed_backward_rejects_bad_grad_arrays():
-    x = make_inputs(8, 25, 32, 3, 6)
-    grads = {k: torch.empty_like(x[k]) for k in ["patches"] + PARAM_NAMES}
+    x = patch_embed_inputs(8, 25, 32, 3, 6)
+    grads = {k: torch.empty_like(x[k]) for k in ["patches"] + PATCH_PARAM_NAMES}
     grads["weight"] = torch.empty(25, 32)
     with pytest.raises(ValueError, match=r"grad_weight.*\[32, 25\].*\[25, 32\]"):
         C.patch_embed_backward(torch.randn(8, 32).numpy(), *[x[k].numpy() for k in ARG_ORDER], EPS,
-                               *[grads[k].numpy() for k in ["patches"] + PARAM_NAMES], 2)
+                               *[grads[k].numpy() for k in ["patches"] + PATCH_PARAM_NAMES], 2)
     grads["weight"] = torch.empty(32, 25)
     with pytest.raises(ValueError, match="grad_out.*shape"):
         C.patch_embed_backward(torch.randn(8, 33).numpy(), *[x[k].numpy() for k in ARG_ORDER], EPS,
-                               *[grads[k].numpy() for k in ["patches"] + PARAM_NAMES], 2)
+                               *[grads[k].numpy() for k in ["patches"] + PATCH_PARAM_NAMES], 2)
 
 
 def test_masked_rows_reject_bad_input():

@@ -10,8 +10,9 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
+
+from helpers import PATCH_PARAM_NAMES, patch_embed_inputs, patch_embed_torch
 
 pytest.importorskip("triton")
 masking = importlib.import_module("csfm_kernels.masking")
@@ -43,39 +44,13 @@ SETTINGS = settings(max_examples=10, deadline=None, derandomize=True)
 # helpers
 # ----------------------------------------------------------------------------------------------
 def _make_inputs(T, P, D, dtype, seed):
-    g = torch.Generator().manual_seed(seed)
-
-    def rn(*shape, scale=1.0, shift=0.0):
-        return (torch.randn(*shape, generator=g) * scale + shift).to(DEVICE)
-
-    # patches with a per-token offset and scale, like raw ECG windows
-    patches = rn(T, P) * (0.5 + torch.rand(T, 1, generator=g).to(DEVICE)) + rn(T, 1)
-    return dict(
-        patches=patches.to(dtype),
-        token_chan=torch.randint(0, NC, (T,), generator=g).to(DEVICE),
-        token_pos=torch.randint(0, NP, (T,), generator=g).to(DEVICE),
-        ln_p_w=rn(P, scale=0.2, shift=1.0),
-        ln_p_b=rn(P, scale=0.1),
-        weight=rn(D, P, scale=P ** -0.5),
-        bias=rn(D, scale=0.1),
-        ln_d_w=rn(D, scale=0.2, shift=1.0),
-        ln_d_b=rn(D, scale=0.1),
-        chan_emb=rn(NC, D, scale=0.5),
-        pos_emb=rn(NP, D, scale=0.5),
-    )
+    """Patch-embedding inputs on DEVICE with the patches in ``dtype`` (parameters fp32)."""
+    inp = patch_embed_inputs(T, P, D, NC, NP, seed, device=DEVICE)
+    inp["patches"] = inp["patches"].to(dtype)
+    return inp
 
 
-PARAM_NAMES = ["ln_p_w", "ln_p_b", "weight", "bias", "ln_d_w", "ln_d_b", "chan_emb", "pos_emb"]
-GRAD_NAMES = ["patches"] + PARAM_NAMES
-
-
-def _torch_forward(inp, eps=EPS):
-    P = inp["patches"].shape[1]
-    D = inp["weight"].shape[0]
-    h = F.layer_norm(inp["patches"], (P,), inp["ln_p_w"], inp["ln_p_b"], eps)
-    y = F.linear(h, inp["weight"], inp["bias"])
-    z = F.layer_norm(y, (D,), inp["ln_d_w"], inp["ln_d_b"], eps)
-    return z + inp["chan_emb"][inp["token_chan"]] + inp["pos_emb"][inp["token_pos"]]
+GRAD_NAMES = ["patches"] + PATCH_PARAM_NAMES
 
 
 def _cast(inp, dtype):
@@ -88,19 +63,19 @@ def _torch_grads(inp, grad_out):
         k: (v.detach().clone().requires_grad_(True) if v.is_floating_point() else v)
         for k, v in inp.items()
     }
-    out = _torch_forward(leaves)
+    out = patch_embed_torch(leaves)
     out.backward(grad_out.to(out.dtype))
     return [leaves[n].grad for n in GRAD_NAMES]
 
 
 def _triton_forward(inp):
     return patch_embed._triton_forward(inp["patches"], inp["token_chan"], inp["token_pos"],
-                                       [inp[n] for n in PARAM_NAMES], EPS)
+                                       [inp[n] for n in PATCH_PARAM_NAMES], EPS)
 
 
 def _triton_backward(grad_out, inp, **kw):
     return patch_embed._triton_backward(grad_out, inp["patches"], inp["token_chan"], inp["token_pos"],
-                                        [inp[n] for n in PARAM_NAMES], EPS, **kw)
+                                        [inp[n] for n in PATCH_PARAM_NAMES], EPS, **kw)
 
 
 def _maxerr(a, b):
@@ -132,11 +107,11 @@ def test_patch_embed_forward(T, D, P, dtype, seed):
     out = _triton_forward(inp)
     assert out.shape == (T, D) and out.dtype == dtype
     if dtype == torch.float32:
-        ref = _torch_forward(_cast(inp, REF)).float()
+        ref = patch_embed_torch(_cast(inp, REF)).float()
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     else:
-        ref32 = _torch_forward(_cast(inp, REF))
-        ref_low = _torch_forward(_cast(inp, dtype))
+        ref32 = patch_embed_torch(_cast(inp, REF))
+        ref_low = patch_embed_torch(_cast(inp, dtype))
         _check_low_precision("out", out, ref32, ref_low)
 
 
@@ -181,7 +156,7 @@ def test_patch_embed_grid(D, P, dtype):
     grad_out = torch.randn(T, D, generator=torch.Generator().manual_seed(D)).to(DEVICE).to(dtype)
     out = _triton_forward(inp)
     got = _triton_backward(grad_out, inp, max_programs=2)
-    ref_out = _torch_forward(_cast(inp, REF))
+    ref_out = patch_embed_torch(_cast(inp, REF))
     ref = _torch_grads(_cast(inp, REF), grad_out.to(REF))
     if dtype == torch.float32:
         torch.testing.assert_close(out, ref_out.float(), atol=1e-5, rtol=1e-5)
@@ -190,7 +165,7 @@ def test_patch_embed_grid(D, P, dtype):
             torch.testing.assert_close(gv, rv.float(), atol=tol, rtol=tol,
                                        msg=lambda m: f"{name}: {m}")
     else:
-        _check_low_precision("out", out, ref_out, _torch_forward(_cast(inp, dtype)))
+        _check_low_precision("out", out, ref_out, patch_embed_torch(_cast(inp, dtype)))
         ref_low = _torch_grads(_cast(inp, dtype), grad_out)
         for name, gv, r32, rlow in zip(GRAD_NAMES, got, ref, ref_low):
             _check_low_precision(name, gv, r32, rlow)
@@ -207,7 +182,7 @@ def test_patch_embed_expanded_grad_and_strided_inputs():
     ref = _torch_grads(_cast(inp, REF), grad_out.to(REF))
     for name, gv, rv in zip(GRAD_NAMES, got, ref):
         torch.testing.assert_close(gv, rv.float(), atol=1e-4, rtol=1e-4, msg=lambda m: f"{name}: {m}")
-    ref_out = _torch_forward(_cast(inp, REF)).float()
+    ref_out = patch_embed_torch(_cast(inp, REF)).float()
     torch.testing.assert_close(_triton_forward(inp), ref_out, atol=1e-5, rtol=1e-5)
 
 
