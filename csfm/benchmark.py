@@ -31,7 +31,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence
 
 import numpy as np
 import torch
@@ -252,14 +252,17 @@ def finetune_probabilities(row: dict[str, Any], data: LabelledWindows, fold: np.
 # ----------------------------------------------------------------------------- the harness
 
 
-def run_benchmark(config: BenchmarkConfig, progress: bool = True) -> dict[str, Any]:
-    """Runs every row of ``config`` on the same folds; writes results.json, results.md and one
-    reliability PNG per row under config.out, after each row; returns the results dict.
+def run_benchmark(config: BenchmarkConfig, progress: bool = True,
+                  only: Collection[str] | None = None) -> dict[str, Any]:
+    """Runs every row of ``config`` (or those named in ``only``) on the same folds; writes
+    results.json, results.md and one reliability PNG per row under config.out, after each
+    row; returns the results dict.
 
     Rows of an earlier run into the same folder (same data, records, folds, seed and window
     stride) are kept, and a row run again replaces its old result, so rows can be added or
     rerun one at a time (``--rows``); results.json is read again before each write, so runs
-    of different rows in parallel processes add up too.
+    of different rows in parallel processes add up too. Rows are listed in config order,
+    then any earlier rows the config no longer has.
     """
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -273,7 +276,10 @@ def run_benchmark(config: BenchmarkConfig, progress: bool = True) -> dict[str, A
     summary["rows"] = _earlier_rows(out / "results.json", summary)
     ran: dict[str, Any] = {}
     embedded: dict[tuple, list[np.ndarray]] = {}
+    order = [row["name"] for row in config.rows]
     for row in config.rows:
+        if only is not None and row["name"] not in only:
+            continue
         started = time.perf_counter()
         prob, details = _row_probabilities(row, config, data, fold, embedded, out, progress)
         seconds = time.perf_counter() - started
@@ -282,7 +288,9 @@ def run_benchmark(config: BenchmarkConfig, progress: bool = True) -> dict[str, A
         slug = "".join(c if c.isalnum() else "_" for c in row["name"]).strip("_")
         result["reliability_png"] = str(reliability_plot(data.codes, prob, out / f"reliability_{slug}.png"))
         ran[row["name"]] = result
-        summary["rows"] = {**_earlier_rows(out / "results.json", summary), **ran}
+        rows = {**_earlier_rows(out / "results.json", summary), **ran}
+        summary["rows"] = {name: rows[name] for name in sorted(rows, key=lambda n: order.index(n) if n in order
+                                                                 else len(order))}
         _write_results(out, summary)
         if progress:
             tqdm.write(f"{row['name']}: CinC score {result['cinc_score']['value']:.3f} "
@@ -353,8 +361,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         unknown = sorted(set(args.rows) - {r["name"] for r in config.rows})
         if unknown:
             raise ValueError(f"--rows: {unknown} are not rows of {args.config}")
-        config.rows = [r for r in config.rows if r["name"] in args.rows]
-    return run_benchmark(config, progress=not args.quiet)
+    return run_benchmark(config, progress=not args.quiet, only=args.rows)
 
 
 if __name__ == "__main__":

@@ -113,7 +113,9 @@ rows:
     assert saved["rows"]["floor"]["n_features"] == 2 * 128  # mean and max side by side
     # a rerun of one row reuses the saved folds, replaces that row and keeps the others
     folds = json.loads((out / "folds.json").read_text())["fold"]
-    (out / "results.json").write_text(json.dumps({**saved, "rows": {**saved["rows"], "hand": {}}}))
+    # an earlier file with the rows out of config order and "hand" to be replaced
+    (out / "results.json").write_text(json.dumps({**saved, "rows": {"tuned": saved["rows"]["tuned"], "hand": {},
+                                                                     "floor": saved["rows"]["floor"]}}))
     again = main(["--config", str(config), "--limit", "40", "--quiet", "--rows", "hand"])
     assert json.loads((out / "folds.json").read_text())["fold"] == folds
     assert list(again["rows"]) == ["hand", "floor", "tuned"] and again["rows"]["tuned"] == saved["rows"]["tuned"]
