@@ -225,12 +225,11 @@ def finetune_probabilities(row: dict[str, Any], data: LabelledWindows, fold: np.
     prob = np.zeros((len(data.codes), len(LABELS)))
     for k in np.unique(fold):
         train_rows = np.flatnonzero(fold != k)
+        counts = np.bincount(data.codes[train_rows], minlength=len(LABELS))
         loss_kw = {}
         if row.get("class_weight", "none") == "balanced":  # n / (K n_c) of the training fold, 0 for absent classes
-            counts = np.bincount(data.codes[train_rows], minlength=len(LABELS))
             weight = np.divide(len(train_rows), len(LABELS) * counts, out=np.zeros(len(LABELS)), where=counts > 0)
             loss_kw["class_weight"] = torch.tensor(weight, dtype=torch.float32)
-        counts = np.bincount(data.codes[train_rows])
         stratify = data.codes[train_rows] if counts[counts > 0].min() >= 2 else None  # sklearn needs 2 per class
         fit_rows, val_rows = train_test_split(train_rows, test_size=0.1, random_state=seed, stratify=stratify)
         torch.manual_seed(seed)
