@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import gc
 import json
 import os
 import shutil
@@ -429,6 +430,13 @@ def train(config: TrainConfig) -> Path:
         print(f"csfm.train: done. checkpoint {last_dir}, logs {log_path} and {out_dir / 'tensorboard'}, "
               f"reconstruction {out_dir / 'reconstruction.png'}")
     if run.world > 1:
+        # DDP's reducer holds the process group too, and its destructor keeps the GIL while the
+        # group's gloo threads may still need it to free finished work: freed last, it can hang
+        # the exit (pytorch/pytorch#56297). Free it first; destroy_process_group then frees the
+        # group with the GIL released.
+        del trained
+        gc.collect()
+        dist.barrier()
         dist.destroy_process_group()
     return last_dir
 
