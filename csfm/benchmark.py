@@ -46,7 +46,7 @@ from csfm.embed import POOLINGS, encode_windows, load_encoder
 from csfm.finetune import FineTuneConfig, finetune, predict
 from csfm.heads import ClassificationHead
 from csfm.metrics import reliability_plot, save_results
-from csfm.model import CSFMEncoder
+from csfm.model import CSFMEncoder, pooled_width
 from csfm.preprocess import PreprocessConfig, make_windows, preprocess_signal
 from csfm.readers import WfdbDirectory
 
@@ -94,7 +94,7 @@ class BenchmarkConfig:
             if kind != "handcrafted" and "checkpoint" not in row:
                 raise ValueError(f"{path}: rows[{i}] ({row['name']}): a {kind} row needs a checkpoint")
             choices = {"model": MODELS, "pooling": RECORD_POOLINGS, "class_weight": ("none", "balanced"),
-                       "token_pooling": ("cls", "mean") if kind == "finetune" else POOLINGS}
+                       "token_pooling": POOLINGS}
             for key, allowed in choices.items():
                 if key in row and row[key] not in allowed:
                     raise ValueError(f"{path}: rows[{i}] ({row['name']}): {key} must be one of {allowed}, "
@@ -233,7 +233,7 @@ def finetune_probabilities(row: dict[str, Any], data: LabelledWindows, fold: np.
         stratify = data.codes[train_rows] if counts[counts > 0].min() >= 2 else None  # sklearn needs 2 per class
         fit_rows, val_rows = train_test_split(train_rows, test_size=0.1, random_state=seed, stratify=stratify)
         torch.manual_seed(seed)
-        head = ClassificationHead(base.config.dim, len(LABELS))
+        head = ClassificationHead(pooled_width(base.config.dim, config.pooling), len(LABELS))
         model, history = finetune(copy.deepcopy(base), head, "multiclass", _samples(data, fit_rows, every),
                                   _samples(data, val_rows, every), target_of, config, progress=progress, **loss_kw)
         test_rows = np.flatnonzero(fold == k)

@@ -26,7 +26,7 @@ from csfm.batch import make_batch
 from csfm.checkpoint import WEIGHTS, atomic_write, latest_checkpoint, load_pretrained, read_config
 from csfm.cli import add_dataclass_options
 from csfm.config import ModelConfig, preset
-from csfm.model import CSFMEncoder, segment_mean
+from csfm.model import TOKEN_POOLINGS as POOLINGS, CSFMEncoder, pool_tokens
 from csfm.precision import choose_precision
 from csfm.preprocess import PreprocessConfig, preprocess_record
 from csfm.record import PPG_TYPE
@@ -34,7 +34,6 @@ from csfm.sources import open_sources
 from csfm_kernels.patch_embed import PATCH_LEN
 
 MODALITIES = ("both", "ecg", "ppg")
-POOLINGS = ("cls", "mean", "mean+std")
 
 
 @dataclass
@@ -145,14 +144,7 @@ def encode_windows(encoder: CSFMEncoder, signals: Sequence[np.ndarray], channel_
     batch = make_batch(list(signals), [list(t) for t in channel_types], valid=list(valid))
     with autocast():
         out = encoder(batch.to(device))
-    if pooling != "mean+std":
-        return (out.cls if pooling == "cls" else out.mean).float().cpu().numpy()
-    if out.window_owner is not None:
-        raise ValueError("mean+std pooling takes windows of at most 10 s")
-    tokens = out.tokens.float()
-    second_moment = segment_mean(tokens * tokens, out.layout.cu_seqlens)
-    std = (second_moment - out.mean.float() ** 2).clamp(min=0).sqrt()
-    return torch.cat([out.mean.float(), std], dim=1).cpu().numpy()
+    return pool_tokens(out, pooling).cpu().numpy()
 
 
 @torch.no_grad()

@@ -28,7 +28,7 @@ from csfm.data import PretrainWindows, Sample, collate
 from csfm.embed import load_encoder
 from csfm.heads import ClassificationHead, RegressionHead, head_loss
 from csfm.metrics import evaluate, reliability_plot, results_markdown, save_results
-from csfm.model import CSFMEncoder
+from csfm.model import CSFMEncoder, pool_tokens, pooled_width
 from csfm.optim import layerwise_param_groups, warmup_linear
 from csfm.sources import open_sources
 from csfm.splits import assert_no_patient_leakage, split_or_load
@@ -46,7 +46,7 @@ class FineTuneConfig:
     weight_decay: float = 0.05
     warmup_fraction: float = 0.1
     patience: int = 3
-    pooling: str = "cls"
+    pooling: str = field(default="cls", metadata={"help": "token pooling into the head: cls, mean or mean+std (2 d wide)"})
     seed: int = 0
 
 
@@ -61,17 +61,16 @@ class FineTuneResult:
 
 
 class EncoderWithHead(nn.Module):
-    """Encoder -> pooled embedding (CLS or mean) -> head: Batch -> head output."""
+    """Encoder -> pooled embedding (:func:`csfm.model.pool_tokens`: cls, mean or mean+std, the
+    head's input width from :func:`csfm.model.pooled_width`) -> head: Batch -> head output."""
 
     def __init__(self, encoder: CSFMEncoder, head: nn.Module, pooling: str = "cls") -> None:
         super().__init__()
-        if pooling not in ("cls", "mean"):
-            raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
+        pooled_width(encoder.config.dim, pooling)
         self.encoder, self.head, self.pooling = encoder, head, pooling
 
     def forward(self, batch: Batch) -> torch.Tensor:
-        out = self.encoder(batch)
-        return self.head(out.cls if self.pooling == "cls" else out.mean)
+        return self.head(pool_tokens(self.encoder(batch), self.pooling))
 
 
 def _batches(samples: Sequence[Sample], batch_size: int, rng: np.random.Generator | None) -> list[list[int]]:
@@ -142,7 +141,8 @@ def _validation_loss(model: EncoderWithHead, samples: Sequence[Sample], batch_si
 # ----------------------------------------------------------------------------- command line
 
 TASKS = ("binary", "multiclass", "regression")
-_CLI_FIELDS = ("epochs", "batch_size", "lr", "layer_decay", "weight_decay", "warmup_fraction", "patience", "seed")
+_CLI_FIELDS = ("epochs", "batch_size", "lr", "layer_decay", "weight_decay", "warmup_fraction", "patience", "pooling",
+               "seed")
 
 
 def _labels(source, key: str) -> list:
@@ -203,7 +203,7 @@ def run(args: argparse.Namespace) -> dict:
     source = open_sources(args.data, seed=args.seed)
     labels = _labels(source, args.label)
     encoder = load_encoder(args.checkpoint, args.preset)
-    head, targets, classes = _task_setup(args.task, labels, encoder.config.dim)
+    head, targets, classes = _task_setup(args.task, labels, pooled_width(encoder.config.dim, args.pooling))
     record_ids = [source[i].record_id for i in range(len(source))]
     split = split_or_load(out_dir / "split.json", source.patient_ids, record_ids, seed=args.seed,
                           labels=None if args.task == "regression" else targets)

@@ -154,6 +154,30 @@ def segment_mean(tokens: torch.Tensor, cu_seqlens: torch.Tensor, skip_first: int
     return sums / counts[:, None]
 
 
+TOKEN_POOLINGS = ("cls", "mean", "mean+std")
+
+
+def pooled_width(dim: int, pooling: str) -> int:
+    """Width of :func:`pool_tokens`'s vectors for an encoder of width ``dim``."""
+    if pooling not in TOKEN_POOLINGS:
+        raise ValueError(f"pooling must be one of {TOKEN_POOLINGS}, got {pooling!r}")
+    return 2 * dim if pooling == "mean+std" else dim
+
+
+def pool_tokens(out: "EncoderOutput", pooling: str) -> torch.Tensor:
+    """One float32 vector per sample: "cls" [B, d], "mean" of the non-CLS tokens [B, d], or
+    "mean+std" [B, 2 d], their mean and standard deviation side by side (samples of at most
+    one window; the std is floored at 1e-6 so its gradient stays finite)."""
+    pooled_width(out.cls.shape[1], pooling)
+    if pooling != "mean+std":
+        return (out.cls if pooling == "cls" else out.mean).float()
+    if out.window_owner is not None:
+        raise ValueError("mean+std pooling takes windows of at most 10 s")
+    tokens, mean = out.tokens.float(), out.mean.float()
+    variance = segment_mean(tokens * tokens, out.layout.cu_seqlens) - mean ** 2
+    return torch.cat([mean, variance.clamp(min=1e-12).sqrt()], dim=1)
+
+
 def _mean_by_owner(rows: torch.Tensor, owner: torch.Tensor, n: int) -> torch.Tensor:
     """rows [W, d] -> [n, d]: the mean of the rows each of n owners has."""
     sums = torch.zeros(n, rows.shape[1], dtype=rows.dtype, device=rows.device).index_add(0, owner, rows)

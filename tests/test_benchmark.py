@@ -61,7 +61,7 @@ def test_pool_records_mean_and_mean_max():
     ("rows: [{name: a, kind: probe}]\n", "a probe row needs a checkpoint"),
     ("rows: [{name: a, kind: handcrafted, model: gbm, lr: 1}]\n", "unknown keys \\['lr'\\] for kind handcrafted"),
     ("rows: [{name: a, kind: magic}]\n", "needs a name and a kind"),
-    ("rows: [{name: a, kind: finetune, checkpoint: c, token_pooling: mean+std}]\n", "token_pooling must be one of"),
+    ("rows: [{name: a, kind: finetune, checkpoint: c, token_pooling: max}]\n", "token_pooling must be one of"),
     ("rows: [{name: a, kind: probe, checkpoint: c, pooling: max}]\n", "pooling must be one of"),
     ("rows: [{name: a, kind: finetune, checkpoint: c, class_weight: inverse}]\n", "class_weight must be one of"),
 ])

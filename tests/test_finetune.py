@@ -7,12 +7,13 @@ import pytest
 import torch
 
 from csfm.config import preset
-from csfm.data import PretrainWindows
+from csfm.data import PretrainWindows, collate
 from csfm.demo import RHYTHMS, DemoDataset
 from csfm.checkpoint import save_checkpoint
-from csfm.finetune import FineTuneConfig, _validation_loss, finetune, main
+from csfm.embed import encode_windows
+from csfm.finetune import EncoderWithHead, FineTuneConfig, _validation_loss, finetune, main
 from csfm.heads import ClassificationHead
-from csfm.model import CSFMEncoder
+from csfm.model import CSFMEncoder, EncoderOutput, SequenceLayout, pool_tokens, pooled_width, segment_mean
 from csfm.pretrain import MaskedPretrainer
 
 
@@ -70,3 +71,30 @@ def test_finetune_cli_writes_results_and_reuses_its_split(tmp_path):
     assert (tmp_path / "ft" / "split.json").read_text() == split
     with pytest.raises(ValueError, match="no label 'nope'"):
         main([*args[:5], "nope", *args[6:]])
+
+
+def test_mean_std_pooling_head_sees_the_embedding(windows):
+    train, _ = windows
+    encoder = CSFMEncoder(preset("demo", depth=1)).eval()
+    samples = train[:4]
+    model = EncoderWithHead(encoder, torch.nn.Identity(), "mean+std")
+    pooled = model(collate(samples))
+    assert pooled.shape == (4, pooled_width(128, "mean+std")) == (4, 256)
+    with torch.no_grad():
+        embedded = encode_windows(encoder, [s.x for s in samples], [s.channel_types for s in samples],
+                                  [s.valid for s in samples], "mean+std")
+    torch.testing.assert_close(pooled.detach(), torch.as_tensor(embedded), rtol=1e-5, atol=1e-5)
+    pooled.square().sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in encoder.transformer.parameters())
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        EncoderWithHead(encoder, torch.nn.Identity(), "max")
+
+
+def test_mean_std_of_identical_tokens_is_floored_with_a_finite_gradient():
+    layout = SequenceLayout.of(torch.tensor([3, 2]), torch.tensor([0, 0]))  # CLS + 3 and CLS + 2 tokens
+    tokens = torch.ones(7, 4, requires_grad=True)
+    out = EncoderOutput(tokens, layout, tokens[layout.cls_rows], segment_mean(tokens, layout.cu_seqlens))
+    pooled = pool_tokens(out, "mean+std")
+    torch.testing.assert_close(pooled.detach(), torch.cat([torch.ones(2, 4), torch.full((2, 4), 1e-6)], 1))
+    pooled.sum().backward()
+    assert torch.isfinite(tokens.grad).all()
