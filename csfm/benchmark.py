@@ -42,11 +42,11 @@ from csfm.checkpoint import atomic_write
 from csfm.cinc2017 import (LABELS, MODELS, feature_probabilities, load_features, read_reference, record_folds,
                            results_table, score_predictions)
 from csfm.data import Sample
-from csfm.embed import POOLINGS, encode_windows, load_encoder
+from csfm.embed import encode_windows, load_encoder
 from csfm.finetune import FineTuneConfig, finetune, predict
 from csfm.heads import ClassificationHead
 from csfm.metrics import reliability_plot, save_results
-from csfm.model import CSFMEncoder, pooled_width
+from csfm.model import TOKEN_POOLINGS, CSFMEncoder, pooled_width
 from csfm.preprocess import PreprocessConfig, make_windows, preprocess_signal
 from csfm.readers import WfdbDirectory
 
@@ -94,7 +94,7 @@ class BenchmarkConfig:
             if kind != "handcrafted" and "checkpoint" not in row:
                 raise ValueError(f"{path}: rows[{i}] ({row['name']}): a {kind} row needs a checkpoint")
             choices = {"model": MODELS, "pooling": RECORD_POOLINGS, "class_weight": ("none", "balanced"),
-                       "token_pooling": POOLINGS}
+                       "token_pooling": TOKEN_POOLINGS}
             for key, allowed in choices.items():
                 if key in row and row[key] not in allowed:
                     raise ValueError(f"{path}: rows[{i}] ({row['name']}): {key} must be one of {allowed}, "

@@ -26,7 +26,7 @@ from csfm.batch import make_batch
 from csfm.checkpoint import WEIGHTS, atomic_write, latest_checkpoint, load_pretrained, read_config
 from csfm.cli import add_dataclass_options
 from csfm.config import ModelConfig, preset
-from csfm.model import TOKEN_POOLINGS as POOLINGS, CSFMEncoder, pool_tokens
+from csfm.model import CSFMEncoder, check_token_pooling, pool_tokens
 from csfm.precision import choose_precision
 from csfm.preprocess import PreprocessConfig, preprocess_record
 from csfm.record import PPG_TYPE
@@ -138,8 +138,7 @@ def encode_windows(encoder: CSFMEncoder, signals: Sequence[np.ndarray], channel_
     "mean+std" (their mean and standard deviation side by side: [B, 2 d]); autocast: a context
     manager factory (e.g. a Precision's ``autocast``). Call with the encoder in eval mode.
     """
-    if pooling not in POOLINGS:
-        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    check_token_pooling(pooling)
     device = next(encoder.parameters()).device
     batch = make_batch(list(signals), [list(t) for t in channel_types], valid=list(valid))
     with autocast():
@@ -152,8 +151,7 @@ def embed_source(encoder: CSFMEncoder, source, modality: str = "both", pooling: 
                  batch_windows: int = 32, keep_windows: bool = False, precision: str = "fp32",
                  preprocess: PreprocessConfig | None = None, progress: bool = True) -> Embeddings:
     """Embeds every record of ``source`` (len / [i] -> Record). Deterministic (eval mode)."""
-    if pooling not in POOLINGS:
-        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    check_token_pooling(pooling)
     encoder.eval()
     autocast = choose_precision(precision, next(encoder.parameters()).device).autocast
     preprocess = preprocess or PreprocessConfig()

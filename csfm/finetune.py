@@ -28,7 +28,7 @@ from csfm.data import PretrainWindows, Sample, collate
 from csfm.embed import load_encoder
 from csfm.heads import ClassificationHead, RegressionHead, head_loss
 from csfm.metrics import evaluate, reliability_plot, results_markdown, save_results
-from csfm.model import CSFMEncoder, pool_tokens, pooled_width
+from csfm.model import CSFMEncoder, check_token_pooling, pool_tokens, pooled_width
 from csfm.optim import layerwise_param_groups, warmup_linear
 from csfm.sources import open_sources
 from csfm.splits import assert_no_patient_leakage, split_or_load
@@ -66,7 +66,7 @@ class EncoderWithHead(nn.Module):
 
     def __init__(self, encoder: CSFMEncoder, head: nn.Module, pooling: str = "cls") -> None:
         super().__init__()
-        pooled_width(encoder.config.dim, pooling)
+        check_token_pooling(pooling)
         self.encoder, self.head, self.pooling = encoder, head, pooling
 
     def forward(self, batch: Batch) -> torch.Tensor:

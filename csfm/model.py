@@ -157,10 +157,15 @@ def segment_mean(tokens: torch.Tensor, cu_seqlens: torch.Tensor, skip_first: int
 TOKEN_POOLINGS = ("cls", "mean", "mean+std")
 
 
-def pooled_width(dim: int, pooling: str) -> int:
-    """Width of :func:`pool_tokens`'s vectors for an encoder of width ``dim``."""
+def check_token_pooling(pooling: str) -> None:
+    """ValueError unless ``pooling`` is one of TOKEN_POOLINGS."""
     if pooling not in TOKEN_POOLINGS:
         raise ValueError(f"pooling must be one of {TOKEN_POOLINGS}, got {pooling!r}")
+
+
+def pooled_width(dim: int, pooling: str) -> int:
+    """Width of :func:`pool_tokens`'s vectors for an encoder of width ``dim``."""
+    check_token_pooling(pooling)
     return 2 * dim if pooling == "mean+std" else dim
 
 
@@ -168,7 +173,7 @@ def pool_tokens(out: "EncoderOutput", pooling: str) -> torch.Tensor:
     """One float32 vector per sample: "cls" [B, d], "mean" of the non-CLS tokens [B, d], or
     "mean+std" [B, 2 d], their mean and standard deviation side by side (samples of at most
     one window; the std is floored at 1e-6 so its gradient stays finite)."""
-    pooled_width(out.cls.shape[1], pooling)
+    check_token_pooling(pooling)
     if pooling != "mean+std":
         return (out.cls if pooling == "cls" else out.mean).float()
     if out.window_owner is not None:

@@ -329,11 +329,11 @@ def _shard_loader(dataset, batches: list[list[int]], run: _Run, workers: int):
 def train(config: TrainConfig) -> Path:
     """Runs pretraining (one process, or each process of a torchrun job); returns the
     directory of the final checkpoint."""
+    if config.threads < 0:
+        raise ValueError(f"--threads must be >= 0, got {config.threads}")
     run = _start(config)
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if config.threads < 0:
-        raise ValueError(f"--threads must be >= 0, got {config.threads}")
     if config.threads:
         torch.set_num_threads(config.threads)
     precision = choose_precision(config.precision, run.device)
