@@ -3,12 +3,18 @@
 Parameter names follow the published model (DESIGN.md §1) so its checkpoints load. Every
 sequence of a batch is packed: tokens ``[sum_b T_b, d]`` with ``cu_seqlens [B+1]``, so a
 batch mixing a 1-lead and a 12-lead record costs the sum of their attention, not B times
-the longest. ``backend="reference"`` runs the plain-torch reference of every op (same
-weights, same outputs within 1e-5 in fp32) for testing.
+the longest. ``backend`` picks the kernels of every op (``csfm_kernels.op_backends``: one name
+for all ops, or {op: name}); ``backend="reference"`` runs the plain-torch reference of every
+op (same weights, same outputs within 1e-5 in fp32) for testing.
+
+Token counts come from the batch's shapes, on the host: the forward reads nothing back from
+the device (no host sync on CUDA), so a step can be captured in a CUDA graph.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
+from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -16,10 +22,10 @@ from torch import nn
 
 from csfm.batch import Batch
 from csfm.config import ModelConfig
-from csfm_kernels import patch_embed_packed
+from csfm_kernels import op_backends, patch_embed_packed
 from csfm_kernels.modules import add_patch_embedding, patch_embed_params
 from csfm_kernels.patch_embed import PATCH_LEN
-from csfm_kernels.segments import cu_seqlens_from_lengths, segment_positions
+from csfm_kernels.segments import cu_seqlens_from_lengths, host_segment_positions, host_to_device, segment_positions
 from csfm_kernels.varlen_attention import varlen_attention
 
 
@@ -35,13 +41,14 @@ class Attention(nn.Module):
         self.to_out = nn.Sequential(nn.Linear(inner, dim), nn.Dropout(dropout))
 
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
-                backend: str = "auto", generator: torch.Generator | None = None) -> torch.Tensor:
-        """x [T, d] packed, cu_seqlens int32 [B+1] -> [T, d]."""
+                backend: str = "auto", generator: torch.Generator | None = None,
+                seqlens_host: Sequence[int] | None = None) -> torch.Tensor:
+        """x [T, d] packed, cu_seqlens int32 [B+1] (seqlens_host: its lengths as host ints) -> [T, d]."""
         qkv = self.to_qkv(self.norm(x)).view(x.shape[0], 3, self.heads, self.dim_head)
         q, k, v = qkv.unbind(1)
         out = varlen_attention(q, k, v, cu_seqlens, max_seqlen,
                                dropout_p=self.dropout_p if self.training else 0.0,
-                               generator=generator, backend=backend)
+                               generator=generator, backend=backend, seqlens_host=seqlens_host)
         return self.to_out(out.reshape(x.shape[0], -1))
 
 
@@ -68,9 +75,9 @@ class Transformer(nn.Module):
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
-                backend: str = "auto") -> torch.Tensor:
+                backend: str = "auto", seqlens_host: Sequence[int] | None = None) -> torch.Tensor:
         for attention, feed_forward in self.layers:
-            x = attention(x, cu_seqlens, max_seqlen, backend) + x
+            x = attention(x, cu_seqlens, max_seqlen, backend, seqlens_host=seqlens_host) + x
             x = feed_forward(x) + x
         return self.norm(x)
 
@@ -107,7 +114,8 @@ class SequenceLayout:
     """Where each part of every sample sits in the packed [CLS, patches, text] sequences.
 
     cls_rows [B], patch_rows [sum n_patch], text_rows [sum n_text]: int64 row indices into
-    the packed tokens; cu_seqlens int32 [B+1]; max_seqlen: the longest sequence.
+    the packed tokens; cu_seqlens int32 [B+1]; max_seqlen: the longest sequence; seqlens: every
+    sequence's length as host ints (what varlen attention needs to skip a device read).
     """
 
     cls_rows: torch.Tensor
@@ -115,15 +123,19 @@ class SequenceLayout:
     text_rows: torch.Tensor
     cu_seqlens: torch.Tensor
     max_seqlen: int
+    seqlens: tuple[int, ...]
 
     @classmethod
-    def of(cls, n_patch: torch.Tensor, n_text: torch.Tensor) -> "SequenceLayout":
-        """n_patch [B], n_text [B] int64 token counts -> the layout of 1 + n_patch + n_text rows each."""
-        lengths = 1 + n_patch + n_text
-        cu = cu_seqlens_from_lengths(lengths)
-        start = cu[:-1].to(torch.int64)
-        return cls(start, _rows_after(start + 1, n_patch), _rows_after(start + 1 + n_patch, n_text), cu,
-                   int(lengths.max()))
+    def of(cls, n_patch: Sequence[int] | torch.Tensor, n_text: Sequence[int] | torch.Tensor,
+           device: torch.device | str | None = None) -> "SequenceLayout":
+        """Token counts per sample, n_patch [B] and n_text [B] (host ints; a tensor is read
+        once) -> the layout on ``device`` of 1 + n_patch + n_text rows each."""
+        n_patch, n_text = _host_ints(n_patch), _host_ints(n_text)
+        lengths = [1 + p + t for p, t in zip(n_patch, n_text)]
+        start = list(itertools.accumulate(lengths[:-1], initial=0))
+        return cls(host_to_device(start, device), _rows_after([s + 1 for s in start], n_patch, device),
+                   _rows_after([s + 1 + p for s, p in zip(start, n_patch)], n_text, device),
+                   cu_seqlens_from_lengths(lengths, device), max(lengths), tuple(lengths))
 
     def pack(self, cls_rows: torch.Tensor, patch_rows: torch.Tensor, text_rows: torch.Tensor) -> torch.Tensor:
         """cls [B, d], patches [sum n_patch, d], text [sum n_text, d] -> packed [T, d]."""
@@ -136,20 +148,31 @@ class SequenceLayout:
         return tokens[self.cls_rows], tokens[self.patch_rows], tokens[self.text_rows]
 
 
-def _rows_after(first: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Rows first[b], first[b]+1, ..., first[b]+counts[b]-1 for every b, concatenated."""
-    owner, within = segment_positions(counts)
-    return first[owner] + within
+def _host_ints(counts: Sequence[int] | torch.Tensor) -> list[int]:
+    """Counts as host ints (a tensor is read back once: pass host ints to avoid that)."""
+    return [int(n) for n in (counts.tolist() if isinstance(counts, torch.Tensor) else counts)]
+
+
+def positions_within(counts: Sequence[int], device: torch.device | str | None) -> torch.Tensor:
+    """0, 1, ..., counts[b]-1 for every b (host ints), concatenated: int64 [sum counts] on ``device``."""
+    return host_segment_positions(counts, device)[1]
+
+
+def _rows_after(first: Sequence[int], counts: Sequence[int], device: torch.device | str | None) -> torch.Tensor:
+    """Rows first[b], first[b]+1, ..., first[b]+counts[b]-1 for every b (host ints), concatenated,
+    int64 on ``device``."""
+    owner, within = host_segment_positions(counts, device)
+    return host_to_device(first, device)[owner] + within
 
 
 def segment_mean(tokens: torch.Tensor, cu_seqlens: torch.Tensor, skip_first: int = 1) -> torch.Tensor:
     """Mean of each packed sequence's rows after its first ``skip_first``: [T, d] -> [B, d].
-    A sequence with no such rows gives zeros."""
+    A sequence with no such rows gives zeros. Reads nothing back from the device."""
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int64)
-    owner, within = segment_positions(lengths)
-    keep = within >= skip_first
+    owner, within = segment_positions(lengths, total=tokens.shape[0])
+    keep = (within >= skip_first)[:, None]
     sums = torch.zeros(len(lengths), tokens.shape[1], dtype=tokens.dtype, device=tokens.device)
-    sums.index_add_(0, owner[keep], tokens[keep])
+    sums.index_add_(0, owner, torch.where(keep, tokens, 0))
     counts = (lengths - skip_first).clamp(min=1).to(tokens.dtype)
     return sums / counts[:, None]
 
@@ -184,17 +207,24 @@ def pool_tokens(out: "EncoderOutput", pooling: str) -> torch.Tensor:
 
 
 def _mean_by_owner(rows: torch.Tensor, owner: torch.Tensor, n: int) -> torch.Tensor:
-    """rows [W, d] -> [n, d]: the mean of the rows each of n owners has."""
+    """rows [W, d], owner [W] int64 on the CPU -> [n, d]: the mean of the rows each of n owners has."""
+    counts = torch.bincount(owner, minlength=n).clamp(min=1).to(rows.device, rows.dtype, non_blocking=True)
+    owner = owner.to(rows.device, non_blocking=True)
     sums = torch.zeros(n, rows.shape[1], dtype=rows.dtype, device=rows.device).index_add(0, owner, rows)
-    return sums / torch.bincount(owner, minlength=n).clamp(min=1).to(rows.dtype)[:, None]
+    return sums / counts[:, None]
 
 
 class CSFMEncoder(nn.Module):
-    """The published encoder's layout; takes a Batch of any lead sets, lengths and texts."""
+    """The published encoder's layout; takes a Batch of any lead sets, lengths and texts.
 
-    def __init__(self, config: ModelConfig, backend: str = "auto") -> None:
+    backend: one name for every op, or {op: name} (ops left out: "auto"); checked here and
+    passed to each op as it is, so the backend named is the one that runs (or the op raises
+    BackendUnavailable). ``backends`` holds the choice per op.
+    """
+
+    def __init__(self, config: ModelConfig, backend: str | Mapping[str, str] = "auto") -> None:
         super().__init__()
-        self.config, self.backend = config, backend
+        self.config, self.backends = config, op_backends(backend)
         d = config.dim
         add_patch_embedding(self, d, config.n_channel_types, config.n_positions)
         self.text_to_embedding = nn.Sequential(nn.Embedding(config.vocab_size, d), nn.LayerNorm(d))
@@ -209,34 +239,34 @@ class CSFMEncoder(nn.Module):
             for table in (self.ts_channel_type_embedding, self.text_type_embedding, self.cls_token):
                 table.normal_(0.0, 0.02)
 
-    def embed_signals(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (patch tokens [sum_b C_b*L_b/25, d], tokens per sample [B] int64)."""
-        tokens, cu = patch_embed_packed(batch.signals, batch.channel_ids, patch_embed_params(self),
-                                        backend=self._op_backend())
-        return tokens, (cu[1:] - cu[:-1]).to(torch.int64)
+    def embed_signals(self, batch: Batch) -> tuple[torch.Tensor, list[int]]:
+        """-> (patch tokens [sum_b C_b*L_b/25, d], tokens per sample [B] as host ints)."""
+        tokens, _ = patch_embed_packed(batch.signals, batch.channel_ids, patch_embed_params(self),
+                                       backend=self.backends["patch_embed"])
+        return tokens, [x.shape[0] * (x.shape[1] // PATCH_LEN) for x in batch.signals]
 
-    def embed_text(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (text tokens [sum_b M_b, d], tokens per sample [B] int64)."""
-        n_text = batch.n_text_tokens()
-        if len(n_text) and int(n_text.max()) > self.config.max_text_tokens:
-            raise ValueError(f"a report has {int(n_text.max())} text tokens; the model takes at most "
+    def embed_text(self, batch: Batch) -> tuple[torch.Tensor, list[int]]:
+        """-> (text tokens [sum_b M_b, d], tokens per sample [B] as host ints)."""
+        n_text = [len(t) for t in batch.text_ids]
+        if max(n_text) > self.config.max_text_tokens:
+            raise ValueError(f"a report has {max(n_text)} text tokens; the model takes at most "
                              f"{self.config.max_text_tokens} (truncate with the tokenizer's max_tokens)")
-        ids = torch.cat(batch.text_ids) if batch.text_ids else torch.zeros(0, dtype=torch.int64)
-        ids = ids.to(self.cls_token.device)
-        position = torch.cat([torch.arange(int(n)) for n in n_text.tolist()]).to(ids.device) \
-            if len(n_text) else ids
+        ids = torch.cat(batch.text_ids).to(self.cls_token.device, non_blocking=True)
+        position = positions_within(n_text, ids.device)
         # F.embedding, not indexing: its CPU backward is deterministic (index_put_ accumulate is not)
         rows = (self.text_to_embedding(ids) + F.embedding(position, self.text_pos_embedding[0])
                 + self.text_type_embedding[0])
-        return rows, n_text.to(ids.device)
+        return rows, n_text
 
-    def encode(self, patch_rows: torch.Tensor, n_patch: torch.Tensor, text_rows: torch.Tensor,
-               n_text: torch.Tensor) -> EncoderOutput:
-        """Runs the transformer over [CLS, patches, text] of every sample (any subsets of them)."""
-        layout = SequenceLayout.of(n_patch, n_text)
+    def encode(self, patch_rows: torch.Tensor, n_patch: Sequence[int] | torch.Tensor, text_rows: torch.Tensor,
+               n_text: Sequence[int] | torch.Tensor) -> EncoderOutput:
+        """Runs the transformer over [CLS, patches, text] of every sample (any subsets of them);
+        n_patch, n_text: rows per sample, host ints (a tensor is read back once)."""
+        layout = SequenceLayout.of(n_patch, n_text, patch_rows.device)
         cls_rows = self.cls_token[0].expand(len(n_patch), -1).to(patch_rows.dtype)
         tokens = layout.pack(cls_rows, patch_rows, text_rows.to(patch_rows.dtype))
-        states = self.transformer(tokens, layout.cu_seqlens, layout.max_seqlen, backend=self._op_backend())
+        states = self.transformer(tokens, layout.cu_seqlens, layout.max_seqlen,
+                                  backend=self.backends["varlen_attention"], seqlens_host=layout.seqlens)
         return EncoderOutput(states, layout, states[layout.cls_rows], segment_mean(states, layout.cu_seqlens))
 
     def forward(self, batch: Batch) -> EncoderOutput:
@@ -247,9 +277,6 @@ class CSFMEncoder(nn.Module):
             return self.encode(patch_rows, n_patch, text_rows, n_text)
         windows, owner = batch.split_windows(window)
         out = self.forward(windows)
-        owner = owner.to(out.cls.device)
         return EncoderOutput(out.tokens, out.layout, _mean_by_owner(out.cls, owner, len(batch)),
-                             _mean_by_owner(out.mean, owner, len(batch)), owner)
-
-    def _op_backend(self) -> str:
-        return "reference" if self.backend == "reference" else "auto"
+                             _mean_by_owner(out.mean, owner, len(batch)),
+                             owner.to(out.cls.device, non_blocking=True))

@@ -9,10 +9,15 @@ zero mean and unit variance as MAE does for images) and the masked text tokens
 
 Per-patch normalisation turns the near-flat 0.1 s patches between beats into unit-variance
 noise that no context predicts, so by default the targets are the z-scored signal itself.
+
+Token counts travel as host ints (from the batch's shapes and the mask plans), so up to the
+losses nothing is read back from the device; the one host read of a step is the count of
+scored signal samples (``n_signal``), which depends on the validity masks.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -20,8 +25,8 @@ from torch import nn
 
 from csfm.batch import Batch
 from csfm.config import ModelConfig
-from csfm.model import CSFMEncoder, SequenceLayout, Transformer, sincos_table
-from csfm_kernels import gather_kept, random_masking, scatter_with_mask_token
+from csfm.model import CSFMEncoder, SequenceLayout, Transformer, positions_within, sincos_table
+from csfm_kernels import MaskPlan, gather_kept, random_masking, scatter_with_mask_token
 from csfm_kernels.patch_embed import PATCH_LEN, patch_token_ids
 
 
@@ -30,7 +35,7 @@ class PretrainOutput:
     """signal_sse: summed squared error over the n_signal scored patch samples; text_ce:
     summed cross-entropy over the n_text masked text tokens (both scalars with grad);
     pred_patches [sum P, 25] decoder output for every patch (target units);
-    patch_mask [sum P] bool: which patches were masked; n_patch [B] patches per sample.
+    patch_mask [sum P] bool: which patches were masked; n_patch [B] patches per sample (host ints).
     The losses are means over this batch; ``weighted_loss`` normalises by other counts
     (those of a batch split across processes)."""
 
@@ -42,7 +47,7 @@ class PretrainOutput:
     text_weight: float
     pred_patches: torch.Tensor
     patch_mask: torch.Tensor
-    n_patch: torch.Tensor
+    n_patch: list[int]
 
     def weighted_loss(self, n_signal: int, n_text: int) -> torch.Tensor:
         """signal_weight * SSE / n_signal + text_weight * CE / n_text (a zero count adds 0)."""
@@ -70,16 +75,16 @@ def normalise_patches(patches: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 
 def _token_ids(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Channel-type id and position of every patch token: ([sum P], [sum P]) int64."""
-    per_channel = torch.cat([torch.full((x.shape[0],), x.shape[1] // PATCH_LEN, dtype=torch.int64)
-                             for x in batch.signals])
-    return patch_token_ids(torch.cat(batch.channel_ids).cpu(), per_channel)
+    """Channel-type id and position of every patch token: ([sum P], [sum P]) int64, on the
+    channel ids' device."""
+    per_channel = [x.shape[1] // PATCH_LEN for x in batch.signals for _ in range(x.shape[0])]
+    return patch_token_ids(torch.cat(batch.channel_ids), per_channel)
 
 
 class MaskedPretrainer(nn.Module):
     """The encoder plus the pretraining decoder and its heads."""
 
-    def __init__(self, config: ModelConfig, backend: str = "auto", signal_weight: float = 1.0,
+    def __init__(self, config: ModelConfig, backend: str | Mapping[str, str] = "auto", signal_weight: float = 1.0,
                  text_weight: float = 0.5, norm_patch_targets: bool = False) -> None:
         super().__init__()
         self.config, self.signal_weight, self.text_weight = config, signal_weight, text_weight
@@ -103,49 +108,55 @@ class MaskedPretrainer(nn.Module):
         """Masks, encodes, decodes and scores one batch. signal_noise [B, >= max patches] and
         text_noise [B, >= max text tokens] fix the masks (see random_masking); else they come
         from ``generator``."""
-        enc, backend = self.encoder, self.encoder._op_backend()
+        enc = self.encoder
+        masking, attention = enc.backends["masking"], enc.backends["varlen_attention"]
         patch_rows, n_patch = enc.embed_signals(batch)
         text_rows, n_text = enc.embed_text(batch)
-        signal_plan = random_masking(n_patch.cpu(), signal_ratio, generator, device=patch_rows.device,
+        signal_plan = random_masking(n_patch, signal_ratio, generator, device=patch_rows.device,
                                      noise=signal_noise)
-        text_plan = random_masking(n_text.cpu(), text_ratio, generator, device=patch_rows.device,
+        text_plan = random_masking(n_text, text_ratio, generator, device=patch_rows.device,
                                    noise=text_noise)
-        kept_patch = gather_kept(patch_rows, signal_plan, backend=backend)
-        kept_text = gather_kept(text_rows.to(patch_rows.dtype), text_plan, backend=backend)
+        kept_patch = gather_kept(patch_rows, signal_plan, backend=masking)
+        kept_text = gather_kept(text_rows.to(patch_rows.dtype), text_plan, backend=masking)
         encoded = enc.encode(kept_patch, signal_plan.n_kept, kept_text, text_plan.n_kept)
 
         cls_rows, kept_patch, kept_text = encoded.layout.split(self.decoder_embed(encoded.tokens))
         chan, pos = _token_ids(batch)
-        full_patch = scatter_with_mask_token(kept_patch, signal_plan, self.signal_mask_token, backend=backend)
+        # the mask tokens join the decoder's tokens in their dtype (bf16 under autocast)
+        full_patch = scatter_with_mask_token(kept_patch, signal_plan, self.signal_mask_token.to(kept_patch.dtype),
+                                             backend=masking)
         # F.embedding: deterministic CPU backward, unlike indexing
         full_patch = full_patch + F.embedding(chan, self.decoder_channel_embedding) + F.embedding(pos, self.decoder_pos_embedding)
-        full_text = scatter_with_mask_token(kept_text, text_plan, self.text_mask_token, backend=backend)
-        text_pos = torch.cat([torch.arange(int(n)) for n in n_text.tolist()]).to(full_text.device)
-        full_text = full_text + F.embedding(text_pos, self.decoder_text_pos_embedding)
+        full_text = scatter_with_mask_token(kept_text, text_plan, self.text_mask_token.to(kept_text.dtype),
+                                            backend=masking)
+        full_text = full_text + F.embedding(positions_within(n_text, full_text.device), self.decoder_text_pos_embedding)
 
-        layout = SequenceLayout.of(n_patch, n_text)
+        layout = SequenceLayout.of(n_patch, n_text, full_patch.device)
         states = self.decoder(layout.pack(cls_rows, full_patch, full_text), layout.cu_seqlens,
-                              layout.max_seqlen, backend=backend)
+                              layout.max_seqlen, backend=attention, seqlens_host=layout.seqlens)
         _, patch_states, text_states = layout.split(states)
         pred = self.patch_head(patch_states)
-        signal_sse, n_signal = self._signal_sse(batch, pred, signal_plan.mask)
-        text_ce, n_text_scored = self._text_ce(batch, text_states, text_plan.mask)
+        signal_sse, n_signal = self._signal_sse(batch, pred, signal_plan)
+        text_ce, n_text_scored = self._text_ce(batch, text_states, text_plan)
         return PretrainOutput(signal_sse, n_signal, text_ce, n_text_scored, self.signal_weight,
                               self.text_weight, pred, signal_plan.mask, n_patch)
 
-    def _signal_sse(self, batch: Batch, pred: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """Squared error summed over the samples of masked, mostly valid patches, and their count."""
-        patches = torch.cat([x.reshape(-1, PATCH_LEN) for x in batch.signals]).to(pred.device)
-        valid = torch.cat([v.reshape(-1, PATCH_LEN) for v in batch.valid]).to(pred.device)
-        use = mask & (valid.float().mean(-1) >= 0.5)
-        target = patches[use].float()
+    def _signal_sse(self, batch: Batch, pred: torch.Tensor, plan: MaskPlan) -> tuple[torch.Tensor, int]:
+        """Squared error summed over the samples of masked, mostly valid patches, and their count
+        (the step's one host read)."""
+        rows = plan.masked_rows
+        patches = torch.cat([x.reshape(-1, PATCH_LEN) for x in batch.signals]).to(pred.device, non_blocking=True)
+        valid = torch.cat([v.reshape(-1, PATCH_LEN) for v in batch.valid]).to(pred.device, non_blocking=True)
+        use = valid[rows].float().mean(-1) >= 0.5
+        target = patches[rows].float()
         if self.norm_patch_targets:
             target = normalise_patches(target)
-        return ((pred[use].float() - target) ** 2).sum(), int(use.sum()) * PATCH_LEN
+        error = torch.where(use[:, None], pred[rows].float() - target, 0.0)
+        return (error ** 2).sum(), int(use.sum()) * PATCH_LEN
 
-    def _text_ce(self, batch: Batch, text_states: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, int]:
+    def _text_ce(self, batch: Batch, text_states: torch.Tensor, plan: MaskPlan) -> tuple[torch.Tensor, int]:
         """Cross-entropy summed over the masked text tokens, and their count (the head is
         always in the graph, so every process of a distributed run has a grad for it)."""
-        targets = torch.cat(batch.text_ids).to(text_states.device)[mask]
-        logits = self.text_head(text_states[mask]).float()
-        return F.cross_entropy(logits, targets, reduction="sum"), int(mask.sum())
+        targets = torch.cat(batch.text_ids).to(text_states.device, non_blocking=True)[plan.masked_rows]
+        logits = self.text_head(text_states[plan.masked_rows]).float()
+        return F.cross_entropy(logits, targets, reduction="sum"), len(plan.masked_rows)

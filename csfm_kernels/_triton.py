@@ -32,19 +32,27 @@ def triton_runs_on(device: torch.device) -> bool:
     return device.type == "cpu" and interpreter_enabled()
 
 
-def require_triton(device: torch.device) -> None:
-    """Raises a RuntimeError that says why Triton cannot run on ``device``."""
-    if not triton_installed:
-        raise RuntimeError("backend='triton' needs the triton package: pip install -e '.[gpu]'")
-    if not triton_runs_on(device):
-        raise RuntimeError(
-            f"backend='triton' cannot run on {device.type} tensors here: Triton needs a CUDA device, "
-            "or TRITON_INTERPRET=1 (set before importing triton) for CPU tensors")
+def device_arch(device: torch.device) -> int | None:
+    """Compute capability of a CUDA ``device`` as one number (major * 10 + minor: 80, 90, 100),
+    the key of the ops' per-architecture launch configurations; None elsewhere (the interpreter)."""
+    if device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
 
 
 def next_pow2(n: int) -> int:
     """Smallest power of two >= n (1 for n <= 1)."""
     return 1 << max(0, int(n) - 1).bit_length()
+
+
+def column_block(n: int, largest: int, smallest: int = 16) -> int:
+    """Power-of-two block width for ``n`` columns with the fewest padded (dead) columns, the widest
+    among equals; tried: the next power of two >= n (capped at ``largest``) and its two halvings,
+    none under ``smallest``. E.g. n = 768, largest 512 -> 256 (3 full blocks, not 1024 columns)."""
+    top = min(largest, max(smallest, next_pow2(n)))
+    widths = [w for w in (top, top // 2, top // 4) if w >= smallest]
+    return min(widths, key=lambda w: (-(-n // w) * w, -w))
 
 
 def default_max_programs(device: torch.device, per_sm: int) -> int | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from csfm_kernels._dispatch import check_backend_name
 from csfm_kernels.patch_embed import PATCH_LEN, PatchEmbedParams, patch_embed, patch_embed_packed
 
 N_CHANNEL_TYPES = 13  # I, II, III, aVR, aVL, aVF, V1..V6, PPG
@@ -42,6 +43,7 @@ class PatchEmbedding(nn.Module):
     def __init__(self, dim: int, n_channel_types: int = N_CHANNEL_TYPES,
                  n_positions: int = N_POSITIONS, backend: str = "auto") -> None:
         super().__init__()
+        check_backend_name("patch_embed", backend)
         add_patch_embedding(self, dim, n_channel_types, n_positions)
         self.backend = backend
 

@@ -6,7 +6,8 @@ longest, the tokens of all records are concatenated ("packed") and attention run
 record only, so a batch costs the sum of its records' attention, not B x the longest.
 
 Shapes (the ``flash_attn_varlen_func`` convention, non-causal, bidirectional):
-    q, k, v:     [total_tokens, heads, head_dim], fp32 / fp16 / bf16, same shape, dtype, device
+    q, k, v:     [total_tokens, heads, head_dim], same shape, dtype and device (dtypes per backend:
+                 csfm_kernels._dispatch.TABLE)
     cu_seqlens:  [B + 1] int32, cu_seqlens[0] = 0, non-decreasing, cu_seqlens[-1] = total_tokens;
                  record i owns tokens cu_seqlens[i] : cu_seqlens[i + 1] (zero-length records allowed)
     max_seqlen:  int >= the longest record, in tokens
@@ -16,7 +17,8 @@ Shapes (the ``flash_attn_varlen_func`` convention, non-causal, bidirectional):
     log-sum-exp (Triton path): [heads, total_tokens] fp32, natural log of the scaled scores.
 
 Backends (``backend=``):
-    "reference"     per-record loop of ``scaled_dot_product_attention`` in fp32 (half inputs upcast).
+    "reference"     per-record loop of ``scaled_dot_product_attention`` in fp32 (half inputs upcast;
+                    fp64 stays fp64).
     "cpu"           length buckets through PyTorch's CPU flash-attention kernel, forward and backward:
                     short records (< 256 tokens) of equal length are gathered into one [b, heads, L, d]
                     batch, long ones and runs of adjacent equal-length records are strided views of the
@@ -26,8 +28,13 @@ Backends (``backend=``):
     "torch_varlen"  ``torch.nn.attention.varlen.varlen_attn`` (PyTorch's bundled FlashAttention, CUDA).
     "flash_attn"    ``flash_attn.flash_attn_varlen_func`` when installed (CUDA, fp16/bf16).
     "auto"          CPU tensors: "cpu"; CUDA: "flash_attn" if installed (half dtypes), else "triton",
-                    else "torch_varlen", else "reference". Dropout goes to a backend that honours the
-                    generator ("cpu" path) with a one-time warning when the pick cannot.
+                    else "torch_varlen", else "reference"; with dropout the first that can apply it
+                    (the "cpu" path where a generator is given). The one table is
+                    ``csfm_kernels._dispatch.AUTO``; a backend named explicitly that cannot run the
+                    call (device, dtype, head_dim, dropout) raises ``BackendUnavailable``.
+
+``seqlens_host`` (the record lengths as host ints, which a packed batch knows) lets a CUDA call
+run without reading cu_seqlens back: no host sync, so it can be captured in a CUDA graph.
 
 Dropout masks are drawn record by record, in record order, as ``torch.rand((heads, L, L),
 generator=generator) < dropout_p`` (``_drop_mask``); the reference and the "cpu" path share that
@@ -35,17 +42,19 @@ order, so the same generator seed gives the same output on both.
 """
 from __future__ import annotations
 
-import functools
 import inspect
+import itertools
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from csfm_kernels._triton import interpreter_enabled, tl, triton  # triton, tl: None where not installed
+from csfm_kernels import _dispatch
+from csfm_kernels._checks import check_values
+from csfm_kernels.segments import cu_seqlens_from_lengths, host_to_device
+from csfm_kernels._triton import device_arch, interpreter_enabled, tl, triton  # triton, tl: None where not installed
 
 try:  # flash-attn is an optional GPU extra, never required.
     from flash_attn import flash_attn_varlen_func as _flash_attn_varlen_func
@@ -59,8 +68,12 @@ except Exception:
     _torch_varlen_attn = None
     _TORCH_VARLEN_HAS_SCALE = False
 
-BACKENDS = ("reference", "cpu", "triton", "torch_varlen", "flash_attn")
 _HALF = (torch.float16, torch.bfloat16)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the reference math runs in: fp32 for fp32 and half inputs, fp64 for fp64."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,8 +103,8 @@ def _reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: 
     for start, end in zip(cu[:-1], cu[1:]):
         if end == start:
             continue
-        # [L, h, d] -> [h, L, d], upcast half inputs so the reference accumulates in fp32.
-        qi, ki, vi = (x[start:end].transpose(0, 1).float() for x in (q, k, v))
+        # [L, h, d] -> [h, L, d], half inputs upcast so the reference accumulates in fp32.
+        qi, ki, vi = (x[start:end].transpose(0, 1).to(_compute_dtype(q.dtype)) for x in (q, k, v))
         if dropout_p > 0.0:
             dropped = _drop_mask(q.shape[1], end - start, dropout_p, generator, q.device)
             oi = _softmax_dropout_attention(qi, ki, vi, scale, dropout_p, dropped)
@@ -287,14 +300,75 @@ if triton is not None:
                  dq.to(DQ.dtype.element_ty), mask=q_mask)
 
 
-def _triton_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps) for one launch; no autotune (see DESIGN.md §5)."""
+@dataclass(frozen=True)
+class _Tiles:
+    """One attention kernel's launch: BLOCK_M q rows x BLOCK_N k/v rows, warps, pipeline stages."""
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+    def launch_args(self) -> dict:
+        return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, num_warps=self.num_warps,
+                    num_stages=self.num_stages)
+
+
+# (architecture family, half precision, BLOCK_D) -> tiles of the forward, dK/dV and dQ kernels;
+# no autotune (the interpreter cannot run it). Checked on every commit by tests/kernels/test_compile.py
+# (no spills; wgmma on sm_90 and tcgen05 on sm_100, which need >= 64 rows per warpgroup MMA: the
+# forward and dQ tile rows are q rows, the dK/dV tile rows k rows, so those are the >= 64 sides).
+# fp32 runs IEEE products on CUDA cores (the 1e-4 contract rules out tf32): small tiles, no spills.
+_ATTENTION_TILES: dict[tuple[str, bool, int], tuple[_Tiles, _Tiles, _Tiles]] = {
+    # Half precision. dK/dV: 64 k rows per program, 32 q rows per step (FlashAttention-2's Triton
+    # backward shape); 8 warps at head dim 128, where dK and dV are two 64 x 128 fp32 accumulators.
+    ("sm80", True, 32): (_Tiles(64, 64, 4, 3), _Tiles(32, 64, 4, 3), _Tiles(64, 32, 4, 3)),
+    ("sm80", True, 64): (_Tiles(64, 64, 4, 3), _Tiles(32, 64, 4, 3), _Tiles(64, 32, 4, 3)),
+    ("sm80", True, 128): (_Tiles(64, 64, 8, 2), _Tiles(32, 64, 8, 2), _Tiles(64, 32, 8, 2)),
+    ("sm90", True, 32): (_Tiles(64, 64, 4, 3), _Tiles(32, 64, 4, 3), _Tiles(64, 32, 4, 3)),
+    ("sm90", True, 64): (_Tiles(64, 64, 4, 3), _Tiles(32, 64, 4, 3), _Tiles(64, 32, 4, 3)),
+    ("sm90", True, 128): (_Tiles(64, 64, 4, 2), _Tiles(32, 64, 8, 2), _Tiles(64, 32, 4, 2)),
+    ("sm100", True, 32): (_Tiles(64, 64, 4, 3), _Tiles(32, 64, 4, 3), _Tiles(64, 32, 4, 3)),
+    ("sm100", True, 64): (_Tiles(64, 64, 4, 3), _Tiles(32, 64, 4, 3), _Tiles(64, 32, 4, 3)),
+    ("sm100", True, 128): (_Tiles(64, 64, 8, 2), _Tiles(32, 64, 8, 2), _Tiles(64, 32, 4, 2)),
+    # fp32: the dK/dV kernel keeps two fp32 accumulators and its CUDA-core products hold whole
+    # operand rows per thread, so 16 q rows a step and 8 warps; the same tiles on every architecture.
+    **{(family, False, block_d): (_Tiles(32, 32, 4, 2), _Tiles(16, 32, 8, 2), _Tiles(32, 32, 4, 2))
+       for family in ("sm80", "sm90", "sm100") for block_d in (32, 64)},
+    **{(family, False, 128): (_Tiles(32, 32, 8, 2), _Tiles(16, 32, 8, 2), _Tiles(32, 32, 8, 3))
+       for family in ("sm80", "sm90", "sm100")},
+    # Interpreter: small tiles keep interpreted grids cheap; q and k blocks differ, as on devices.
+    ("interpreter", False, 0): (_Tiles(32, 16, 4, 1), _Tiles(16, 32, 4, 1), _Tiles(32, 16, 4, 1)),
+}
+
+
+def _arch_family(arch: int | None) -> str:
+    """"sm90" (wgmma), "sm100" (tcgen05: sm_100..sm_11x), "sm80" (mma.sync: Ampere, Ada, sm_120),
+    or "interpreter" (arch None: small tiles keep interpreted grids cheap)."""
+    if arch is None:
+        return "interpreter"
+    if 90 <= arch < 100:
+        return "sm90"
+    if 100 <= arch < 120:
+        return "sm100"
+    return "sm80"
+
+
+@dataclass(frozen=True)
+class _AttentionConfig:
+    """Launch configuration of the attention kernels for one head dim, dtype and architecture."""
+    block_d: int
+    forward: _Tiles
+    dkdv: _Tiles
+    dq: _Tiles
+
+
+def _triton_config(head_dim: int, dtype: torch.dtype, arch: int | None) -> _AttentionConfig:
+    """Tiles for ``head_dim`` (<= 128) and ``dtype`` on compute capability ``arch`` (80, 90, 100, ...;
+    None under the interpreter)."""
     block_d = max(16, triton.next_power_of_2(head_dim))
-    if _INTERPRETED:
-        return 32, 32, block_d, 4
-    if dtype in _HALF and block_d <= 64:
-        return 64, 64, block_d, 4
-    return 32, 32, block_d, 4 if block_d <= 64 else 8
+    family = _arch_family(arch)
+    key = (family, dtype in _HALF, max(32, block_d)) if family != "interpreter" else (family, False, 0)
+    return _AttentionConfig(block_d, *_ATTENTION_TILES[key])
 
 
 def _row_strides(x: torch.Tensor) -> tuple[int, int]:
@@ -302,47 +376,52 @@ def _row_strides(x: torch.Tensor) -> tuple[int, int]:
 
 
 def _triton_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                    max_seqlen: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                    max_seqlen: int, scale: float, arch: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """out [T, h, d] in q's dtype and the fp32 log-sum-exp [h, T]. ``arch`` (compute capability,
+    e.g. 90) picks that architecture's tiles instead of the tensors' device's: the compile report,
+    and tests of a device's tiles under the interpreter."""
     total, heads, head_dim = q.shape
-    block_m, block_n, block_d, warps = _triton_config(head_dim, q.dtype)
+    config = _triton_config(head_dim, q.dtype, arch if arch is not None else device_arch(q.device))
+    tiles = config.forward
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty((heads, total), dtype=torch.float32, device=q.device)
-    grid = (triton.cdiv(max(max_seqlen, 1), block_m), cu_seqlens.numel() - 1, heads)
+    grid = (triton.cdiv(max(max_seqlen, 1), tiles.block_m), cu_seqlens.numel() - 1, heads)
     _fwd_kernel[grid](q, k, v, out, lse, cu_seqlens,
                       *_row_strides(q), *_row_strides(k), *_row_strides(v), *_row_strides(out),
                       lse.stride(0), scale * 1.4426950408889634,
-                      HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-                      IEEE=q.dtype == torch.float32, num_warps=warps)
+                      HEAD_DIM=head_dim, BLOCK_D=config.block_d, IEEE=q.dtype == torch.float32,
+                      **tiles.launch_args())
     return out, lse
 
 
 def _triton_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      out: torch.Tensor, lse: torch.Tensor, cu_seqlens: torch.Tensor,
-                     max_seqlen: int, scale: float
+                     max_seqlen: int, scale: float, arch: int | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv [T, h, d] in q's dtype; ``arch`` as in ``_triton_forward``."""
     total, heads, head_dim = q.shape
-    block_m, block_n, block_d, warps = _triton_config(head_dim, q.dtype)
+    config = _triton_config(head_dim, q.dtype, arch if arch is not None else device_arch(q.device))
     batch = cu_seqlens.numel() - 1
     delta = torch.empty_like(lse)
     block_t = 64
     _bwd_preprocess_kernel[(triton.cdiv(max(total, 1), block_t), heads)](
         out, grad_out, delta, total, *_row_strides(out), *_row_strides(grad_out), delta.stride(0),
-        HEAD_DIM=head_dim, BLOCK_T=block_t, BLOCK_D=block_d)
+        HEAD_DIM=head_dim, BLOCK_T=block_t, BLOCK_D=config.block_d, num_warps=4)
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
-    common = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-                  IEEE=q.dtype == torch.float32, num_warps=warps)  # fp32: no tf32 (1e-4 contract)
-    _bwd_dkdv_kernel[(triton.cdiv(max(max_seqlen, 1), block_n), batch, heads)](
+    common = dict(HEAD_DIM=head_dim, BLOCK_D=config.block_d,
+                  IEEE=q.dtype == torch.float32)  # fp32: no tf32 (1e-4 contract)
+    _bwd_dkdv_kernel[(triton.cdiv(max(max_seqlen, 1), config.dkdv.block_n), batch, heads)](
         q, k, v, grad_out, lse, delta, dk, dv, cu_seqlens,
         *_row_strides(q), *_row_strides(k), *_row_strides(v), *_row_strides(grad_out),
         *_row_strides(dk), *_row_strides(dv), lse.stride(0), scale, scale * 1.4426950408889634,
-        **common)
-    _bwd_dq_kernel[(triton.cdiv(max(max_seqlen, 1), block_m), batch, heads)](
+        **common, **config.dkdv.launch_args())
+    _bwd_dq_kernel[(triton.cdiv(max(max_seqlen, 1), config.dq.block_m), batch, heads)](
         q, k, v, grad_out, lse, delta, dq, cu_seqlens,
         *_row_strides(q), *_row_strides(k), *_row_strides(v), *_row_strides(grad_out),
         *_row_strides(dq), lse.stride(0), scale, scale * 1.4426950408889634,
-        **common)
+        **common, **config.dq.launch_args())
     return dq, dk, dv
 
 
@@ -390,7 +469,7 @@ def _length_buckets(cu: list[int], device: torch.device) -> list[_Bucket]:
         if len(runs) == 1 or length >= _GATHER_BELOW:
             buckets += [_Bucket(length, len(run), cu[run[0]], None, tuple(run)) for run in runs]
         else:
-            index = (torch.tensor([cu[r] for r in recs], dtype=torch.int64, device=device)[:, None]
+            index = (host_to_device([cu[r] for r in recs], device)[:, None]
                      + torch.arange(length, dtype=torch.int64, device=device)).reshape(-1)
             buckets.append(_Bucket(length, len(recs), -1, index, tuple(recs)))
     return buckets
@@ -467,7 +546,7 @@ def _bucketed_dropout_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         dropped[i][j] = _drop_mask(heads, buckets[i].length, p, generator, q.device)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     for bucket, drop in zip(buckets, dropped):
-        qb, kb, vb = (_gather(x, bucket).float() for x in (q, k, v))
+        qb, kb, vb = (_gather(x, bucket).to(_compute_dtype(q.dtype)) for x in (q, k, v))
         out_b = _softmax_dropout_attention(qb, kb, vb, scale, p, drop)
         _scatter(out, bucket, out_b.to(q.dtype))
     return out
@@ -518,14 +597,31 @@ class _TritonAttention(torch.autograd.Function):
 # Dispatch and public API
 # ---------------------------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=None)
-def _warn_once(message: str) -> None:
-    warnings.warn(message, stacklevel=4)  # the caller of varlen_attention
+BACKENDS = _dispatch.backends_of("varlen_attention")
+
+
+def _check_offsets(cu: list[int], total: int, max_seqlen: int, where: str) -> None:
+    """Host offsets [B + 1]: start 0, non-decreasing, end at total, within max_seqlen. ``where``
+    says where they came from, for the message."""
+    if cu[0] != 0:
+        raise ValueError(f"cu_seqlens{where} must start at 0, got {cu[0]}")
+    drops = [i for i in range(len(cu) - 1) if cu[i + 1] < cu[i]]
+    if drops:
+        i = drops[0]
+        raise ValueError(f"cu_seqlens{where} must be non-decreasing, got cu_seqlens[{i}] = {cu[i]} > "
+                         f"cu_seqlens[{i + 1}] = {cu[i + 1]}")
+    if cu[-1] != total:
+        raise ValueError(f"cu_seqlens{where}[-1] = {cu[-1]} must equal total_tokens = q.shape[0] = {total}")
+    longest = max(b - a for a, b in zip(cu[:-1], cu[1:]))
+    if int(max_seqlen) < longest:
+        raise ValueError(f"max_seqlen = {max_seqlen} is smaller than the longest sequence ({longest})")
 
 
 def _validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-              max_seqlen: int, dropout_p: float) -> list[int]:
-    """Checks the arguments; returns cu_seqlens as a Python list (one host read on GPU)."""
+              max_seqlen: int, dropout_p: float, seqlens_host: Sequence[int] | None) -> list[int] | None:
+    """Checks the arguments. Returns cu_seqlens as host ints where they are known without a
+    device read (from ``seqlens_host``, or a CPU cu_seqlens), else None: a CUDA cu_seqlens is
+    then checked on the device (a failure is a device-side assert)."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor) or x.dim() != 3:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
@@ -533,98 +629,85 @@ def _validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: tor
     if k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"q, k, v must have the same shape, got q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if k.dtype != q.dtype or v.dtype != q.dtype or k.device != q.device or v.device != q.device:
-        raise ValueError(f"q, k, v must share dtype and device, got {q.dtype}/{q.device}, "
-                         f"{k.dtype}/{k.device}, {v.dtype}/{v.device}")
+    if not q.is_floating_point():
+        raise ValueError(f"q must be a floating-point tensor, got dtype {q.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"q, k, v must share a device, got {q.device}, {k.device}, {v.device}")
+    _dispatch.check_same_dtype("varlen_attention", "q", q, {"k": k, "v": v})
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype != torch.int32:
         got = cu_seqlens.dtype if isinstance(cu_seqlens, torch.Tensor) else type(cu_seqlens).__name__
         raise ValueError(f"cu_seqlens must be an int32 tensor, got {got}")
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
         raise ValueError(f"cu_seqlens must be 1-D [B + 1] with B >= 1, got shape {tuple(cu_seqlens.shape)}")
-    cu = cu_seqlens.tolist()
-    if cu[0] != 0:
-        raise ValueError(f"cu_seqlens must start at 0, got {cu[0]}")
-    drops = [i for i in range(len(cu) - 1) if cu[i + 1] < cu[i]]
-    if drops:
-        i = drops[0]
-        raise ValueError(f"cu_seqlens must be non-decreasing, got cu_seqlens[{i}] = {cu[i]} > "
-                         f"cu_seqlens[{i + 1}] = {cu[i + 1]}")
-    if cu[-1] != q.shape[0]:
-        raise ValueError(f"cu_seqlens[-1] = {cu[-1]} must equal total_tokens = q.shape[0] = {q.shape[0]}")
-    longest = max(b - a for a, b in zip(cu[:-1], cu[1:]))
-    if int(max_seqlen) < longest:
-        raise ValueError(f"max_seqlen = {max_seqlen} is smaller than the longest sequence ({longest})")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    return cu
+    total = q.shape[0]
+    if seqlens_host is not None:
+        lengths = [int(n) for n in seqlens_host]
+        if len(lengths) != cu_seqlens.numel() - 1:
+            raise ValueError(f"seqlens_host has {len(lengths)} lengths for the {cu_seqlens.numel() - 1} "
+                             "records of cu_seqlens")
+        cu = list(itertools.accumulate(lengths, initial=0))
+        _check_offsets(cu, total, max_seqlen, " (the running sum of seqlens_host)")
+        check_values((cu_seqlens == cu_seqlens_from_lengths(lengths, cu_seqlens.device)).all(),
+                     "cu_seqlens must equal the running sum of seqlens_host",
+                     lambda: f": cu_seqlens {cu_seqlens.tolist()}, seqlens_host {lengths}")
+        return cu
+    if cu_seqlens.device.type == "cpu":
+        cu = cu_seqlens.tolist()
+        _check_offsets(cu, total, max_seqlen, "")
+        return cu
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    check_values(cu_seqlens[0] == 0, "cu_seqlens must start at 0")
+    check_values((lengths >= 0).all(), "cu_seqlens must be non-decreasing")
+    check_values(cu_seqlens[-1] == total, f"cu_seqlens[-1] must equal total_tokens = q.shape[0] = {total}")
+    check_values((lengths <= int(max_seqlen)).all(), f"max_seqlen = {max_seqlen} is smaller than the longest sequence")
+    return None
 
 
-def _pick_backend(q: torch.Tensor, backend: str, dropout_p: float,
-                  generator: torch.Generator | None) -> str:
-    """Resolves "auto", then reroutes dropout away from backends that cannot honour it."""
-    if backend == "auto":
-        if not q.is_cuda:
-            backend = "cpu"
-        elif _flash_attn_varlen_func is not None and q.dtype in _HALF:
-            backend = "flash_attn"
-        elif triton is not None:
-            backend = "triton"
-        elif _torch_varlen_attn is not None and q.dtype in _HALF:
-            backend = "torch_varlen"
-        else:
-            backend = "reference"
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
-    no_dropout = backend in ("triton", "torch_varlen") or (backend == "flash_attn" and generator is not None)
-    if dropout_p > 0.0 and no_dropout:
-        _warn_once(f"varlen_attention: backend {backend!r} cannot apply dropout with a seeded generator; "
-                   "using the length-bucketed 'cpu' path (explicit softmax) for dropout")
-        backend = "cpu"
-    return backend
-
-
-def _check_backend(backend: str, q: torch.Tensor, dropout_p: float) -> None:
-    """Availability, device, dtype and head_dim limits of the chosen backend."""
+def _limits(q: torch.Tensor, dropout_p: float, generator: torch.Generator | None) -> dict[str, str]:
+    """Why some backends cannot run this call (the dispatcher adds device, dtype and build checks)."""
     head_dim = q.shape[-1]
-    if backend == "cpu" and dropout_p == 0.0 and q.device.type != "cpu":
-        raise ValueError(f"backend='cpu' needs CPU tensors without dropout, got q on {q.device}")
-    if backend == "triton":
-        if triton is None:
-            raise ValueError("backend='triton' needs the triton package")
-        if not q.is_cuda and not _INTERPRETED:
-            raise ValueError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before "
-                             "csfm_kernels is imported")
-        if head_dim > 128:
-            raise ValueError(f"head_dim = {head_dim} is unsupported by backend='triton' (at most 128)")
-        if q.dtype not in (torch.float32, *_HALF):
-            raise ValueError(f"backend='triton' supports fp32/fp16/bf16, got {q.dtype}")
-    if backend in ("torch_varlen", "flash_attn"):
-        if backend == "torch_varlen" and _torch_varlen_attn is None:
-            raise ValueError("backend='torch_varlen' needs torch.nn.attention.varlen (torch >= 2.9)")
-        if backend == "flash_attn" and _flash_attn_varlen_func is None:
-            raise ValueError("backend='flash_attn' needs the flash-attn package")
-        if not q.is_cuda:
-            raise ValueError(f"backend={backend!r} needs CUDA tensors, got q on {q.device}")
-        if q.dtype not in _HALF:
-            raise ValueError(f"backend={backend!r} supports fp16/bf16 only, got {q.dtype}")
-        if head_dim % 8 != 0 or head_dim > 256:
-            raise ValueError(f"head_dim = {head_dim} is unsupported by backend={backend!r} "
-                             "(a multiple of 8, at most 256)")
+    limits: dict[str, str] = {}
+    if _torch_varlen_attn is None:
+        limits.setdefault("torch_varlen", "torch.nn.attention.varlen is missing (torch >= 2.9)")
+    if _flash_attn_varlen_func is None:
+        limits.setdefault("flash_attn", "the flash-attn package is not installed (pip install -e '.[gpu]')")
+    if dropout_p > 0.0:
+        for name in ("triton", "torch_varlen"):
+            limits.setdefault(name, f"it has no attention dropout (dropout_p = {dropout_p}); use 'auto' or 'cpu'")
+        if generator is not None:
+            limits.setdefault("flash_attn", "its dropout cannot draw from a torch.Generator")
+    elif q.device.type != "cpu":
+        limits.setdefault("cpu", "without dropout it needs CPU tensors (with dropout it runs on any "
+                                 "device, as an explicit softmax)")
+    if head_dim > 128:
+        limits.setdefault("triton", f"head_dim = {head_dim} is above its limit of 128")
+    if head_dim % 8 != 0 or head_dim > 256:
+        for name in ("torch_varlen", "flash_attn"):
+            limits.setdefault(name, f"head_dim = {head_dim} must be a multiple of 8, at most 256")
+    return limits
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                      max_seqlen: int, softmax_scale: float | None = None, dropout_p: float = 0.0,
-                     generator: torch.Generator | None = None, backend: str = "auto") -> torch.Tensor:
+                     generator: torch.Generator | None = None, backend: str = "auto",
+                     seqlens_host: Sequence[int] | None = None) -> torch.Tensor:
     """Bidirectional attention inside each packed record.
 
-    q, k, v: [total_tokens, heads, head_dim]; cu_seqlens: int32 [B + 1] record boundaries;
-    max_seqlen: the longest record in tokens. Returns out [total_tokens, heads, head_dim] in q's
-    dtype. See the module docstring for backends, dropout and the validation rules.
+    q, k, v: [total_tokens, heads, head_dim], one dtype; cu_seqlens: int32 [B + 1] record
+    boundaries; max_seqlen: the longest record in tokens. Returns out [total_tokens, heads,
+    head_dim] in q's dtype. backend: one of BACKENDS, "auto" as csfm_kernels._dispatch.AUTO says.
+    seqlens_host: the B record lengths as host ints where the caller knows them (a packed batch
+    does): then nothing is read back from the device (no host sync on CUDA, so the call can be
+    captured in a CUDA graph). Without it a CUDA cu_seqlens is checked on the device, and only
+    the "reference" and "cpu" backends read it back. See the module docstring for dropout.
     """
-    cu = _validate(q, k, v, cu_seqlens, max_seqlen, dropout_p)
+    cu = _validate(q, k, v, cu_seqlens, max_seqlen, dropout_p, seqlens_host)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    backend = _pick_backend(q, backend, dropout_p, generator)
-    _check_backend(backend, q, dropout_p)
+    backend = _dispatch.resolve("varlen_attention", backend, q.device, q.dtype, _limits(q, dropout_p, generator))
+    if backend in ("reference", "cpu") and cu is None:
+        cu = cu_seqlens.tolist()  # the one device read of these two backends; seqlens_host spares it
 
     if backend == "reference":
         return _reference_attention(q, k, v, cu, scale, dropout_p, generator)
@@ -636,7 +719,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         if dropout_p > 0.0:
             return _bucketed_dropout_attention(q, k, v, buckets, scale, dropout_p, generator)
         return _BucketedAttention.apply(q, k, v, buckets, scale)
-    cu_seqlens = cu_seqlens.to(q.device).contiguous()  # the GPU kernels read it on the device
+    cu_seqlens = cu_seqlens.to(q.device, non_blocking=True).contiguous()  # the GPU kernels read it there
     if backend == "triton":
         q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
         return _TritonAttention.apply(q, k, v, cu_seqlens, int(max_seqlen), scale)

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "kernels.h"
+#include "memory.h"
 #include "parallel.h"
 
 namespace csfm {
@@ -24,6 +25,7 @@ void gather_rows(const float* src, const int64_t* rows, int64_t K, int64_t D, fl
                  int n_threads) {
   if (K <= 0 || D <= 0) return;
   const size_t row_bytes = static_cast<size_t>(D) * sizeof(float);
+  advise_huge_pages(out, static_cast<size_t>(K) * row_bytes);
   parallel_chunks(K, copy_threads(n_threads, K, D), [&](int64_t b, int64_t e, int) {
     for (int64_t i = b; i < e; ++i) std::memcpy(out + i * D, src + rows[i] * D, row_bytes);
   });
@@ -33,6 +35,7 @@ void scatter_rows_fill(const float* src, const int64_t* source_rows, const float
                        int64_t M, int64_t D, float* out, int n_threads) {
   if (M <= 0 || D <= 0) return;
   const size_t row_bytes = static_cast<size_t>(D) * sizeof(float);
+  advise_huge_pages(out, static_cast<size_t>(M) * row_bytes);
   parallel_chunks(M, copy_threads(n_threads, M, D), [&](int64_t b, int64_t e, int) {
     for (int64_t i = b; i < e; ++i) {
       const int64_t r = source_rows[i];
@@ -46,6 +49,7 @@ void scatter_rows_fill_backward(const float* grad_out, const int64_t* source_row
                                 int n_threads) {
   if (D <= 0) return;
   const size_t row_bytes = static_cast<size_t>(D) * sizeof(float);
+  advise_huge_pages(grad_src, static_cast<size_t>(K) * row_bytes);
 
   // Rows of grad_src that no output row refers to get zeros (skipped when all K are kept).
   int64_t kept = 0;

@@ -39,6 +39,7 @@
 #include <vector>
 
 #include "kernels.h"
+#include "memory.h"
 #include "parallel.h"
 
 #if defined(__AVX__)
@@ -627,6 +628,7 @@ void take_grad_row(const float* __restrict g, float* __restrict gp, float* __res
 // =======================================================================================
 void patch_embed_forward(const PatchEmbedInputs& in, float* out, int n_threads) {
   if (in.T <= 0 || in.D <= 0 || in.P <= 0) return;
+  advise_huge_pages(out, static_cast<size_t>(in.T * in.D) * sizeof(float));
   const Prep pp(in, n_threads);
   const int64_t Pa = pp.Pa, D = pp.D, Dp = pp.Dp;
   const int64_t h_stride = round_up(TB * Pa, 16);

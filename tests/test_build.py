@@ -46,8 +46,8 @@ sys.meta_path.insert(0, Block())
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     import torch, csfm_kernels
-    from csfm_kernels.patch_embed import _pick_backend
-    assert _pick_backend("auto", torch.device("cpu")) == "reference"
+    from csfm_kernels._dispatch import resolve
+    assert resolve("patch_embed", "auto", torch.device("cpu"), torch.float32) == "reference"
     print(csfm_kernels.build_info())
 mine = [w for w in caught if "csfm_kernels" in str(w.message)]
 assert len(mine) == 1, [str(w.message) for w in caught]

@@ -307,6 +307,27 @@ def test_scatter_rows_fill_and_backward(M, K, D, n_threads):
     torch.testing.assert_close(grad_fill, ref_fill, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("offset", [0, 1, 333])
+def test_large_outputs_are_written_whole_and_nothing_beside_them(offset):
+    """Outputs of 4 MiB or more are advised onto huge pages before the first write (csrc/memory.h):
+    every row is still written, at any alignment, and the memory around the output is untouched."""
+    M, K, D = 6000, 1500, 768  # out [M, D] = 18 MB, kept [K, D] = 4.6 MB
+    src, source_rows, fill = _scatter_case(M, K, D, seed=offset)
+    kept_rows = torch.nonzero(source_rows >= 0).flatten()
+    for name, rows, run in (
+        ("scatter_rows_fill", M, lambda out: C.scatter_rows_fill(src.numpy(), source_rows.numpy(), fill.numpy(), out, 2)),
+        ("gather_rows", K, lambda out: C.gather_rows(_torch_scatter(src, source_rows, fill).numpy(),
+                                                     kept_rows.numpy(), out, 2)),
+    ):
+        buf = np.full(rows * D + offset + 7, np.nan, np.float32)
+        out = buf[offset:offset + rows * D].reshape(rows, D)
+        run(out)
+        assert np.isnan(buf[:offset]).all() and np.isnan(buf[offset + rows * D:]).all(), name
+        expected = _torch_scatter(src, source_rows, fill) if name == "scatter_rows_fill" else \
+            _torch_scatter(src, source_rows, fill)[kept_rows]
+        assert torch.equal(torch.from_numpy(out), expected), name
+
+
 def test_scatter_backward_zeroes_unreferenced_rows_and_is_deterministic():
     grad_out = torch.randn(6, 4)
     source_rows = torch.tensor([-1, 2, -1, 0, -1, -1])

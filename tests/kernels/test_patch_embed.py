@@ -7,6 +7,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from csfm_kernels import PatchEmbedding, PatchEmbedParams, patch_embed, patch_embed_packed
+from csfm_kernels._dispatch import resolve
 from csfm_kernels.patch_embed import PATCH_LEN
 from helpers import ALL_BACKENDS, assert_close_by_rule
 
@@ -25,11 +26,11 @@ def make_params(d: int, dtype: torch.dtype = torch.float32, n_types: int = 13, n
                             leaf(1, n_types, d), leaf(1, n_pos, d))
 
 
-def cast_params(params: PatchEmbedParams, dtype: torch.dtype) -> PatchEmbedParams:
-    """Detached copies of every weight in ``dtype`` that require grad."""
-    return PatchEmbedParams(*(t.detach().to(dtype).requires_grad_() for t in params.flat()[:6]),
-                            params.channel_type.detach().to(dtype).requires_grad_(),
-                            params.position.detach().to(dtype).requires_grad_(), params.eps)
+def cast_params(params: PatchEmbedParams, dtype: torch.dtype, device: str = "cpu") -> PatchEmbedParams:
+    """Detached copies of every weight in ``dtype`` on ``device`` that require grad."""
+    leaf = lambda t: t.detach().to(device, dtype).requires_grad_()  # noqa: E731
+    return PatchEmbedParams(*(leaf(t) for t in params.flat()[:6]), leaf(params.channel_type),
+                            leaf(params.position), params.eps)
 
 
 def run_padded(x: torch.Tensor, ids: torch.Tensor, params: PatchEmbedParams, grad: torch.Tensor,
@@ -46,17 +47,20 @@ GRAD_NAMES = ["x", "ln_patch_weight", "ln_patch_bias", "weight", "bias", "ln_emb
               "ln_embed_bias", "channel_type", "position"]
 
 
-def compare_backend(backend: str, b: int, c: int, n: int, d: int, dtype: torch.dtype, seed: int) -> None:
+def compare_backend(backend: str, b: int, c: int, n: int, d: int, dtype: torch.dtype, seed: int,
+                    device: str = "cpu") -> None:
+    """``backend`` vs the fp32 reference on ``device``: values and the nine grads (half dtypes by
+    the flash-attn rule against the reference computed in that dtype)."""
     g = torch.Generator().manual_seed(seed)
-    x32 = torch.randn(b, c, n * PATCH_LEN, generator=g) * 3 + 1
-    ids = torch.randint(0, 13, (b, c), generator=g)
-    grad = torch.randn(b, c * n, d, generator=g)
+    x32 = (torch.randn(b, c, n * PATCH_LEN, generator=g) * 3 + 1).to(device)
+    ids = torch.randint(0, 13, (b, c), generator=g).to(device)
+    grad = torch.randn(b, c * n, d, generator=g).to(device)
     base = make_params(d, seed=seed)
-    ref_out, ref_grads = run_padded(x32, ids, cast_params(base, torch.float32), grad, "reference")
+    ref_out, ref_grads = run_padded(x32, ids, cast_params(base, torch.float32, device), grad, "reference")
     low_out, low_grads = (None, [None] * 9)
     if dtype != torch.float32:
-        low_out, low_grads = run_padded(x32.to(dtype), ids, cast_params(base, dtype), grad, "reference")
-    out, grads = run_padded(x32.to(dtype), ids, cast_params(base, dtype), grad, backend)
+        low_out, low_grads = run_padded(x32.to(dtype), ids, cast_params(base, dtype, device), grad, "reference")
+    out, grads = run_padded(x32.to(dtype), ids, cast_params(base, dtype, device), grad, backend)
     assert out.dtype == dtype
     assert_close_by_rule(out, ref_out, low_out, atol=1e-5 if dtype == torch.float32 else 2e-3,
                          rtol=1e-5, name="out")
@@ -140,6 +144,35 @@ def test_bad_input_names_the_argument(make_input, match, backend):
     x, ids = make_input()
     with pytest.raises(ValueError, match=match):
         patch_embed(x, ids, make_params(16), backend=backend)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("b, c, n, d, dtype", [
+    (1, 1, 1, 16, torch.float32),        # one lead, one patch
+    *((2, 13, 100, 768, dtype) for dtype in (torch.float32, torch.float16, torch.bfloat16)),  # every
+    (3, 12, 7, 384, torch.bfloat16),     # channel type, full 10 s windows, CSFM-Tiny width; odd patch count
+    (1, 2, 100, 1024, torch.bfloat16),   # CSFM-Large width
+    (4, 3, 33, 256, torch.float16),
+    (2, 5, 9, 512, torch.float32),
+], ids=str)
+def test_triton_compiled_on_cuda_matches_reference(b, c, n, d, dtype):
+    compare_backend("triton", b, c, n, d, dtype, seed=b * 1000 + d, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_auto_on_cuda_is_triton_and_packed_matches_each_record():
+    params = cast_params(make_params(64), torch.float32, "cuda")
+    g = torch.Generator().manual_seed(3)
+    records = [torch.randn(c, L, generator=g).cuda() for c, L in ((1, 2500), (12, 1000), (2, 25))]
+    ids = [torch.tensor([1]).cuda(), torch.arange(12).cuda(), torch.tensor([1, 12]).cuda()]
+    tokens, cu = patch_embed_packed(records, ids, params)
+    assert resolve("patch_embed", "auto", torch.device("cuda"), torch.float32) == "triton"
+    offsets = cu.tolist()
+    for i, (rec, rec_ids) in enumerate(zip(records, ids)):
+        alone = patch_embed(rec[None], rec_ids[None], params, backend="reference")[0]
+        torch.testing.assert_close(tokens[offsets[i]:offsets[i + 1]], alone, atol=1e-5, rtol=1e-5)
 
 
 def test_bad_params_and_backend():

@@ -1,6 +1,7 @@
-"""Kernel-level tests of the Triton sections of patch_embed and masking against plain torch
-(the grid-looping ``max_programs`` paths, strided and empty inputs; op-level tests of every
-backend live in test_patch_embed.py and test_masking.py).
+"""Kernel-level tests of the Triton sections of patch_embed, masking and varlen attention against
+plain torch (the grid-looping ``max_programs`` paths, strided and empty inputs, and the tiles a
+GPU launches, named by architecture; op-level tests of every backend live in test_patch_embed.py,
+test_masking.py and test_varlen_attention.py).
 
 Runs under the Triton interpreter (TRITON_INTERPRET=1) on CPU tensors unless the environment
 already says otherwise (then CUDA tensors are used when a GPU is present).
@@ -12,11 +13,13 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from helpers import PATCH_PARAM_NAMES, patch_embed_inputs, patch_embed_torch
+from helpers import PATCH_PARAM_NAMES, assert_close_by_rule, patch_embed_inputs, patch_embed_torch
 
 pytest.importorskip("triton")
 masking = importlib.import_module("csfm_kernels.masking")
 patch_embed = importlib.import_module("csfm_kernels.patch_embed")  # the package re-exports a function of that name
+varlen = importlib.import_module("csfm_kernels.varlen_attention")
+DEVICE_ARCHS = (80, 90, 100)  # the architectures whose launch configurations tests/kernels/test_compile.py checks
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 if INTERPRET:
@@ -308,3 +311,96 @@ def test_row_ops_empty():
     )
     assert gsrc.shape == (3, 24) and torch.count_nonzero(gsrc) == 0
     assert gfill.shape == (24,) and torch.count_nonzero(gfill) == 0
+
+
+def test_row_ops_model_width():
+    """d = 768 in 256-column blocks (three per row, none padded), every row op once."""
+    M, K_, D = 40, 30, 768
+    src, source_rows, fill = _scatter_case(K_, M, D, torch.float32, 11)
+    out = masking._triton_scatter(src, source_rows, fill)
+    assert torch.equal(out, _scatter_ref(src, source_rows, fill))
+    rows = torch.randperm(K_, generator=torch.Generator().manual_seed(12)).to(DEVICE)
+    assert torch.equal(masking._triton_gather(src, rows), src[rows])
+    grad_out = torch.randn(M, D, generator=torch.Generator().manual_seed(13)).to(DEVICE)
+    gsrc, gfill = masking._triton_scatter_backward(grad_out, source_rows, K_, max_programs=2)
+    has = source_rows >= 0
+    expected = torch.zeros_like(src)
+    expected[source_rows[has]] = grad_out[has]
+    assert torch.equal(gsrc, expected)
+    torch.testing.assert_close(gfill, grad_out[~has].sum(0), atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# a GPU's launch configurations, run by the interpreter (it ignores warps and stages: one
+# architecture per distinct set of block shapes)
+# ----------------------------------------------------------------------------------------------
+def _distinct_archs(shapes_of) -> list[int]:
+    """The first architecture of DEVICE_ARCHS for each distinct value of ``shapes_of(arch)``."""
+    first = {}
+    for arch in DEVICE_ARCHS:
+        first.setdefault(shapes_of(arch), arch)
+    return sorted(first.values())
+
+
+def _pe_shapes(D):
+    return lambda arch: patch_embed._pe_blocks(25, D, arch)[1:]  # (BLOCK_T, BLOCK_D, warps) per kernel
+
+
+@pytest.mark.parametrize("D, arch", [(D, arch) for D in (384, 768) for arch in _distinct_archs(_pe_shapes(D))])
+def test_patch_embed_device_blocks(D, arch):
+    """fp32 against float64 torch with the chunks a GPU uses (d = 768: twelve 64-column chunks,
+    24 in the backward rows pass), a ragged last token block and a looping grid."""
+    T = 45
+    inp = _make_inputs(T, 25, D, torch.float32, D)
+    grad_out = torch.randn(T, D, generator=torch.Generator().manual_seed(D)).to(DEVICE)
+    params = [inp[n] for n in PATCH_PARAM_NAMES]
+    out = patch_embed._triton_forward(inp["patches"], inp["token_chan"], inp["token_pos"], params, EPS,
+                                      arch=arch)
+    got = patch_embed._triton_backward(grad_out, inp["patches"], inp["token_chan"], inp["token_pos"], params,
+                                       EPS, max_programs=2, arch=arch)
+    torch.testing.assert_close(out, patch_embed_torch(_cast(inp, REF)).float(), atol=1e-5, rtol=1e-5)
+    for name, gv, rv in zip(GRAD_NAMES, got, _torch_grads(_cast(inp, REF), grad_out.to(REF))):
+        tol = 1e-5 if name == "patches" else 1e-4
+        torch.testing.assert_close(gv, rv.float(), atol=tol, rtol=tol, msg=lambda m: f"{name}: {m}")
+
+
+def _attention_shapes(head_dim, dtype):
+    def shapes(arch):
+        config = varlen._triton_config(head_dim, dtype, arch)
+        return tuple((t.block_m, t.block_n) for t in (config.forward, config.dkdv, config.dq))
+    return shapes
+
+
+def _attention_torch(q, k, v, grad_out, lengths, dtype, scale):
+    """(out, dq, dk, dv) of per-record softmax attention computed in ``dtype``."""
+    leaves = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
+    outs, start = [], 0
+    for n in lengths:
+        qi, ki, vi = (x[start:start + n].transpose(0, 1) for x in leaves)
+        weights = torch.softmax((qi @ ki.transpose(-1, -2)) * scale, dim=-1)
+        outs.append((weights @ vi).transpose(0, 1))
+        start += n
+    out = torch.cat(outs)
+    grads = torch.autograd.grad(out, leaves, grad_out.to(dtype))
+    return (out.detach(), *grads)
+
+
+@pytest.mark.parametrize("head_dim, dtype, arch", [
+    (hd, dt, arch) for hd in (64, 128) for dt in DTYPES for arch in _distinct_archs(_attention_shapes(hd, dt))])
+def test_attention_device_tiles(head_dim, dtype, arch):
+    """Forward and backward with a GPU's tiles (q blocks of 64 / 32 rows, dK/dV blocks of 64 / 32 k
+    rows stepping 32 / 16 q rows): records shorter than one tile, exactly one, and spanning three."""
+    lengths, heads = [1, 64, 130], 2
+    gen = torch.Generator().manual_seed(head_dim)
+    q, k, v, grad_out = (torch.randn(sum(lengths), heads, head_dim, generator=gen).to(DEVICE, dtype)
+                         for _ in range(4))
+    cu = torch.tensor([0, 1, 65, 195], dtype=torch.int32, device=DEVICE)
+    scale = head_dim ** -0.5
+    out, lse = varlen._triton_forward(q, k, v, cu, max(lengths), scale, arch=arch)
+    ours = (out, *varlen._triton_backward(grad_out, q, k, v, out, lse, cu, max(lengths), scale, arch=arch))
+    ref = _attention_torch(q, k, v, grad_out, lengths, REF, scale)
+    low = _attention_torch(q, k, v, grad_out, lengths, dtype, scale) if dtype != torch.float32 else (None,) * 4
+    for name, got, r, lo in zip(("out", "dq", "dk", "dv"), ours, ref, low):
+        assert got.dtype == dtype, name
+        ulp = torch.finfo(dtype).eps * max(1.0, r.abs().max().item())
+        assert_close_by_rule(got, r, lo, atol=1e-4 if lo is None else ulp, rtol=1e-4, name=f"sm_{arch} {name}")

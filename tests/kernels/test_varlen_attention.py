@@ -8,7 +8,6 @@ program instance costs ~1.5 ms there).
 from __future__ import annotations
 
 import os
-import warnings
 
 import torch
 
@@ -22,6 +21,7 @@ from hypothesis import example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 va = importlib.import_module("csfm_kernels.varlen_attention")  # the package re-exports a function of that name
+from csfm_kernels import BackendUnavailable  # noqa: E402
 from csfm_kernels.varlen_attention import pack, unpack, varlen_attention  # noqa: E402
 from helpers import assert_close_by_rule  # noqa: E402
 
@@ -227,15 +227,56 @@ def test_dropout_drops_about_p_of_the_weights(backend):
     assert abs(dropped - p) < 0.02, dropped  # 16384 draws: sigma ~ 0.0034
 
 
-def test_dropout_on_a_backend_without_it_reroutes_and_warns_once():
-    va._warn_once.cache_clear()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        first = _dropout_run("triton", 7, 0.1)
+def test_dropout_on_a_backend_without_it_raises_and_auto_takes_the_cpu_path():
+    """Named backends never fall back: triton has no dropout, so asking for it with dropout
+    raises; "auto" picks the path that honours the generator."""
+    with pytest.raises(BackendUnavailable, match="backend='triton'.*no attention dropout"):
         _dropout_run("triton", 7, 0.1)
-    assert len([w for w in caught if "dropout" in str(w.message)]) == 1
-    for a, b in zip(first, _dropout_run("cpu", 7, 0.1)):
+    for a, b in zip(_dropout_run("auto", 7, 0.1), _dropout_run("cpu", 7, 0.1)):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+# --- host lengths ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_seqlens_host_gives_the_same_result_without_reading_cu_seqlens(backend, monkeypatch):
+    lengths = [5, 0, 33, 101, 5]
+    q, k, v, g = _inputs(lengths, 2, 32, torch.float32, seed=2)
+    cu = _cu(lengths)
+    expected = _run(lambda a, b, c: varlen_attention(a, b, c, cu, 101, backend=backend), q, k, v, g)
+
+    def no_read(self, *args, **kwargs):
+        raise AssertionError("cu_seqlens was read back although seqlens_host was given")
+
+    monkeypatch.setattr(torch.Tensor, "tolist", no_read)
+    monkeypatch.setattr(torch.Tensor, "item", no_read)
+    got = _run(lambda a, b, c: varlen_attention(a, b, c, cu, 101, backend=backend, seqlens_host=lengths),
+               q, k, v, g)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_seqlens_host_must_agree_with_cu_seqlens():
+    q, k, v, _ = _inputs([4, 6], 2, 32, torch.float32)
+    cu = _cu([4, 6])
+    with pytest.raises(ValueError, match="must equal the running sum of seqlens_host"):
+        varlen_attention(q, k, v, cu, 6, seqlens_host=[6, 4])
+    with pytest.raises(ValueError, match="seqlens_host has 3 lengths for the 2 records"):
+        varlen_attention(q, k, v, cu, 6, seqlens_host=[4, 6, 0])
+    with pytest.raises(ValueError, match=r"running sum of seqlens_host\)\[-1\] = 9"):
+        varlen_attention(q, k, v, cu, 6, seqlens_host=[4, 5])
+    with pytest.raises(ValueError, match="max_seqlen = 5"):
+        varlen_attention(q, k, v, cu, 5, seqlens_host=[4, 6])
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_float64_is_computed_in_float64(backend):
+    """No silent fp32 inside: an fp64 call matches an fp64 computation to fp64 precision."""
+    lengths = [7, 19]
+    q, k, v, _ = _inputs(lengths, 2, 16, torch.float64, seed=6)
+    out = varlen_attention(q, k, v, _cu(lengths), 19, backend=backend)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, _plain(q, k, v, _cu(lengths)), atol=1e-12, rtol=1e-12)
 
 
 # --- validation ----------------------------------------------------------------------------------
@@ -266,8 +307,11 @@ def test_bad_arguments_raise_value_error_naming_them():
         with pytest.raises(ValueError, match="head_dim"):
             varlen_attention(big, big, big, cu.to(DEVICE), 6, backend="triton")
     if DEVICE.type == "cpu":
-        with pytest.raises(ValueError, match="CUDA"):
-            varlen_attention(q, k, v, cu, 6, backend="torch_varlen")
+        for backend in ("torch_varlen", "flash_attn"):
+            with pytest.raises(BackendUnavailable, match=f"backend='{backend}' cannot run on cpu.*CUDA"):
+                varlen_attention(q, k, v, cu, 6, backend=backend)
+    with pytest.raises(ValueError, match="k is float64 but q is float32"):
+        varlen_attention(q, k.double(), v, cu, 6)
 
 
 # --- Triton ----------------------------------------------------------------------------------------
@@ -311,15 +355,51 @@ def test_triton_softmax_scale_and_slack_max_seqlen():
         torch.testing.assert_close(a, b, **FP32)
 
 
-# --- GPU-only backends -----------------------------------------------------------------------------
+# --- on a GPU ----------------------------------------------------------------------------------------
+
+GPU_LENGTHS = [101, 201, 1, 1265, 101, 0, 77, 1201]  # 1-lead, ECG+PPG, one token, 12-lead + text, odd
+
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("backend", ["triton", "torch_varlen", "flash_attn"])
-def test_gpu_backends_match_reference(backend, dtype):
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("backend", ["triton", "torch_varlen", "flash_attn", "auto"])
+def test_gpu_backends_match_reference(backend, dtype, head_dim):
     if backend == "flash_attn" and va._flash_attn_varlen_func is None:
         pytest.skip("flash-attn not installed")
     if backend == "torch_varlen" and va._torch_varlen_attn is None:
         pytest.skip("torch.nn.attention.varlen missing")
-    _check_against_reference(backend, [101, 201, 1, 1265, 101, 0, 77], 8, 64, dtype, device=DEVICE)
+    if backend in ("torch_varlen", "flash_attn") and dtype == torch.float32:
+        with pytest.raises(BackendUnavailable, match="takes float16, bfloat16"):
+            _check_against_reference(backend, [5], 1, head_dim, dtype, device=DEVICE)
+        return
+    _check_against_reference(backend, GPU_LENGTHS, 8, head_dim, dtype, device=DEVICE)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@settings(max_examples=10, deadline=None)
+@given(lengths=st.lists(st.integers(0, 1400), min_size=1, max_size=6).filter(any),
+       heads=st.integers(1, 8), head_dim=st.sampled_from([64, 128]),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 2**16))
+def test_triton_on_gpu_random_lengths(lengths, heads, head_dim, dtype, seed):
+    """Random record lengths (0 to 1400 tokens) on the configurations compiled above."""
+    _check_against_reference("triton", lengths, heads, head_dim, dtype, device=DEVICE, seed=seed)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_seqlens_host_call_has_no_host_sync_on_gpu():
+    """With the lengths on the host, the call reads nothing back (set_sync_debug_mode raises on a sync)."""
+    lengths = [101, 1201, 7]
+    q, k, v, g = _inputs(lengths, 8, 64, torch.bfloat16, device=DEVICE)
+    cu = _cu(lengths, DEVICE)
+    expected = varlen_attention(q, k, v, cu, 1201)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = varlen_attention(q, k, v, cu, 1201, seqlens_host=lengths)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
