@@ -11,6 +11,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from csfm_kernels.patch_embed import PATCH_LEN
+
 
 @dataclass
 class Batch:
@@ -49,6 +51,15 @@ class Batch:
 
     def n_channels(self) -> torch.Tensor:
         return torch.tensor([x.shape[0] for x in self.signals], dtype=torch.int64)
+
+    def valid_patches(self) -> tuple[torch.Tensor, list[int]]:
+        """The patch tokens that hold at least one valid sample, as rows of the order the
+        encoder packs them in (record by record, channel by channel, patch by patch):
+        (rows [K] int64 ascending, on the valid masks' device; kept per record [B] host ints).
+        Taking these rows of the patch tokens leaves each one's channel type and position as
+        they were."""
+        per_record = [v.reshape(v.shape[0], -1, PATCH_LEN).any(-1).reshape(-1) for v in self.valid]
+        return torch.cat(per_record).nonzero().flatten(), [int(k.sum()) for k in per_record]
 
     def split_windows(self, max_samples: int) -> tuple["Batch", torch.Tensor]:
         """Records longer than ``max_samples`` cut into consecutive windows of that length

@@ -8,25 +8,42 @@ an uninterrupted one would.
 Reading and preprocessing a record costs far more than a small model's step on it, so
 records of up to ``CACHE_MAX_RECORD_S`` are preprocessed once and kept in memory (up to
 ``cache_mb`` per process or DataLoader worker); each sample is then a random crop of the
-cached record. Longer records (multi-day MIMIC waveforms) are always read a window at a time.
+cached record. Other records (multi-day MIMIC waveforms) are read a random window at a time
+where the source can, and read whole (part by part) only when several random windows in a
+row have too few valid samples.
+
+What of a record the model can use is decided by ``csfm.preprocess.RecordCheck``, the rule
+``csfm.embed`` applies too: channels without a valid sample are left out, and a record
+without a window of enough valid samples is unusable. ``find_unusable`` lists those up
+front, by name and reason, and ``check_usable`` fails on them (or, asked to skip them,
+warns) before any work starts.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field, replace
-from typing import Protocol, Sequence
+from typing import Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from csfm.batch import Batch, make_batch
-from csfm.preprocess import PreprocessConfig, preprocess_record, preprocess_signal
+from csfm.preprocess import PreprocessConfig, RecordCheck, keep_channels, preprocess_signal
+from csfm.readers.mimic3 import NoSignalError
 from csfm.record import PPG_TYPE, Record
 from csfm.tokenizer import ReportTokenizer
 
 LIMB_LEADS = (0, 1, 2, 3, 4, 5)  # I, II, III, aVR, aVL, aVF
 LEAD_II = 1
 CACHE_MAX_RECORD_S = 600.0  # longer records are read a window at a time, never cached
-_CROP_TRIES = 8  # random crop starts tried before taking the most valid one
+_READ_TRIES = 8  # random windows read from a record before reading all of it for a usable one
+PART_WINDOWS = 60
+"""Records longer than this many windows (10 min at the defaults) are read and preprocessed
+in parts of that length (``record_parts``), so memory does not grow with the record."""
+PART_MARGIN_S = 5.0
+"""Seconds read on each side of a part so the band-pass filters settle before it (the
+0.5 Hz high-pass edge's transient decays to ~1e-5 within 5 s)."""
 
 
 class RecordSource(Protocol):
@@ -77,8 +94,9 @@ class PretrainWindows(torch.utils.data.Dataset):
     """Item i: a random window of record i, preprocessed to 250 Hz, z-scored, tokenized.
 
     subset_prob: chance of replacing the lead set by a random subset (``lead_subset``).
-    A record shorter than the window is zero-padded to it with valid=False there (and
-    raises if less than PreprocessConfig.min_valid_fraction of it is real signal).
+    Channels without a valid sample are left out (``RecordCheck``); a record shorter than
+    the window is zero-padded to it with valid=False there. A record the model cannot use
+    raises ValueError naming it and why: list those up front with ``find_unusable``.
     cache_mb: memory (MiB) for preprocessed records of up to CACHE_MAX_RECORD_S seconds (or
     of unknown duration: sources without ``duration_s``, which are read whole anyway); 0
     reads and preprocesses every sample's record anew.
@@ -118,69 +136,205 @@ class PretrainWindows(torch.utils.data.Dataset):
                       text, record.record_id, record.patient_id, dict(record.metadata))
 
     def _window(self, index: int, rng: np.random.Generator) -> tuple[Record, np.ndarray, np.ndarray]:
-        """(record, x [C, window], valid [C, window]) of one random window of record ``index``."""
+        """(record reduced to its usable channels, x [C, window], valid [C, window]) of one
+        random window of record ``index``; ValueError naming the record when it has none."""
         cached = self._preprocessed(index)
         if cached is not None:
             record, x, valid = cached
             return record, *random_crop(x, valid, self.preprocess, rng, record.record_id)
-        record = self._read(index, rng)
-        windows = preprocess_record(record, self.preprocess)
-        if len(windows.x) == 0:
-            raise ValueError(f"record {record.record_id}: no window with enough valid samples")
-        w = int(rng.integers(len(windows.x)))
-        return record, windows.x[w], windows.valid[w]
+        duration = _duration(self.records, index)
+        window_s = self.preprocess.window / self.preprocess.target_fs
+        if duration is not None and duration > window_s and hasattr(self.records, "read_window"):
+            read = self._read_window(index, duration, rng)
+            if read is not None:
+                return read
+        return self._scan(index, rng)
 
     def _preprocessed(self, index: int) -> tuple[Record, np.ndarray, np.ndarray] | None:
-        """(record without its raw signal, x [C, T'], valid [C, T']) of the whole preprocessed
-        record, from the cache or made now while the budget lasts; None for records too long
-        to cache or once the budget is spent."""
+        """(record reduced to its usable channels, without its raw signal; x [C, T'], valid
+        [C, T']) of the whole preprocessed record, from the cache or made now while the
+        budget lasts; None for records too long to cache or once the budget is spent."""
         if index in self._cache:
             return self._cache[index]
-        duration = self.records.duration_s(index) if hasattr(self.records, "duration_s") else None
+        duration = _duration(self.records, index)
         if self.cache_bytes_left <= 0 or (duration is not None and duration > CACHE_MAX_RECORD_S):
             return None
         record = self.records[index]
+        check = RecordCheck(self.preprocess)
+        used = check.usable_channels(record)
+        if not used:
+            raise ValueError(f"record {record.record_id}: {check.problem}")
+        record = keep_channels(record, used)
         x, valid = preprocess_signal(record.signal, record.fs, record.channel_types, self.preprocess)
-        entry = (replace(record, signal=np.empty((len(record.channel_types), 0), np.float32)), x, valid)
+        entry = (replace(record, signal=np.empty((len(used), 0), np.float32)), x, valid)
         self.cache_bytes_left -= x.nbytes + valid.nbytes
         if self.cache_bytes_left >= 0:
             self._cache[index] = entry
         return entry
 
-    def _read(self, index: int, rng: np.random.Generator) -> Record:
-        """A random window of the record (plus a second each side for the filters) where the
-        source reads parts of records; the whole record otherwise."""
-        duration = self.records.duration_s(index) if hasattr(self.records, "duration_s") else None
-        if duration is None or not hasattr(self.records, "read_window"):
-            return self.records[index]
-        window_s = self.preprocess.window / self.preprocess.target_fs + 2.0
-        start = float(rng.uniform(0.0, max(0.0, duration - window_s)))
-        return self.records.read_window(index, start, window_s)
+    def _read_window(self, index: int, duration: float,
+                     rng: np.random.Generator) -> tuple[Record, np.ndarray, np.ndarray] | None:
+        """``_window`` by reading only a window: a random window's span (plus PART_MARGIN_S
+        each side for the filters); up to _READ_TRIES random starts, None when none of them
+        has enough valid samples."""
+        window_s = self.preprocess.window / self.preprocess.target_fs
+        for _ in range(_READ_TRIES):
+            part = read_part(self.records, index, float(rng.uniform(0.0, max(0.0, duration - window_s))), window_s)
+            if part is None:
+                continue
+            windows, used = RecordCheck(self.preprocess).windows(part[0], part[1], window_s)
+            if len(windows.x):
+                return _without_signal(part[0], used), windows.x[0], windows.valid[0]
+        return None
+
+    def _scan(self, index: int, rng: np.random.Generator) -> tuple[Record, np.ndarray, np.ndarray]:
+        """``_window`` by reading the whole record (part by part: ``record_parts``): one of its
+        usable windows drawn uniformly (reservoir sampling, so one window is held at a time),
+        or ValueError naming the record and why it has none."""
+        check, name, chosen, seen = RecordCheck(self.preprocess), _record_name(self.records, index), None, 0
+        for part, _, skip_s, span_s in record_parts(self.records, index, self.preprocess):
+            windows, used = check.windows(part, skip_s, span_s)
+            name = part.record_id
+            for w in range(len(windows.x)):
+                seen += 1
+                if rng.integers(seen) == 0:
+                    chosen = (_without_signal(part, used), windows.x[w].copy(), windows.valid[w].copy())
+        if chosen is None:
+            raise ValueError(f"record {name}: {check.problem}")
+        return chosen
 
 
 def random_crop(x: np.ndarray, valid: np.ndarray, config: PreprocessConfig, rng: np.random.Generator,
                 record_id: str = "") -> tuple[np.ndarray, np.ndarray]:
     """A random window of config.window samples from x, valid [C, T] (preprocessed).
 
-    Shorter records are zero-padded (valid False there). Up to _CROP_TRIES random starts
-    are tried for one with at least config.min_valid_fraction valid samples, then the most
-    valid of those; ValueError naming ``record_id`` when even that falls short.
+    The start is drawn uniformly among those whose window has at least
+    config.min_valid_fraction valid samples (all channels together), so a record that has
+    such a window always gives one. A record shorter than the window is zero-padded to it
+    (valid False there). ValueError naming ``record_id`` when no start qualifies.
     Returns (x [C, window] float32, valid [C, window] bool), copies.
     """
-    window, n = config.window, x.shape[1]
-    if n <= window:
-        out_x, out_valid = np.zeros((x.shape[0], window), np.float32), np.zeros((x.shape[0], window), bool)
-        out_x[:, :n], out_valid[:, :n] = x, valid
-        crops = [(out_x, out_valid)]
-    else:
-        starts = rng.integers(0, n - window + 1, size=_CROP_TRIES)
-        crops = [(x[:, s:s + window], valid[:, s:s + window]) for s in starts]
-    fractions = [v.mean() if v.size else 0.0 for _, v in crops]
-    best = next((k for k, f in enumerate(fractions) if f >= config.min_valid_fraction), int(np.argmax(fractions)))
-    if fractions[best] < config.min_valid_fraction:
-        raise ValueError(f"record {record_id}: no window with enough valid samples "
-                         f"(best {fractions[best]:.2f} < min_valid_fraction {config.min_valid_fraction})")
-    return crops[best][0].copy(), crops[best][1].copy()
+    window, (channels, n) = config.window, x.shape
+    if n < window:
+        x = np.pad(x.astype(np.float32, copy=False), ((0, 0), (0, window - n)))
+        valid = np.pad(valid, ((0, 0), (0, window - n)))
+    before = np.concatenate([[0], np.cumsum(valid.sum(axis=0))])  # valid samples before each column
+    fractions = (before[window:] - before[:-window]) / max(1, channels * window)
+    starts = np.flatnonzero(fractions >= config.min_valid_fraction)
+    if not len(starts):
+        raise ValueError(f"record {record_id}: no {window}-sample window with at least "
+                         f"{config.min_valid_fraction:.0%} valid samples (best {fractions.max():.0%})")
+    s = int(rng.choice(starts))
+    return x[:, s:s + window].astype(np.float32), valid[:, s:s + window].copy()
+
+
+def read_part(records: RecordSource, index: int, start_s: float, span_s: float) -> tuple[Record, float] | None:
+    """(seconds [start_s - PART_MARGIN_S, start_s + span_s + PART_MARGIN_S) of record
+    ``index``, clipped to the record; the seconds of it before start_s), read with the
+    source's ``read_window``; None where a multi-segment record has nothing recorded there."""
+    begin = max(0.0, start_s - PART_MARGIN_S)
+    try:
+        return records.read_window(index, begin, start_s + span_s + PART_MARGIN_S - begin), start_s - begin
+    except NoSignalError:
+        return None
+
+
+def record_parts(records: RecordSource, index: int,
+                 config: PreprocessConfig) -> Iterator[tuple[Record, float, float, float | None]]:
+    """Record ``index`` as (part, start_s, skip_s, span_s), the arguments of
+    ``RecordCheck.windows`` plus where the span starts in the record (seconds).
+
+    The whole record, once ((record, 0, 0, None)), when it lasts at most PART_WINDOWS
+    windows or the source cannot read parts of records; otherwise consecutive spans of
+    PART_WINDOWS windows from 0 s, each read with PART_MARGIN_S more on both sides
+    (``read_part``), so a record of any length costs the memory of one part. Each part is
+    z-scored on its own. Stretches of a multi-segment record where nothing is recorded give
+    no part.
+    """
+    duration, part_s = _duration(records, index), PART_WINDOWS * config.window / config.target_fs
+    if duration is None or duration <= part_s or not hasattr(records, "read_window"):
+        try:
+            record = records[index]
+        except NoSignalError:
+            return
+        yield record, 0.0, 0.0, None
+        return
+    for start_s in np.arange(0.0, duration, part_s):
+        part = read_part(records, index, float(start_s), part_s)
+        if part is not None:
+            yield part[0], float(start_s), part[1], part_s
+
+
+class _UsabilityChecks(torch.utils.data.Dataset):
+    """Item k: (index, record id, problem) of record indices[k] (``RecordCheck.problem``, or
+    the reader's ValueError for a record that cannot be read, e.g. one without an ECG or PPG
+    channel; "" when usable); the record is read part by part until its first usable window."""
+
+    def __init__(self, records: RecordSource, indices: Sequence[int], config: PreprocessConfig,
+                 modality: str) -> None:
+        self.records, self.indices, self.config, self.modality = records, list(indices), config, modality
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k: int) -> tuple[int, str, str]:
+        index = self.indices[k]
+        check, name = RecordCheck(self.config, self.modality), _record_name(self.records, index)
+        try:
+            for part, _, skip_s, span_s in record_parts(self.records, index, self.config):
+                name = part.record_id or name
+                if len(check.windows(part, skip_s, span_s)[0].x):
+                    break
+        except ValueError as error:  # readers raise ValueError naming the file and what is wrong
+            return index, name, f"cannot be read: {error}"
+        return index, name, check.problem
+
+
+def find_unusable(records: RecordSource, indices: Sequence[int], config: PreprocessConfig | None = None,
+                  modality: str = "both", workers: int = 0, progress: bool = False) -> dict[int, tuple[str, str]]:
+    """{index: (record id, why)} for the records among ``indices`` the model cannot use
+    (``RecordCheck``: no channel of ``modality`` with a valid sample, or no window with
+    enough valid samples; or the reader cannot read it). Each record is read until its first
+    usable window, a long one part by part (``record_parts``); ``workers`` > 0 reads in that
+    many processes."""
+    checks = _UsabilityChecks(records, sorted(set(indices)), config or PreprocessConfig(), modality)
+    loader = torch.utils.data.DataLoader(checks, batch_size=None, num_workers=workers)
+    return {int(index): (name, problem)
+            for index, name, problem in tqdm(loader, total=len(checks), disable=not progress, unit="record",
+                                             desc="checking records")
+            if problem}
+
+
+class UnusableRecordsError(ValueError):
+    """Records the model cannot use were found and not skipped; the message lists them."""
+
+
+def check_usable(unusable: dict[int, tuple[str, str]], n_records: int, skip_unusable: bool) -> None:
+    """Fails on the records ``find_unusable`` found: UnusableRecordsError listing each (id:
+    why) and naming --skip-unusable; with ``skip_unusable`` a warning listing them instead
+    (the caller leaves them out)."""
+    if not unusable:
+        return
+    listing = "\n".join(f"  {name}: {why}" for name, why in unusable.values())
+    head = f"{len(unusable)} of {n_records} records cannot be used"
+    if not skip_unusable:
+        raise UnusableRecordsError(f"{head} (--skip-unusable leaves them out):\n{listing}")
+    warnings.warn(f"{head}; left out (--skip-unusable):\n{listing}", stacklevel=2)
+
+
+def _without_signal(record: Record, channels: Sequence[int]) -> Record:
+    """``record`` reduced to ``channels`` without its raw samples (what a Sample keeps of it)."""
+    return keep_channels(replace(record, signal=record.signal[:, :0]), channels)
+
+
+def _duration(records: RecordSource, index: int) -> float | None:
+    """Seconds of record ``index`` where the source tells without reading it, else None."""
+    return records.duration_s(index) if hasattr(records, "duration_s") else None
+
+
+def _record_name(records: RecordSource, index: int) -> str:
+    """Record ``index``'s id where the source lists ids, else ``#index``."""
+    return records.record_ids[index] if hasattr(records, "record_ids") else f"#{index}"
 
 
 def collate(samples: Sequence[Sample]) -> Batch:

@@ -39,15 +39,16 @@ class FineTuneConfig:
     """epochs: at most this many passes; patience: epochs without a better validation loss
     before stopping; layer_decay: lr factor per encoder layer below the head."""
 
-    epochs: int = 20
-    batch_size: int = 16
-    lr: float = 1e-4
-    layer_decay: float = 0.75
-    weight_decay: float = 0.05
-    warmup_fraction: float = 0.1
-    patience: int = 3
+    epochs: int = field(default=20, metadata={"help": "at most this many passes over the training windows"})
+    batch_size: int = field(default=16, metadata={"help": "windows per batch"})
+    lr: float = field(default=1e-4, metadata={"help": "peak lr of the head (layers below: x layer_decay each)"})
+    layer_decay: float = field(default=0.75, metadata={"help": "lr factor per encoder layer below the head"})
+    weight_decay: float = field(default=0.05, metadata={
+        "help": "AdamW weight decay (not on norms, biases, embeddings)"})
+    warmup_fraction: float = field(default=0.1, metadata={"help": "share of steps with linear warmup"})
+    patience: int = field(default=3, metadata={"help": "epochs without a better validation loss before stopping"})
     pooling: str = field(default="cls", metadata={"help": "token pooling into the head: cls, mean or mean+std (2 d wide)"})
-    seed: int = 0
+    seed: int = field(default=0, metadata={"help": "seed of the split, data order and head init"})
 
 
 @dataclass

@@ -4,11 +4,14 @@
 resample every channel to ``target_fs``, band-pass ECG and PPG channels each in its own
 band (zero-phase), z-score each channel, replace the NaN left by gaps with 0 and return
 where samples are valid (the last two in one pass). ``make_windows`` cuts fixed windows
-with explicit validity; ``preprocess_record`` does both for a ``Record``.
+with explicit validity; ``preprocess_record`` does both for a ``Record``. ``RecordCheck``
+is the one rule for what of a record the model can use (channels with no valid sample are
+left out; a record without a window of enough valid samples is unusable), shared by
+``csfm.embed`` and pretraining.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 import numpy as np
@@ -16,6 +19,9 @@ import numpy as np
 from csfm.record import PPG_TYPE, Record
 from csfm_kernels.signal import bandpass, resample, zscore
 from csfm_kernels.signal.resample import check_signal
+
+MODALITIES = ("both", "ecg", "ppg")
+"""Channel sets a record can be reduced to: all channels, the ECG leads, or the PPG."""
 
 _RESAMPLE_BAND_FACTOR = 1.5
 """The resampler keeps frequencies up to this x the highest band-pass edge in use (above
@@ -134,6 +140,106 @@ def preprocess_record(record: Record, config: PreprocessConfig | None = None) ->
     config = config or PreprocessConfig()
     x, valid = preprocess_signal(record.signal, record.fs, record.channel_types, config)
     return make_windows(x, valid, config)
+
+
+def select_channels(channel_types: Sequence[int], modality: str) -> list[int]:
+    """Indices of the channels of ``modality`` ("both", "ecg" or "ppg") among channel_types [C]."""
+    if modality not in MODALITIES:
+        raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
+    return [i for i, t in enumerate(channel_types)
+            if modality == "both" or (modality == "ppg") == (int(t) == PPG_TYPE)]
+
+
+def keep_channels(record: Record, channels: Sequence[int]) -> Record:
+    """``record`` reduced to the channels at indices ``channels`` (in that order)."""
+    rows = list(channels)
+    return replace(record, signal=record.signal[rows], channel_names=[record.channel_names[c] for c in rows],
+                   units=[record.units[c] for c in rows], channel_types=[record.channel_types[c] for c in rows],
+                   modalities=[record.modalities[c] for c in rows])
+
+
+@dataclass
+class RecordCheck:
+    """What the model can use of one record, gathered while the record (whole, or part by
+    part) is preprocessed: the rule ``csfm.embed`` and pretraining share.
+
+    Of the record's channels of ``modality``, those without a single valid (finite) sample
+    are left out before preprocessing: encoded they would be a flat zero signal, and they
+    would count against every window's valid fraction. The others are preprocessed and cut
+    into windows; those with fewer than ``config.min_valid_fraction`` valid samples are
+    dropped (``make_windows``). A record is usable when it gives at least one window;
+    ``problem`` says why not. Channels are told apart by name in the report.
+    """
+
+    config: PreprocessConfig = field(default_factory=PreprocessConfig)
+    modality: str = "both"
+    n_windows: int = 0
+    seconds: float = 0.0
+    """Seconds of the record looked at so far."""
+    valid_seconds: float = 0.0
+    """Of those, seconds (at config.target_fs) where some used channel has a valid sample."""
+    channels: dict[str, bool] = field(default_factory=dict)
+    """Every channel of the modality seen, by name -> whether it had a valid sample."""
+
+    def __post_init__(self) -> None:
+        if self.modality not in MODALITIES:
+            raise ValueError(f"modality must be one of {MODALITIES}, got {self.modality!r}")
+
+    def usable_channels(self, part: Record) -> list[int]:
+        """Indices of ``part``'s channels of the modality with at least one valid sample
+        (every channel of the modality is noted, for ``empty_channels`` and ``problem``)."""
+        used = []
+        for c in select_channels(part.channel_types, self.modality):
+            valid = bool(np.isfinite(part.signal[c]).any())
+            name = part.channel_names[c]
+            self.channels[name] = self.channels.get(name, False) or valid
+            if valid:
+                used.append(c)
+        return used
+
+    def windows(self, part: Record, skip_s: float = 0.0, span_s: float | None = None) -> tuple[Windows, list[int]]:
+        """(windows of ``part``'s usable channels, indices of those channels in ``part``).
+
+        part: the whole record, or a stretch of it read with ``skip_s`` seconds before the
+        span of interest of ``span_s`` seconds (None: to the end of ``part``), so that the
+        filters settle before the span: windows are cut from the span only, their start_s
+        counted from its start. The channels are preprocessed together (``preprocess_signal``:
+        z-scored over the whole of ``part``).
+        """
+        config = self.config
+        first = int(round(skip_s * config.target_fs))
+        length = int(round(part.signal.shape[1] * config.target_fs / part.fs))
+        last = length if span_s is None else min(length, first + int(round(span_s * config.target_fs)))
+        self.seconds += max(0, last - first) / config.target_fs
+        used = self.usable_channels(part)
+        if not used:
+            none = np.zeros((0, 0, config.window), np.float32)
+            return Windows(none, none.astype(bool), np.zeros(0)), used
+        x, valid = preprocess_signal(part.signal[used], part.fs, [part.channel_types[c] for c in used], config)
+        x, valid = x[:, first:last], valid[:, first:last]
+        self.valid_seconds += int(valid.any(axis=0).sum()) / config.target_fs
+        windows = make_windows(x, valid, config)
+        self.n_windows += len(windows.x)
+        return windows, used
+
+    @property
+    def empty_channels(self) -> list[str]:
+        """Names of the channels of the modality left out for having no valid sample."""
+        return [name for name, valid in self.channels.items() if not valid]
+
+    @property
+    def problem(self) -> str:
+        """Why the model can use nothing of the record ("" when some window is usable)."""
+        if self.n_windows:
+            return ""
+        kind = {"both": "", "ecg": "ECG ", "ppg": "PPG "}[self.modality]
+        if not self.channels:
+            return f"no {kind}channel"
+        if not any(self.channels.values()):
+            return f"no valid sample in its {kind}channel(s) {', '.join(self.channels)}"
+        return (f"no {self.config.window / self.config.target_fs:g} s window with at least "
+                f"{self.config.min_valid_fraction:.0%} valid samples ({self.valid_seconds:.1f} s of valid "
+                f"signal in {self.seconds:.1f} s)")
 
 
 def _check_channel_types(channel_types: Sequence[int], n_channels: int) -> np.ndarray:

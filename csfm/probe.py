@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ from sklearn.model_selection import GridSearchCV, GroupKFold, KFold, StratifiedG
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
+from csfm.checkpoint import atomic_write
 from csfm.embed import Embeddings
 from csfm.metrics import UndefinedMetricError, accuracy, auroc, mae, pearson_r
 
@@ -195,6 +197,8 @@ def join_labels(embeddings: Embeddings, labels: pd.DataFrame, label_column: str,
         raise ValueError(f"{len(unmatched)} id(s) of labels column {id_column!r} are not in the embeddings, "
                          f"e.g. {unmatched[:5]}")
     present = labels[label_column].notna().to_numpy()
+    if not present.any():
+        raise ValueError(f"labels column {label_column!r} is empty in all {len(labels)} row(s): nothing to probe")
     rows = np.array([row_of[r] for r in ids[present]], dtype=int)
     return (embeddings.embeddings[rows], labels[label_column].to_numpy()[present], embeddings.patient_ids[rows],
             int((~present).sum()))
@@ -234,8 +238,9 @@ def _or_nan(metric, *arrays: np.ndarray) -> float:
 def cross_validate(x: np.ndarray, y: np.ndarray, patients: np.ndarray, task: str, folds: int = 5,
                    seed: int = 0) -> list[dict]:
     """Patient-level ``folds``-fold CV of :func:`linear_probe` (x [n, d], y [n], patients [n]):
-    one dict per fold with n_train, n_test, the chosen C / alpha and :func:`fold_metrics`."""
-    y = y.astype(float) if task == "regression" else y.astype(str)
+    one dict per fold with n_train, n_test, the chosen C / alpha and :func:`fold_metrics`.
+    Regression labels must be finite numbers (ValueError quoting the others)."""
+    y = _regression_labels(y) if task == "regression" else y.astype(str)
     classes = np.unique(y) if task != "regression" else np.array([])
     results = []
     for fold, (train, test) in enumerate(_outer_splitter(task, folds, seed).split(x, y, groups=patients)):
@@ -249,6 +254,16 @@ def cross_validate(x: np.ndarray, y: np.ndarray, patients: np.ndarray, task: str
                         "chosen_C_or_alpha": probe.chosen_C_or_alpha,
                         **fold_metrics(task, y[test], predictions, classes)})
     return results
+
+
+def _regression_labels(y: np.ndarray) -> np.ndarray:
+    """y [n] as float64; ValueError quoting the values that are not finite numbers."""
+    values = pd.to_numeric(pd.Series(y, dtype=object), errors="coerce").to_numpy(dtype=float)
+    bad = ~np.isfinite(values)
+    if bad.any():
+        raise ValueError(f"task 'regression' needs numeric labels, but {int(bad.sum())} of {len(y)} are not "
+                         f"finite numbers, e.g. {[y[i] for i in np.flatnonzero(bad)[:5]]}")
+    return values
 
 
 def _mean_metrics(results: list[dict]) -> dict[str, float]:
@@ -266,7 +281,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--id-column", default="record_id", help="column of --labels holding the record ids")
     parser.add_argument("--folds", type=int, default=5, help="patient-level CV folds (outer and inner)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the fold shuffling")
-    parser.add_argument("--out", default="", help="JSON file for the results (empty = do not write)")
+    parser.add_argument("--out", default="",
+                        help="JSON file for the results, in an existing folder (empty = do not write)")
     return parser
 
 
@@ -275,17 +291,33 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = _parser().parse_args(argv)
     if Path(args.embeddings).suffix != ".npz":
         raise SystemExit(f"--embeddings {args.embeddings}: expected a .npz written by python -m csfm.embed")
+    if args.out:
+        _check_out(Path(args.out))
     embeddings = Embeddings.load(Path(args.embeddings))
     labels = pd.read_csv(args.labels, dtype={args.id_column: str})
-    x, y, patients, n_dropped = join_labels(embeddings, labels, args.label_column, args.id_column)
-    folds = cross_validate(x, y, patients, args.task, args.folds, args.seed)
+    try:
+        x, y, patients, n_dropped = join_labels(embeddings, labels, args.label_column, args.id_column)
+        folds = cross_validate(x, y, patients, args.task, args.folds, args.seed)
+    except ValueError as exc:
+        raise ValueError(f"--labels {args.labels}, --label-column {args.label_column}: {exc}") from exc
     results = {"embeddings": args.embeddings, "labels": args.labels, "label_column": args.label_column,
                "task": args.task, "n_records": len(y), "n_patients": len(np.unique(patients)),
                "n_unlabelled_dropped": n_dropped, "folds": folds, "mean": _mean_metrics(folds)}
     _report(results)
     if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+        atomic_write(Path(args.out), lambda tmp: tmp.write_text(json.dumps(results, indent=2) + "\n"))
     return results
+
+
+def _check_out(path: Path) -> None:
+    """SystemExit naming --out when the results could not be written there (checked before
+    the probes run, so no result is computed and then lost)."""
+    if path.is_dir():
+        raise SystemExit(f"--out {path}: is a folder, expected a JSON file name")
+    if not path.parent.is_dir():
+        raise SystemExit(f"--out {path}: folder {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK):
+        raise SystemExit(f"--out {path}: folder {path.parent} is not writable")
 
 
 def _report(results: dict) -> None:

@@ -4,12 +4,14 @@
 KIND is wfdb (any folder of WFDB records, e.g. CinC 2017), mimic3 (a MIMIC-III waveform
 folder of multi-segment records), mimic4 (MIMIC-IV-ECG), ptbxl (PTB-XL) or code15 (CODE-15
 HDF5). OPTIONs go to the reader, e.g. ``wfdb:data/cinc2017?labels_csv=REFERENCE.csv`` or
-``ptbxl:data/ptbxl?sampling=hr``. WEIGHT (default 1) scales how often a source's records
-come up per epoch: 2 repeats each, 0.5 takes a seeded half.
+``ptbxl:data/ptbxl?sampling=hr``. WEIGHT (a finite number > 0, default 1) scales how often
+a source's records come up per epoch: 2 repeats each, 0.5 takes a seeded half.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -29,6 +31,17 @@ class DataSpec:
     options: tuple[tuple[str, str], ...] = ()
 
 
+def _weight(text: str | float, where: str) -> float:
+    """A source weight as a finite float > 0; ValueError starting with ``where`` otherwise."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{where}: weight {text!r} is not a number") from None
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{where}: weight must be a finite number > 0, got {text!r}")
+    return value
+
+
 def parse_spec(text: str, demo_records: int = 600) -> DataSpec:
     """'KIND:PATH[?OPTION=VALUE&...][@WEIGHT]' or 'demo[:N][@WEIGHT]' -> DataSpec, or a
     ValueError naming the spec."""
@@ -40,12 +53,7 @@ def parse_spec(text: str, demo_records: int = 600) -> DataSpec:
     options = tuple(tuple(item.split("=", 1)) for item in query.split("&") if item)
     if any(len(option) != 2 or not option[0] for option in options):
         raise ValueError(f"--data {text!r}: options must look like ?name=value&name=value")
-    try:
-        value = float(weight) if weight else 1.0
-    except ValueError:
-        raise ValueError(f"--data {text!r}: weight {weight!r} is not a number") from None
-    if value <= 0:
-        raise ValueError(f"--data {text!r}: weight must be > 0")
+    value = _weight(weight, f"--data {text!r}") if at else 1.0
     if kind == "demo":
         if path and not path.isdigit():
             raise ValueError(f"--data {text!r}: demo takes a record count, e.g. demo:600")
@@ -61,7 +69,10 @@ class MixedSource:
     Patient ids are prefixed with the source's position, so sources never share a patient."""
 
     def __init__(self, sources: Sequence[Any], weights: Sequence[float]) -> None:
-        self.sources, self.weights = list(sources), list(weights)
+        if len(weights) != len(sources):
+            raise ValueError(f"MixedSource: {len(weights)} weights for {len(sources)} sources")
+        self.sources = list(sources)
+        self.weights = [_weight(w, f"MixedSource source {s}") for s, w in enumerate(weights)]
         self.offsets = np.cumsum([0] + [len(s) for s in self.sources])
 
     def __len__(self) -> int:
@@ -86,6 +97,12 @@ class MixedSource:
     def duration_s(self, index: int) -> float | None:
         source, i = self._locate(index)
         return source.duration_s(i) if hasattr(source, "duration_s") else None
+
+    def record_files(self, index: int) -> list[Path]:
+        """The files record ``index`` is built from (its reader's ``record_files``); [] for a
+        source that reads no file (demo records are generated from their seed)."""
+        source, i = self._locate(index)
+        return source.record_files(i) if hasattr(source, "record_files") else []
 
     @property
     def patient_ids(self) -> list[str]:

@@ -5,9 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from csfm.data import PretrainWindows, random_crop
+import csfm.data as data_module
+from csfm.data import (PretrainWindows, UnusableRecordsError, check_usable, find_unusable, random_crop,
+                       record_parts)
 from csfm.demo import DemoDataset
-from csfm.preprocess import PreprocessConfig, preprocess_signal
+from csfm.preprocess import PreprocessConfig, RecordCheck, preprocess_signal
+from csfm.readers.mimic3 import NoSignalError
 from csfm.record import Record
 
 
@@ -66,7 +69,7 @@ def test_gappy_record_crop_prefers_valid_windows_or_names_the_record():
         sample = data[0]
         assert sample.valid.mean() >= 0.5
     config = PreprocessConfig()
-    with pytest.raises(ValueError, match="record rec9: no window with enough valid samples"):
+    with pytest.raises(ValueError, match="record rec9: no 2500-sample window with at least 50% valid samples"):
         random_crop(x, np.zeros_like(valid), config, np.random.default_rng(0), "rec9")
 
 
@@ -87,3 +90,112 @@ def test_demo_records_are_cached_and_give_the_same_samples():
         assert a.channel_types == b.channel_types
         np.testing.assert_allclose(a.x, b.x, atol=1e-6)
     assert len(cached._cache) == 4
+
+
+def test_random_crop_finds_the_only_usable_stretch_of_a_long_record():
+    """6 s of signal in 60 s: about 1 start in 10 qualifies, so 8 random tries alone would
+    fail on about 4 seeds in 10; the crop is drawn among the qualifying starts."""
+    config = PreprocessConfig()
+    x = np.ones((1, 15000), np.float32)
+    valid = np.zeros_like(x, dtype=bool)
+    valid[:, 5000:6500] = True
+    for seed in range(20):
+        _, crop_valid = random_crop(x, valid, config, np.random.default_rng(seed))
+        assert crop_valid.mean() >= 0.5
+
+
+def test_channels_without_a_valid_sample_are_left_out_of_samples():
+    base = LongRecords().signals[0]
+    signal = np.concatenate([base, np.full_like(base, np.nan), base])
+
+    class Source(LongRecords):
+        def __getitem__(self, i):
+            return Record(signal, 300.0, ["II", "V1", "PLETH"], ["mV"] * 3, [1, 6, 12], ["ECG", "ECG", "PPG"],
+                          record_id="rec", patient_id="p")
+
+    for cache_mb in (0, 16):
+        sample = PretrainWindows(Source(), None, subset_prob=0.0, indices=[0], cache_mb=cache_mb)[0]
+        assert sample.channel_types == [1, 12] and sample.valid.mean() >= 0.5
+
+
+class PartsSource:
+    """One 25 min single-lead record at 250 Hz with nothing recorded from 400 s to 1100 s (a
+    multi-segment reader raises NoSignalError for a read within that); reads are logged."""
+
+    fs = 250.0
+
+    def __init__(self) -> None:
+        self.reads: list[tuple[float, float]] = []
+
+    def __len__(self) -> int:
+        return 1
+
+    def duration_s(self, i: int) -> float:
+        return 1500.0
+
+    def read_window(self, i: int, start_s: float, window_s: float) -> Record:
+        self.reads.append((start_s, window_s))
+        stop_s = min(1500.0, start_s + window_s)
+        if start_s >= 400.0 and stop_s <= 1100.0:
+            raise NoSignalError("nothing recorded")
+        t = np.arange(int(round(start_s * self.fs)), int(round(stop_s * self.fs))) / self.fs
+        signal = np.sin(2 * np.pi * 1.2 * t)[None].astype(np.float32)
+        signal[:, (t >= 400.0) & (t < 1100.0)] = np.nan
+        return Record(signal, self.fs, ["II"], ["mV"], [1], ["ECG"], record_id="long", patient_id="p")
+
+    def __getitem__(self, i: int) -> Record:
+        return self.read_window(i, 0.0, 1500.0)
+
+
+def test_long_records_come_in_parts_with_filter_margins(monkeypatch):
+    monkeypatch.setattr(data_module, "PART_WINDOWS", 30)  # 5 min parts
+    source, config = PartsSource(), PreprocessConfig()
+    parts = list(record_parts(source, 0, config))
+    assert [(start, skip, span) for _, start, skip, span in parts] == [
+        (0.0, 0.0, 300.0), (300.0, 5.0, 300.0), (900.0, 5.0, 300.0), (1200.0, 5.0, 300.0)]  # none at 600 s
+    assert source.reads[:3] == [(0.0, 305.0), (295.0, 310.0), (595.0, 310.0)] and len(source.reads) == 5
+    check = RecordCheck(config)
+    windows = [check.windows(part, skip, span)[0] for part, _, skip, span in parts]
+    assert [len(w.x) for w in windows] == [30, 10, 10, 30]
+    np.testing.assert_array_equal(windows[2].start_s, np.arange(200.0, 300.0, 10.0))  # 1100..1200 s of the record
+    assert check.problem == "" and check.n_windows == 80
+    assert find_unusable(source, [0], config) == {}
+    assert len(source.reads) == 6  # checking stops at the first usable window
+
+
+def test_unusable_records_are_found_alike_with_worker_processes():
+    records = LongRecords()
+    records.signals.append(np.full((1, 3000), np.nan, np.float32))
+    expected = {1: ("rec1", "no 10 s window with at least 50% valid samples (5.0 s of valid signal in 25.0 s)"),
+                2: ("rec2", "no valid sample in its channel(s) II")}  # rec1: 20 s missing, 5 s minus the edges left
+    assert find_unusable(records, range(3), PreprocessConfig()) == expected
+    assert find_unusable(records, [2, 0, 1, 2], PreprocessConfig(), workers=1) == expected
+    with pytest.raises(UnusableRecordsError, match="2 of 3 records cannot be used .*\n  rec1: .*\n  rec2: no valid"):
+        check_usable(expected, 3, skip_unusable=False)
+    with pytest.warns(UserWarning, match="2 of 3 records cannot be used; left out"):
+        check_usable(expected, 3, skip_unusable=True)
+
+
+class SparseSource(PartsSource):
+    """PartsSource's record with signal only from 700 s to 720 s (NaN elsewhere)."""
+
+    def read_window(self, i: int, start_s: float, window_s: float) -> Record:
+        self.reads.append((start_s, window_s))
+        t = np.arange(int(round(start_s * self.fs)), int(round(min(1500.0, start_s + window_s) * self.fs))) / self.fs
+        signal = np.where((t >= 700.0) & (t < 720.0), np.sin(2 * np.pi * 1.2 * t), np.nan)[None].astype(np.float32)
+        return Record(signal, self.fs, ["II"], ["mV"], [1], ["ECG"], record_id="sparse", patient_id="p")
+
+
+def test_long_records_are_sampled_by_reading_one_window_and_never_fail_when_usable():
+    steady = PretrainWindows(PartsSource(), None, subset_prob=0.0, cache_mb=64)
+    steady.set_epoch(1)
+    assert steady[0].valid.all() and not steady._cache  # longer than the cache takes
+    assert len(steady.records.reads) == 1 and steady.records.reads[0][1] == 20.0  # 10 s + 5 s each side
+    sparse = PretrainWindows(SparseSource(), None, subset_prob=0.0)
+    starts = set()
+    for epoch in range(4):  # 20 s of signal in 25 min: random windows miss it, the scan finds it
+        sparse.set_epoch(epoch)
+        sample = sparse[0]
+        assert sample.valid.all()
+        starts.add(sample.x[0, :5].tobytes())
+    assert len(starts) >= 2  # not always the same window

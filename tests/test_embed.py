@@ -13,7 +13,8 @@ from csfm.batch import make_batch
 from csfm.checkpoint import save_checkpoint
 from csfm.config import preset
 from csfm.demo import DemoDataset
-from csfm.embed import EmbedConfig, Embeddings, embed_source, load_encoder, run, select_channels
+from csfm.embed import EmbedConfig, Embeddings, embed_source, load_encoder, run
+from csfm.preprocess import PreprocessConfig, preprocess_record, select_channels
 from csfm.pretrain import MaskedPretrainer
 from csfm.record import Record
 from csfm.sources import open_sources
@@ -43,7 +44,7 @@ def test_last_partial_window_is_encoded_without_its_padding(checkpoint):
     encoder = load_encoder(checkpoint)
     record = DemoDataset(1, duration_s=17.0)[0]  # windows of 10 s and 7 s (0.7 valid: kept)
     out = embed_source(encoder, [record], keep_windows=True, progress=False)
-    windows = embed_module.preprocess_record(record, embed_module.PreprocessConfig())
+    windows = preprocess_record(record, PreprocessConfig())
     tail = make_batch([windows.x[1][:, :1750]], [record.channel_types], valid=[windows.valid[1][:, :1750]])
     np.testing.assert_allclose(out.window_embeddings[1], encoder(tail).cls[0].detach().numpy(), rtol=1e-5, atol=1e-5)
 
@@ -55,17 +56,20 @@ def test_modality_selection_and_records_without_it():
         select_channels([1], "eeg")
 
 
-def test_ppg_only_skips_ecg_only_records_loudly(checkpoint):
+def test_ppg_only_fails_on_ecg_only_records_unless_asked_to_skip_them(checkpoint):
     encoder = load_encoder(checkpoint)
     demo = DemoDataset(2)
     ecg_only = demo[0]
     ecg_only = Record(ecg_only.signal[:12], ecg_only.fs, ecg_only.channel_names[:12], ecg_only.units[:12],
                       ecg_only.channel_types[:12], ecg_only.modalities[:12], record_id="ecg_only")
-    with pytest.warns(UserWarning, match="1 record.*no ppg channel.*ecg_only"):
-        out = embed_source(encoder, [ecg_only, demo[1]], modality="ppg", progress=False)
+    with pytest.raises(ValueError, match="1 of 2 records cannot be used.*skip-unusable.*\n  ecg_only: no PPG channel"):
+        embed_source(encoder, [ecg_only, demo[1]], modality="ppg", progress=False)
+    with pytest.warns(UserWarning, match="1 of 2 records cannot be used.*\n  ecg_only: no PPG channel"):
+        out = embed_source(encoder, [ecg_only, demo[1]], modality="ppg", progress=False, skip_unusable=True)
     assert list(out.record_ids) == [demo[1].record_id]
-    with pytest.raises(ValueError, match="no record has a ppg channel"), pytest.warns(UserWarning):
-        embed_source(encoder, [ecg_only], modality="ppg", progress=False)
+    assert list(out.unusable_ids) == ["ecg_only"] and list(out.unusable_reasons) == ["no PPG channel"]
+    with pytest.raises(ValueError, match="none of the 1 records has a usable ppg window"), pytest.warns(UserWarning):
+        embed_source(encoder, [ecg_only], modality="ppg", progress=False, skip_unusable=True)
 
 
 def test_cli_run_writes_outputs_and_reuses_the_cache(checkpoint, tmp_path, monkeypatch):
@@ -74,7 +78,7 @@ def test_cli_run_writes_outputs_and_reuses_the_cache(checkpoint, tmp_path, monke
     first = run(config)
     assert np.load(tmp_path / "e.npy").shape == (5, 128)
     assert (tmp_path / "e.index.csv").read_text().splitlines()[0] == "record_id,patient_id,n_windows"
-    monkeypatch.setattr(embed_module, "load_encoder", lambda *a: pytest.fail("the cache was not used"))
+    monkeypatch.setattr(embed_module, "embed_source", lambda *a, **k: pytest.fail("the cache was not used"))
     second = run(EmbedConfig(**{**config.__dict__, "out": str(tmp_path / "e.npz")}))
     assert np.array_equal(first.embeddings, second.embeddings)
     assert np.array_equal(Embeddings.load(tmp_path / "e.npz").embeddings, first.embeddings)
@@ -85,6 +89,7 @@ def test_cli_run_writes_outputs_and_reuses_the_cache(checkpoint, tmp_path, monke
 
 
 def test_bad_arguments(checkpoint, tmp_path):
+    (tmp_path / "published.pth").touch()
     with pytest.raises(ValueError, match="needs --preset"):
         load_encoder(tmp_path / "published.pth")
     with pytest.raises(ValueError, match="use a .npy, .npz or .parquet"):

@@ -1,5 +1,6 @@
 """Preprocessing pipeline: config checks, resample -> band-pass -> z-score by channel type,
-validity, windows (padding, dropping, stride), and whole real records."""
+validity, windows (padding, dropping, stride), what of a record is usable (RecordCheck),
+and whole real records."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from csfm.preprocess import PreprocessConfig, Windows, make_windows, preprocess_record, preprocess_signal
+from csfm.preprocess import (PreprocessConfig, RecordCheck, Windows, make_windows, preprocess_record,
+                             preprocess_signal)
 from csfm.record import PPG_TYPE, Record
 from csfm_kernels.signal import bandpass, resample, zscore
 
@@ -143,6 +145,46 @@ def test_windows_reject_bad_arguments():
         make_windows(x, np.ones((1, 299), bool))
     with pytest.raises(ValueError, match="valid"):
         make_windows(x, np.ones_like(x))
+
+
+# ----------------------------------------------------------------------------- usable records
+
+
+def _record(signal: np.ndarray, types: list[int], fs: float = 250.0) -> Record:
+    names = [f"c{k}" for k in range(len(types))]
+    return Record(signal, fs, names, ["mV"] * len(types), types, ["PPG" if t == PPG_TYPE else "ECG" for t in types],
+                  record_id="r")
+
+
+def test_record_check_leaves_out_empty_channels_and_says_why_a_record_is_unusable():
+    signal = _signal(3, 30.0, 250.0)
+    signal[1] = np.nan
+    check = RecordCheck(PreprocessConfig())
+    windows, used = check.windows(_record(signal, [II, V1, PPG_TYPE]))
+    assert used == [0, 2] and windows.x.shape == (3, 2, 2500) and windows.valid.all()
+    assert check.empty_channels == ["c1"] and check.problem == ""
+    np.testing.assert_array_equal(windows.x[1], preprocess_record(_record(signal[[0, 2]], [II, PPG_TYPE])).x[1])
+
+    ppg = RecordCheck(PreprocessConfig(), "ppg")
+    assert ppg.windows(_record(signal[:2], [II, V1]))[1] == [] and ppg.problem == "no PPG channel"
+    nan = RecordCheck(PreprocessConfig(), "ecg")
+    nan.windows(_record(signal[1:3], [V1, PPG_TYPE]))
+    assert nan.problem == "no valid sample in its ECG channel(s) c0"
+    short = RecordCheck(PreprocessConfig())
+    short.windows(_record(signal[:1, :1000], [II]))
+    assert short.problem == "no 10 s window with at least 50% valid samples (4.0 s of valid signal in 4.0 s)"
+    with pytest.raises(ValueError, match="modality must be one of"):
+        RecordCheck(PreprocessConfig(), "eeg")
+
+
+def test_record_check_cuts_windows_from_the_span_of_a_part():
+    """A part read with 5 s before a 20 s span: windows start at the span, counted from it."""
+    signal = _signal(1, 30.0, 500.0)
+    part = _record(signal, [II], fs=500.0)
+    windows, _ = RecordCheck(PreprocessConfig()).windows(part, skip_s=5.0, span_s=20.0)
+    x, _ = preprocess_signal(signal, 500.0, [II])
+    np.testing.assert_array_equal(windows.start_s, [0.0, 10.0])
+    np.testing.assert_array_equal(windows.x[:, 0], [x[0, 1250:3750], x[0, 3750:6250]])
 
 
 # ----------------------------------------------------------------------------- real records

@@ -164,3 +164,31 @@ def test_cli_help_shows_defaults():
     out = subprocess.run([sys.executable, "-m", "csfm.probe", "--help"], capture_output=True, text=True, check=True)
     text = " ".join(out.stdout.split())
     assert "(default: record_id)" in text and "(default: 5)" in text
+
+
+def test_cli_non_numeric_or_missing_regression_labels_are_named(synthetic_files):
+    labels = pd.read_csv(synthetic_files / "labels.csv")
+    labels["age"] = labels["age"].astype(object)
+    labels.loc[[4, 9], "age"] = ["unknown", "inf"]
+    labels["none"] = np.nan
+    labels.to_csv(synthetic_files / "odd.csv", index=False)
+    common = ["--embeddings", str(synthetic_files / "emb.npz"), "--labels", str(synthetic_files / "odd.csv"),
+              "--task", "regression", "--folds", "3"]
+    with pytest.raises(ValueError, match=r"odd\.csv, --label-column age: task 'regression' needs numeric labels, "
+                                         r"but 2 of 120 are not finite numbers, e.g. \['unknown', 'inf'\]"):
+        main(common + ["--label-column", "age"])
+    with pytest.raises(ValueError, match=r"--label-column none: labels column 'none' is empty in all 120 row\(s\)"):
+        main(common + ["--label-column", "none"])
+
+
+def test_cli_out_is_checked_before_the_probes_run(synthetic_files, capsys, monkeypatch):
+    import csfm.probe as probe_module
+    monkeypatch.setattr(probe_module, "cross_validate", lambda *a, **k: pytest.fail("probes ran"))
+    common = ["--embeddings", str(synthetic_files / "emb.npz"), "--labels", str(synthetic_files / "labels.csv"),
+              "--label-column", "af", "--task", "binary"]
+    missing = synthetic_files / "no_such_folder" / "results.json"
+    with pytest.raises(SystemExit, match=rf"--out {missing}: folder {missing.parent} does not exist"):
+        main(common + ["--out", str(missing)])
+    with pytest.raises(SystemExit, match=r"is a folder, expected a JSON file name"):
+        main(common + ["--out", str(synthetic_files)])
+    assert capsys.readouterr().out == ""

@@ -186,7 +186,7 @@ def test_zero_length_record(tmp_path):
 @pytest.mark.parametrize("fs", ["0", "-250"])
 def test_non_positive_fs(tmp_path, fs):
     path = copy_record(PHYSIONET / "challenge2015" / "v102s", tmp_path, _set_record_line(2, fs))
-    with pytest.raises(ValueError, match=r"v102s\.hea: field (fs|counter_freq) .*must be > 0"):
+    with pytest.raises(ValueError, match=r"v102s\.hea: (record line .*: )?field fs .*must be > 0"):
         read_wfdb(path)
 
 
@@ -288,6 +288,7 @@ def test_p000878_missing_segment_fails_naming_the_file():
 def test_cinc2017_directory_with_reference_labels():
     dataset = WfdbDirectory(need(CINC2017), labels_csv="REFERENCE.csv")
     assert len(dataset) == 1500 and dataset.record_ids[0] == "A00001"
+    assert dataset.record_files(0) == [CINC2017 / "A00001.hea", CINC2017 / "A00001.mat", CINC2017 / "REFERENCE.csv"]
     first = dataset[0]
     assert first.metadata["label"] == "N" and first.fs == 300.0 and first.signal.shape == (1, 9000)
     assert first.channel_types == [T["II"]] and first.record_id == "A00001"
@@ -299,6 +300,9 @@ def test_wfdb_directory_reads_multisegment_records_by_pattern():
     dataset = WfdbDirectory(need(PHYSIONET), pattern="mimicdb/041s/041s.hea")
     assert dataset.record_ids == ["mimicdb/041s/041s"]
     assert dataset[0].signal.shape == (4, 8000) and dataset.duration_s(0) == 16.0
+    folder = PHYSIONET / "mimicdb" / "041s"
+    assert dataset.record_files(0) == [folder / name for name in ("041s.hea", "041s01.hea", "041s01.dat",
+                                                                  "041s02.hea", "041s02.dat")]
 
 
 def test_ptbxl_fixture(tmp_path):
@@ -332,6 +336,9 @@ def test_mimic_iv_ecg_fixture(tmp_path, with_record_list):
     assert record.channel_types == [T[n] for n in ("I", "II", "III", "aVR", "aVF", "aVL")] + list(range(6, 12))
     assert record.text == "Sinus rhythm, Inferior infarct - age undetermined, Fixture study 40689238"
     assert record.metadata["rr_interval"] == 659 and record.patient_id == "10000032"
+    study = tmp_path / "files" / "p1000" / "p10000032" / "s40689238"
+    assert dataset.record_files(0) == [study / "40689238.hea", study / "40689238.dat",
+                                       tmp_path / "machine_measurements.csv"]
 
 
 def test_code15_fixture_padding_becomes_nan(tmp_path):
@@ -346,6 +353,7 @@ def test_code15_fixture_padding_becomes_nan(tmp_path):
     assert np.isnan(seven.signal[:, :648]).all() and np.isfinite(seven.signal[:, 648:-648]).all()
     assert seven.metadata["sex"] == "F" and seven.metadata["RBBB"] is True and seven.metadata["death"] is True
     assert dataset.read_window(0, 1.0, 2.0).signal.shape == (12, 800)
+    assert dataset.record_files(1) == [tmp_path / "exams_part0.hdf5", tmp_path / "exams.csv"]
 
 
 def test_code15_is_fork_and_pickle_safe(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from fixtures import write_ptbxl
 
 from csfm.demo import DemoDataset
 from csfm.sources import DataSpec, MixedSource, open_sources, parse_spec
@@ -18,11 +19,21 @@ def test_specs_parse_and_bad_ones_are_named():
     assert parse_spec("demo:40@0.5") == DataSpec("demo", "40", 0.5)
     assert parse_spec("wfdb:/d/cinc?labels_csv=REFERENCE.csv@3") == DataSpec(
         "wfdb", "/d/cinc", 3.0, (("labels_csv", "REFERENCE.csv"),))
-    for bad, match in [("csv:/x", "KIND one of"), ("wfdb", "KIND one of"), ("wfdb:/x@-1", "weight must be > 0"),
-                       ("wfdb:/x@two", "not a number"), ("demo:many", "record count"),
-                       ("wfdb:/x?labels", "name=value")]:
+    for bad, match in [("csv:/x", "KIND one of"), ("wfdb", "KIND one of"), ("wfdb:/x@two", "not a number"),
+                       ("demo:many", "record count"), ("wfdb:/x?labels", "name=value")]:
         with pytest.raises(ValueError, match=match):
             parse_spec(bad)
+
+
+@pytest.mark.parametrize("weight", ["nan", "inf", "-inf", "1e400", "-1", "0", "-0.0", ""])
+def test_weights_that_are_not_finite_and_positive_name_the_spec(weight):
+    spec = f"wfdb:/data/x@{weight}"
+    match = r"--data 'wfdb:/data/x@.*': weight " + ("'' is not a number" if not weight else
+                                                     "must be a finite number > 0")
+    with pytest.raises(ValueError, match=match):
+        parse_spec(spec)
+    with pytest.raises(ValueError, match="source 1: weight"):
+        MixedSource([DemoDataset(2), DemoDataset(2)], [1.0, float(weight or "nan")])
 
 
 def test_mixed_source_offsets_patients_and_weights():
@@ -37,6 +48,19 @@ def test_mixed_source_offsets_patients_and_weights():
     assert weighted == mixed.weighted(list(range(15)), seed=0)
     with pytest.raises(IndexError):
         mixed[15]
+    assert mixed.record_files(7) == []  # demo records are generated, read from no file
+    with pytest.raises(ValueError, match="2 weights for 1 sources"):
+        MixedSource([DemoDataset(2)], [1.0, 1.0])
+
+
+@pytest.mark.data
+def test_mixed_source_lists_the_files_of_each_record(tmp_path):
+    root = write_ptbxl(tmp_path)
+    mixed = open_sources(["demo:3", f"ptbxl:{root}"])
+    files = mixed.record_files(4)  # record 1 of PTB-XL
+    assert files == [root / "records100" / "00000" / "00002_lr.hea", root / "records100" / "00000" / "00002_lr.dat",
+                     root / "ptbxl_database.csv"]
+    assert all(f.is_file() for f in files)
 
 
 @pytest.mark.data

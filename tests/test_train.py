@@ -1,8 +1,11 @@
-"""python -m csfm.train: CLI, a short demo run whose loss falls, and kill-and-resume equality."""
+"""python -m csfm.train: options checked before anything is written, a short demo run whose
+loss falls, resume rules, and kill-and-resume equality (more faults in test_train_faults.py)."""
 from __future__ import annotations
 
 import csv
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,37 +14,184 @@ from pathlib import Path
 
 import pytest
 
-from csfm.train import TrainConfig, parse_config, train
+from csfm.cli import OptionError
+from csfm.train import LOG_COLUMNS, TrainConfig, parse_config, train
 
 SMALL = ["--demo-records", "24", "--batch-size", "4", "--precision", "fp32", "--quiet", "--workers", "0",
          "--val-fraction", "0.25"]
 
 
 def _losses(log: Path) -> dict[int, float]:
-    """step -> training loss (the last row written for a step wins, as after a resume)."""
-    rows = {}
+    """step -> training loss."""
     with open(log) as f:
-        for row in csv.DictReader(f):
-            if row["loss"]:
-                rows[int(row["step"])] = float(row["loss"])
-    return rows
+        return {int(row["step"]): float(row["loss"]) for row in csv.DictReader(f) if row["loss"]}
+
+
+def _rows(log: Path) -> list[dict[str, str]]:
+    """Every row of a log.csv but its timing column."""
+    with open(log) as f:
+        return [{k: v for k, v in row.items() if k != "tokens_per_s"} for row in csv.DictReader(f)]
 
 
 def test_help_shows_every_option_with_its_default():
     done = subprocess.run([sys.executable, "-m", "csfm.train", "--help"], capture_output=True, text=True)
     assert done.returncode == 0
-    for flag in ["--preset", "--batch-size", "--accum-steps", "--resume", "--precision", "--data"]:
+    for flag in ["--preset", "--batch-size", "--accum-steps", "--resume", "--overwrite", "--precision", "--data"]:
         assert flag in done.stdout
     assert "(default: 16)" in done.stdout
 
 
 def test_config_file_then_flags(tmp_path):
-    (tmp_path / "run.yaml").write_text("epochs: 7\nbatch_size: 3\n")
+    (tmp_path / "run.yaml").write_text("epochs: 7\nbatch_size: 3\nlr: 2e-3\n")
     config = parse_config(["--config", str(tmp_path / "run.yaml"), "--batch-size", "5"])
-    assert (config.epochs, config.batch_size, config.preset) == (7, 5, "demo")
+    assert (config.epochs, config.batch_size, config.lr, config.preset) == (7, 5, 2e-3, "demo")
     (tmp_path / "bad.yaml").write_text("epoch: 7\n")
-    with pytest.raises(ValueError, match="unknown options"):
+    with pytest.raises(OptionError, match="unknown options"):
         parse_config(["--config", str(tmp_path / "bad.yaml")])
+
+
+BAD_FLAGS = [
+    (["--keep-last", "-1"], "--keep-last must be an integer >= 1, got -1"),
+    (["--keep-last", "0"], "--keep-last must be an integer >= 1, got 0"),
+    (["--epochs", "0"], "--epochs must be an integer >= 1"),
+    (["--max-steps", "-1"], "--max-steps must be an integer >= 0"),
+    (["--lead-subset-prob", "7"], r"--lead-subset-prob must be a number in \[0, 1\], got 7.0"),
+    (["--warmup-fraction", "3"], r"--warmup-fraction must be a number in \[0, 1\]"),
+    (["--lr", "-1"], "--lr must be a finite number > 0, got -1.0"),
+    (["--lr", "nan"], "--lr must be a finite number > 0, got nan"),
+    (["--batch-size", "0"], "--batch-size must be an integer >= 1"),
+    (["--accum-steps", "0"], "--accum-steps must be an integer >= 1"),
+    (["--signal-mask-ratio", "1.5"], r"--signal-mask-ratio must be a number in \(0, 1\)"),
+    (["--signal-mask-ratio", "0"], r"--signal-mask-ratio must be a number in \(0, 1\)"),
+    (["--text-mask-ratio", "-0.1"], r"--text-mask-ratio must be a number in \[0, 1\]"),
+    (["--val-fraction", "1"], r"--val-fraction must be a number in \(0, 1\)"),
+    (["--min-lr-ratio", "2"], r"--min-lr-ratio must be a number in \[0, 1\]"),
+    (["--weight-decay", "-0.1"], "--weight-decay must be a finite number >= 0"),
+    (["--grad-clip", "inf"], "--grad-clip must be a finite number >= 0"),
+    (["--threads", "-1"], "--threads must be an integer >= 0"),
+    (["--workers", "-2"], "--workers must be an integer >= 0"),
+    (["--cache-mb", "-1"], "--cache-mb must be a finite number >= 0"),
+    (["--seed", "-1"], r"--seed must be an integer in \[0, 2\*\*32\)"),
+    (["--save-every", "-1"], "--save-every must be an integer >= 0"),
+    (["--demo-records", "0"], "--demo-records must be an integer >= 1"),
+    (["--data", "wfdb:"], "--data 'wfdb:': expected KIND:PATH"),
+    (["--data", "demo:many"], "demo takes a record count"),
+    (["--data", "demo:0"], "--data gives 0 training record"),
+    (["--data", "wfdb:no/such/folder"], "--data: no/such/folder: no WFDB records"),
+    (["--resume", "auto", "--overwrite"], "give one"),
+    (["--precision", "fp16", "--device", "cpu"], "--precision fp16: .*needs a CUDA device"),
+    (["--vocab", "no/such/vocab.txt"], "--vocab no/such/vocab.txt: no such file"),
+    (["--resume", "elsewhere/step_00000002"], "is not a checkpoint of --out-dir"),
+]
+
+
+@pytest.mark.parametrize("argv, match", BAD_FLAGS, ids=[" ".join(a) for a, _ in BAD_FLAGS])
+def test_bad_options_fail_before_anything_is_written(tmp_path, argv, match):
+    out = tmp_path / "run"
+    with pytest.raises(OptionError, match=match):
+        train(parse_config([*SMALL, "--out-dir", str(out), *argv]))
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("text, match", [
+    ('lr: "abc"', r"lr \(--lr\) must be a number, got 'abc'"),
+    ("epochs: 2.5", r"epochs \(--epochs\) must be an integer, got 2.5"),
+    ("data: wfdb:x", r"data \(--data\) must be a list of strings, got 'wfdb:x'"),
+    ("quiet: 1", r"quiet \(--quiet\) must be true or false, got 1"),
+    ("preset: huge", r"preset \(--preset\) must be one of tiny, base, large, demo"),
+    ("batch_size: 0", r"batch_size \(--batch-size\) must be an integer >= 1"),
+])
+def test_bad_config_file_values_name_option_and_file(tmp_path, text, match):
+    (tmp_path / "run.yaml").write_text(text + "\n")
+    with pytest.raises(OptionError, match=match) as info:
+        parse_config(["--config", str(tmp_path / "run.yaml"), "--out-dir", str(tmp_path / "run")])
+    assert str(tmp_path / "run.yaml") in str(info.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_prints_the_error_and_exits_2_without_writing(tmp_path):
+    out = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "csfm.train", "--out-dir", str(out), "--batch-size", "0"],
+                          capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr.strip() == "csfm.train: error: --batch-size must be an integer >= 1, got 0"
+    assert not out.exists()
+
+
+def test_config_built_in_python_is_checked_too():
+    with pytest.raises(OptionError, match="--threads must be an integer >= 0"):
+        TrainConfig(threads=-1)
+    with pytest.raises(OptionError, match="--epochs must be an integer, got 2.5"):
+        TrainConfig(epochs=2.5)
+    assert TrainConfig(lr=1).lr == 1.0 and isinstance(TrainConfig(lr=1).lr, float)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> tuple[Path, list[str]]:
+    """A finished 4-step run (12 training records: 3 batches per epoch; stopped in epoch 1) and its options."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    options = [*SMALL, "--data", "demo:15", "--epochs", "2", "--max-steps", "4", "--out-dir", str(out)]
+    train(parse_config(options))
+    return out, options
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("change, match", [
+    (["--batch-size", "3"], "--batch-size 4 -> 3"),
+    (["--epochs", "3", "--seed", "1"], "--epochs 2 -> 3; --seed 0 -> 1"),
+    (["--preset", "tiny"], "--preset 'demo' -> 'tiny'"),
+    (["--data", "demo:21"], r"--data \['demo:15'\] -> \['demo:21'\]"),
+    (["--signal-mask-ratio", "0.5"], "--signal-mask-ratio 0.75 -> 0.5"),
+])
+def test_resume_refuses_changed_schedule_options(finished_run, tmp_path, change, match):
+    source, options = finished_run
+    run = tmp_path / "run"
+    shutil.copytree(source, run)
+    before = _snapshot(run)
+    with pytest.raises(OptionError, match=match) as info:
+        train(parse_config([*options, "--out-dir", str(run), "--resume", "auto", *change]))
+    assert len(str(info.value).splitlines()) == 1
+    assert _snapshot(run) == before
+
+
+def test_resume_may_change_run_time_options(finished_run, tmp_path):
+    source, options = finished_run
+    run = tmp_path / "run"
+    shutil.copytree(source, run)
+    rows = _rows(run / "log.csv")
+    final = train(parse_config([*options, "--out-dir", str(run), "--resume", "auto", "--keep-last", "1",
+                                "--save-every", "5", "--cache-mb", "0"]))
+    assert final == run / "checkpoints" / "step_00000004" and final.is_dir()
+    assert _rows(run / "log.csv") == rows
+    assert json.loads((run / "train_config.json").read_text())["keep_last"] == 1
+
+
+def test_log_has_separate_validation_losses(finished_run):
+    source, _ = finished_run
+    with open(source / "log.csv") as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == LOG_COLUMNS
+        rows = list(reader)
+    val = [row for row in rows if row["val_loss"]]
+    assert [(row["step"], row["epoch"]) for row in val] == [("3", "0")]  # epoch 1 stopped at step 4
+    loss, signal, text = (float(val[0][k]) for k in ("val_loss", "val_signal_loss", "val_text_loss"))
+    assert 0 < signal < 5 and 0 < text < 20
+    assert loss == pytest.approx(signal + 0.5 * text, abs=2e-5)  # MaskedPretrainer's weights 1 and 0.5
+
+
+def test_overwrite_replaces_only_the_run(finished_run, tmp_path):
+    source, options = finished_run
+    run = tmp_path / "run"
+    shutil.copytree(source, run)
+    (run / "notes.txt").write_text("mine")
+    (run / "checkpoints" / "step_00000099").mkdir()
+    final = train(parse_config([*options, "--out-dir", str(run), "--max-steps", "1", "--overwrite"]))
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step_00000001"]
+    assert final.is_dir() and (run / "notes.txt").read_text() == "mine"
+    assert sorted(_losses(run / "log.csv")) == [1]
 
 
 @pytest.mark.slow
@@ -58,10 +208,11 @@ def test_demo_pretraining_loss_falls(tmp_path):
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_with_identical_losses(tmp_path):
+def test_killed_run_resumes_with_identical_log(tmp_path):
+    """SIGKILL right after the epoch-0 checkpoint (step 4, with its validation row), resume:
+    every row, validation rows included, as in an uninterrupted run."""
     common = [*SMALL, "--epochs", "2", "--max-steps", "8", "--save-every", "2"]
     train(parse_config([*common, "--out-dir", str(tmp_path / "straight")]))
-    straight = _losses(tmp_path / "straight" / "log.csv")
 
     killed = tmp_path / "killed"
     process = subprocess.Popen([sys.executable, "-m", "csfm.train", *common, "--out-dir", str(killed)],
@@ -73,10 +224,8 @@ def test_killed_run_resumes_with_identical_losses(tmp_path):
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     train(parse_config([*common, "--out-dir", str(killed), "--resume", "auto"]))
-    resumed = _losses(killed / "log.csv")
-    assert sorted(resumed) == sorted(straight) == list(range(1, 9))
-    for step in range(1, 9):
-        assert resumed[step] == pytest.approx(straight[step], abs=1e-6), step
+    assert sorted(_losses(killed / "log.csv")) == list(range(1, 9))
+    assert _rows(killed / "log.csv") == _rows(tmp_path / "straight" / "log.csv")
 
 
 def test_config_defaults_are_the_demo_run():
@@ -100,8 +249,9 @@ def test_precision_choices():
 
 @pytest.mark.slow
 def test_two_process_run_matches_one_process(tmp_path):
-    """torchrun --nproc_per_node=2 (gloo, CPU) with the same global batch gives the same losses."""
-    common = [*SMALL, "--epochs", "1", "--max-steps", "3"]
+    """torchrun --nproc_per_node=2 (gloo, CPU) with the same global batch gives the same losses,
+    also with 2 micro-batches per step (gradients all-reduced on the last one only)."""
+    common = [*SMALL, "--epochs", "1", "--max-steps", "3", "--accum-steps", "2", "--batch-size", "2"]
     train(parse_config([*common, "--out-dir", str(tmp_path / "one")]))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -114,8 +264,6 @@ def test_two_process_run_matches_one_process(tmp_path):
         assert two[step] == pytest.approx(one[step], rel=1e-4), step
 
 
-def test_shipped_cinc2017_config_parses_and_bad_threads_fail(tmp_path):
+def test_shipped_cinc2017_config_parses():
     config = parse_config(["--config", str(Path(__file__).resolve().parents[1] / "configs" / "cinc2017_pretrain.yaml")])
     assert config.preset == "demo" and config.threads == 1 and config.data == ["wfdb:../shared/data/cinc2017"]
-    with pytest.raises(ValueError, match="--threads must be >= 0"):
-        train(TrainConfig(out_dir=str(tmp_path), threads=-1))

@@ -9,8 +9,10 @@ Common interface (``csfm.dataset.WindowSource``):
     ds.record_ids, ds.patient_ids       [len(ds)] str, for subject-wise splits
     ds.duration_s(i) -> float           seconds, without reading the signal
     ds.read_window(i, start_s, window_s) -> Record   only that part is read
+    ds.record_files(i) -> list[Path]   the files record i is built from (signals,
+                                        headers, the tables giving its text / metadata)
 
-Layouts (DESIGN.md §8):
+Layouts:
 - WfdbDirectory: any folder of WFDB records (CinC 2017: ``RECORDS`` + a
   ``REFERENCE.csv`` of ``record,label`` rows without header -> metadata["label"]).
 - MimicIVECG: ``files/pNNNN/pNNNNNNNN/sNNNNNNNN/NNNNNNNN.hea`` (+ ``record_list.csv``),
@@ -33,7 +35,7 @@ import wfdb
 
 from csfm.leads import LeadMapping, record_from_channels, resolve_channels
 from csfm.readers.mimic3 import read_multisegment
-from csfm.readers.wfdb_record import read_header, read_wfdb, record_base
+from csfm.readers.wfdb_record import read_header, read_wfdb, record_base, record_files
 from csfm.record import Record
 
 _SEX_PTBXL = {0: "M", 1: "F"}
@@ -46,8 +48,9 @@ class _WfdbFiles:
     """Records stored as WFDB headers under a root: the shared part of the WFDB datasets."""
 
     def __init__(self, root: Path, paths: list[str], record_ids: list[str], patient_ids: list[str],
-                 mapping: LeadMapping | None) -> None:
+                 mapping: LeadMapping | None, tables: list[Path]) -> None:
         self.root = root
+        self._tables = tables
         self._paths = paths
         self.record_ids = record_ids
         self.patient_ids = patient_ids
@@ -62,6 +65,11 @@ class _WfdbFiles:
     def path(self, i: int) -> Path:
         """Record path of item i (without ``.hea``)."""
         return self.root / self._paths[i]
+
+    def record_files(self, i: int) -> list[Path]:
+        """Header(s) and signal files of record i (csfm.readers.record_files), then the
+        corpus tables its text and metadata come from."""
+        return record_files(self.path(i)) + self._tables
 
     def duration_s(self, i: int) -> float:
         """Length of record i in seconds, from its header (sig_len / fs)."""
@@ -109,8 +117,9 @@ class WfdbDirectory(_WfdbFiles):
                            if not p.stem.endswith("_layout"))
         if not names:
             raise ValueError(f"{root}: no WFDB records (RECORDS file or pattern {pattern or '**/*.hea'!r})")
-        super().__init__(root, names, names, list(names), mapping)
-        self._labels = _read_labels(root / labels_csv) if labels_csv is not None else {}
+        labels = [root / labels_csv] if labels_csv is not None else []
+        super().__init__(root, names, names, list(names), mapping, labels)
+        self._labels = _read_labels(labels[0]) if labels else {}
 
     def _read(self, path: Path, start_s: float, stop_s: float | None) -> Record:
         reader = read_multisegment if isinstance(read_header(path), wfdb.MultiRecord) else read_wfdb
@@ -148,8 +157,8 @@ class MimicIVECG(_WfdbFiles):
             studies, subjects = [h.parent.name[1:] for h in headers], [h.parent.parent.name[1:] for h in headers]
         if not paths:
             raise ValueError(f"{root}: no MIMIC-IV-ECG records (no record_list.csv and no files/p*/p*/s*/*.hea)")
-        super().__init__(root, paths, studies, subjects, mapping)
         measurements = root / "machine_measurements.csv"
+        super().__init__(root, paths, studies, subjects, mapping, [measurements] if measurements.is_file() else [])
         self._measurements = (_read_csv(measurements, ["study_id"]).set_index("study_id")
                               if measurements.is_file() else None)
 
@@ -186,7 +195,7 @@ class PTBXL(_WfdbFiles):
                                     for text, ecg_id in zip(self._table["scp_codes"], self._table["ecg_id"])]
         super().__init__(root, list(self._table[f"filename_{sampling}"].astype(str)),
                          [str(e) for e in self._table["ecg_id"]],
-                         [str(int(p)) for p in self._table["patient_id"]], mapping)
+                         [str(int(p)) for p in self._table["patient_id"]], mapping, [root / "ptbxl_database.csv"])
 
     def duration_s(self, i: int) -> float:
         return self.RECORD_S
@@ -249,6 +258,10 @@ class Code15:
         state = dict(self.__dict__)
         state["_files"] = {}
         return state
+
+    def record_files(self, i: int) -> list[Path]:
+        """The HDF5 part holding exam i, and exams.csv (its metadata)."""
+        return [self.root / self._rows[i][0], self.root / "exams.csv"]
 
     def duration_s(self, i: int) -> float:
         """4096 samples / 400 Hz = 10.24 s (padding included)."""

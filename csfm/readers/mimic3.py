@@ -23,10 +23,13 @@ import numpy as np
 import wfdb
 
 from csfm.leads import LeadMapping, record_from_channels, resolve_channels
-from csfm.readers.wfdb_record import frame_range, parse_comments, read_channels, read_header, record_base
+from csfm.readers.wfdb_record import _GAP, frame_range, parse_comments, read_channels, read_header, record_base
 from csfm.record import Record
 
-_GAP = "~"
+
+class NoSignalError(ValueError):
+    """A range of a multi-segment record where none of the kept channels is recorded (only
+    gaps, or segments without them): no data there, as opposed to a file that is broken."""
 
 
 def read_multisegment(path: str | Path, mapping: LeadMapping | None = None,
@@ -46,8 +49,8 @@ def read_multisegment(path: str | Path, mapping: LeadMapping | None = None,
     sampfrom, sampto = frame_range(segments.master, start_s, stop_s, segments.hea)
     signal, present, names = segments.read(sampfrom, sampto)
     if not present.any():
-        raise ValueError(f"{segments.hea}: none of the channels {segments.names} is recorded in frames "
-                         f"{sampfrom}..{sampto} (only gaps or segments without them)")
+        raise NoSignalError(f"{segments.hea}: none of the channels {segments.names} is recorded in frames "
+                            f"{sampfrom}..{sampto} (only gaps or segments without them)")
     return segments.record(sampfrom, signal, present, names)
 
 

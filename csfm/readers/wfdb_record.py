@@ -38,6 +38,16 @@ _KEY_VALUE = re.compile(r"^([^:<>]+?)\s*:\s*(.*)$")
 _MIMIC_FIELD = re.compile(r"<(\w+)>:\s*(\S*)")
 _MITBIH = re.compile(r"^(\d+)\s+([MF])\b")
 _TEXT_KEY = "reason for admission"
+_GAP = "~"  # segment name of a gap (multi-segment) / file name of a layout header's signals
+_NUMBER = r"(?:\d+\.?\d*|\.\d+)"
+_RECORD_NAME = re.compile(r"[-\w]+(?:/\d+)?")
+_FS = re.compile(rf"{_NUMBER}(?:/-?{_NUMBER}(?:\(-?{_NUMBER}\))?)?")
+_FORMAT = re.compile(r"(\d+)(?:x\d+)?(?::\d+)?(?:\+\d+)?")
+_FORMATS = {"0", "8", "16", "24", "32", "61", "80", "160", "212", "310", "311", "508", "516", "524"}  # 0: null signal
+_GAIN = re.compile(r"(?P<gain>[^(/]*)(?:\((?P<baseline>[^)]*)\))?(?:/(?P<units>.*))?")
+_GAIN_NUMBER = re.compile(rf"-?{_NUMBER}(?:e[+-]?\d+)?")  # wfdb reads only a lower-case exponent
+_INTEGER = re.compile(r"-?\d+")
+_UNITS = re.compile(r"[\w^\-?%/]+")
 
 
 def read_wfdb(path: str | Path, mapping: LeadMapping | None = None,
@@ -49,8 +59,9 @@ def read_wfdb(path: str | Path, mapping: LeadMapping | None = None,
     physical units at fs = frame rate x the highest samples per frame of the kept
     channels (Hz); T = frames read x that factor.
     Raises ValueError naming the header and field for a missing header or signal
-    file, a truncated or corrupt signal file, a zero-length record, fs <= 0, a
-    multi-segment record (use csfm.readers.read_multisegment), or no usable channel.
+    file, a header field that breaks the WFDB syntax (see read_header), a truncated or
+    corrupt signal file, a zero-length record, fs <= 0, a multi-segment record (use
+    csfm.readers.read_multisegment), or no usable channel.
     """
     record_path = record_base(path)
     header = read_header(record_path)
@@ -80,12 +91,25 @@ def record_base(path: str | Path) -> Path:
 
 
 def read_header(record_path: Path) -> wfdb.Record | wfdb.MultiRecord:
-    """wfdb.rdheader with errors as ValueError naming the header; checks that fs > 0."""
-    hea = f"{record_path}.hea"
+    """wfdb.rdheader with errors as ValueError naming the header and the field.
+
+    wfdb's header parser accepts malformed fields silently (a non-numeric fs becomes its
+    250 Hz default, ``2S0`` becomes 2 Hz, a non-numeric gain becomes 200 and shifts the
+    units into the signal name), so the header text is first checked field by field
+    against the WFDB header syntax (see _check_header_text). Then fs must be > 0. A signal
+    without a description is named ``record NAME, signal K`` (K from 0), as the WFDB
+    library names it, instead of None.
+    """
+    hea = Path(f"{record_path}.hea")
     try:
-        header = wfdb.rdheader(str(record_path))
+        text = hea.read_text(encoding="ascii", errors="ignore")  # as wfdb.rdheader reads it
     except FileNotFoundError as error:
         raise ValueError(f"{hea}: header file not found") from error
+    except OSError as error:  # a folder, no permission, ...
+        raise ValueError(f"{hea}: cannot read the header file: {error}") from error
+    _check_header_text(text, str(hea))
+    try:
+        header = wfdb.rdheader(str(record_path))
     except Exception as error:  # wfdb raises HeaderSyntaxError, ValueError, IndexError, ...
         raise ValueError(f"{hea}: cannot parse header: {type(error).__name__}: {error}") from error
     if header.fs is None or not header.fs > 0:
@@ -93,7 +117,105 @@ def read_header(record_path: Path) -> wfdb.Record | wfdb.MultiRecord:
     if header.counter_freq is not None and not header.counter_freq > 0:
         raise ValueError(f"{hea}: field counter_freq must be > 0 Hz, got {header.counter_freq} "
                          f"(wfdb reads a negative fs as the counter frequency)")
+    if isinstance(header, wfdb.Record) and header.sig_name is not None:
+        header.sig_name = [_unnamed(header.record_name, k) if name is None else name
+                           for k, name in enumerate(header.sig_name)]
     return header
+
+
+def _unnamed(record_name: str, k: int) -> str:
+    """The name of signal k when its header line has no description, as the WFDB library
+    gives it; the lead contract does not know it, so the channel is dropped."""
+    return f"record {record_name}, signal {k}"
+
+
+def record_files(path: str | Path) -> list[Path]:
+    """The files a WFDB record is read from: its header and the signal files it names, and
+    for a multi-segment record also every segment's (and the layout's) header and signal
+    files. Files that are named but absent are listed too (a missing segment header
+    without its signal files); ValueError for a header of the record itself that cannot
+    be read."""
+    record_path = record_base(path)
+    header = read_header(record_path)
+    files = [Path(f"{record_path}.hea")]
+    if isinstance(header, wfdb.MultiRecord):
+        for name in dict.fromkeys(header.seg_name):
+            segment = record_path.parent / name
+            if name != _GAP and Path(f"{segment}.hea").is_file():
+                files.extend(record_files(segment))
+            elif name != _GAP:
+                files.append(Path(f"{segment}.hea"))
+    else:
+        files.extend(record_path.parent / name for name in dict.fromkeys(header.file_name or []) if name != _GAP)
+    return files
+
+
+def _check_header_text(text: str, hea: str) -> None:
+    """ValueError naming ``hea`` and the field for a header that breaks the WFDB syntax:
+
+    record line ``NAME[/N_SEG] N_SIG FS[/COUNTER_FREQ[(BASE_COUNTER)]] [SIG_LEN ...]`` (fs may
+    not be left out: wfdb would assume 250 Hz), then N_SIG signal lines ``FILE
+    FORMAT[xSPF][:SKEW][+OFFSET] [ADC_GAIN[(BASELINE)][/UNITS] [ADC_RES ADC_ZERO INIT
+    CHECKSUM BLOCK_SIZE [DESCRIPTION]]]`` (a description needs all five integers before it),
+    or N_SEG segment lines ``NAME LENGTH``. Lines starting with ``#`` are comments.
+    """
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
+    if not lines:
+        raise ValueError(f"{hea}: no record line (empty header)")
+    record = lines[0].split()
+    where = f"{hea}: record line {lines[0]!r}"
+    if not _RECORD_NAME.fullmatch(record[0]):
+        raise ValueError(f"{where}: field record name [/n_seg] is {record[0]!r}, expected NAME or NAME/N_SEG")
+    if len(record) < 2 or not record[1].isdigit():
+        raise ValueError(f"{where}: field n_sig (number of signals) must be a whole number, got "
+                         f"{record[1] if len(record) > 1 else 'nothing'!r}")
+    if len(record) < 3:
+        raise ValueError(f"{where}: field fs (sampling frequency) is absent (wfdb would assume 250 Hz); "
+                         f"write the recorded rate in the header")
+    if not _FS.fullmatch(record[2]):
+        raise ValueError(f"{where}: field fs (sampling frequency) must be > 0 Hz, written as a number "
+                         f"[/COUNTER_FREQ[(BASE_COUNTER)]], got {record[2]!r}")
+    if len(record) > 3 and not record[3].isdigit():
+        raise ValueError(f"{where}: field sig_len (samples per signal) must be a whole number, got {record[3]!r}")
+    body = lines[1:]
+    if "/" in record[0]:
+        n_seg = int(record[0].split("/")[1])
+        if len(body) != n_seg:
+            raise ValueError(f"{where}: field n_seg is {n_seg} but the header has {len(body)} segment line(s)")
+        for line in body:
+            fields = line.split()
+            if len(fields) != 2 or not fields[1].isdigit():
+                raise ValueError(f"{hea}: segment line {line!r}: expected NAME LENGTH (field seg_len a whole number)")
+        return
+    if len(body) != int(record[1]):
+        raise ValueError(f"{where}: field n_sig is {record[1]} but the header has {len(body)} signal line(s)")
+    for k, line in enumerate(body):
+        _check_signal_line(line.split(maxsplit=8), f"{hea}: signal line {k + 1} {line!r}")
+
+
+def _check_signal_line(fields: list[str], where: str) -> None:
+    """One signal line split into at most 9 fields (see _check_header_text)."""
+    if len(fields) < 2:
+        raise ValueError(f"{where}: expected at least FILE FORMAT")
+    fmt = _FORMAT.fullmatch(fields[1])
+    if fmt is None:
+        raise ValueError(f"{where}: field fmt is {fields[1]!r}, expected FORMAT[xSAMPLES_PER_FRAME][:SKEW][+OFFSET]")
+    if fmt.group(1) not in _FORMATS:
+        raise ValueError(f"{where}: field fmt {fmt.group(1)} is not a signal format wfdb reads "
+                         f"({', '.join(sorted(_FORMATS, key=int))})")
+    if len(fields) > 2:
+        gain = _GAIN.fullmatch(fields[2])
+        if gain is None:
+            raise ValueError(f"{where}: {fields[2]!r} is not ADC_GAIN[(BASELINE)][/UNITS]")
+        for name, value, pattern, expected in (("adc_gain", gain["gain"], _GAIN_NUMBER, "a number (exponent: e)"),
+                                               ("baseline", gain["baseline"], _INTEGER, "a whole number"),
+                                               ("units", gain["units"], _UNITS, "letters, digits or ^-?%/")):
+            if value is not None and not pattern.fullmatch(value):
+                raise ValueError(f"{where}: field {name} is {value!r}, expected {expected}")
+    for name, value in zip(("adc_res", "adc_zero", "init_value", "checksum", "block_size"), fields[3:8]):
+        if not _INTEGER.fullmatch(value):
+            raise ValueError(f"{where}: field {name} is {value!r}, expected a whole number (a description "
+                             f"needs adc_res, adc_zero, init_value, checksum and block_size before it)")
 
 
 def frame_range(header: wfdb.Record | wfdb.MultiRecord, start_s: float, stop_s: float | None,
