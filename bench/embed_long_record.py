@@ -3,9 +3,9 @@
 Writes (once, into --dir) a synthetic record of --hours hours, --leads ECG leads at --fs Hz
 in WFDB format 16, and a demo-preset checkpoint; then runs the embedding command in a fresh
 Python process per variant and reports its peak resident memory (ru_maxrss) and wall time,
-next to a baseline process that only imports csfm.embed and loads the encoder (so "above
+next to a baseline process that only imports csfm.evaluation.embedding and loads the encoder (so "above
 baseline" is the memory the data path costs). ``--script PATH`` runs another embed module
-file instead of csfm.embed (e.g. an older version from ``git show REV:csfm/embed.py``).
+file instead of csfm.evaluation.embedding (e.g. an older version from ``git show REV:csfm/embed.py``).
 
     python bench/embed_long_record.py --hours 10 --leads 12 --fs 500 --dir /tmp/csfm_long
 
@@ -27,7 +27,7 @@ _MEASURE = textwrap.dedent("""
     script, argv = sys.argv[1], sys.argv[2:]
     started = time.perf_counter()
     if script == "baseline":
-        from csfm.embed import load_encoder
+        from csfm.evaluation.embedding import load_encoder
         load_encoder(argv[0])
     else:
         sys.argv = [script, *argv]
@@ -65,9 +65,9 @@ def write_record(directory: Path, hours: float, leads: int, fs: int) -> Path:
 
 def write_checkpoint(directory: Path) -> Path:
     """A demo-preset checkpoint (random weights) in directory/checkpoint."""
-    from csfm.checkpoint import save_checkpoint
-    from csfm.config import preset
-    from csfm.pretrain import MaskedPretrainer
+    from csfm.model.checkpoint import save_checkpoint
+    from csfm.model.config import preset
+    from csfm.model.pretrain import MaskedPretrainer
 
     checkpoint = directory / "checkpoint"
     if not (checkpoint / "config.json").is_file():
@@ -89,7 +89,7 @@ def main() -> None:
     parser.add_argument("--leads", type=int, default=12)
     parser.add_argument("--fs", type=int, default=500)
     parser.add_argument("--dir", default="/tmp/csfm_long_record")
-    parser.add_argument("--script", default="csfm.embed", help="module name or .py file of the embed command")
+    parser.add_argument("--script", default="csfm.evaluation.embedding", help="module name or .py file of the embed command")
     parser.add_argument("--setup-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     directory = Path(args.dir)

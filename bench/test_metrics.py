@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from csfm.metrics import auroc, bootstrap_ci
+from csfm.evaluation.metrics import auroc, bootstrap_ci
 
 
 def test_bootstrap_auroc(side_by_side):
@@ -18,4 +18,4 @@ def test_bootstrap_auroc(side_by_side):
         np.percentile([roc_auc_score(y[r], score[r]) for r in rows], [2.5, 97.5])
 
     side_by_side("bootstrap AUROC CI", "1000 resamples x 5000 rows", {"sklearn loop": sklearn_loop},
-                 {"csfm.metrics.bootstrap_ci": lambda: bootstrap_ci(auroc, y, score, n_boot=1000)}, rounds=3)
+                 {"csfm.evaluation.metrics.bootstrap_ci": lambda: bootstrap_ci(auroc, y, score, n_boot=1000)}, rounds=3)

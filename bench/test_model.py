@@ -17,12 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-import csfm.model
+import csfm.model.encoder
 from common import matmul_roof_tflops
-from csfm.batch import Batch
-from csfm.config import preset
-from csfm.model import CSFMEncoder, SequenceLayout
-from csfm.pretrain import MaskedPretrainer
+from csfm.model.batch import Batch
+from csfm.model.config import preset
+from csfm.model.encoder import CSFMEncoder, SequenceLayout
+from csfm.model.pretrain import MaskedPretrainer
 from csfm_kernels.varlen_attention import unpack
 
 MIXED16 = [[1]] * 8 + [[1, 12]] * 4 + [list(range(12))] * 4
@@ -51,12 +51,12 @@ def padded_sdpa(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, generator=None, 
 
 @contextlib.contextmanager
 def padded_attention():
-    original = csfm.model.varlen_attention
-    csfm.model.varlen_attention = padded_sdpa
+    original = csfm.model.encoder.varlen_attention
+    csfm.model.encoder.varlen_attention = padded_sdpa
     try:
         yield
     finally:
-        csfm.model.varlen_attention = original
+        csfm.model.encoder.varlen_attention = original
 
 
 def fully_padded_forward(model: CSFMEncoder, batch: Batch) -> torch.Tensor:

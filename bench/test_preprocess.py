@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import scipy.signal
 
-from csfm.preprocess import PreprocessConfig, preprocess_signal
+from csfm.data.preprocess import PreprocessConfig, preprocess_signal
 from csfm_kernels.signal import resample
 
 PHYSIONET = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "physionet"

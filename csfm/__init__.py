@@ -1,15 +1,15 @@
 """csfm: cardiac sensing foundation model for ECG and PPG (model, data, training, embeddings)."""
-from csfm.batch import Batch, make_batch
-from csfm.checkpoint import load_pretrained, save_checkpoint
-from csfm.config import PRESETS, ModelConfig, preset
-from csfm.demo import DemoDataset, make_demo_record
-from csfm.leads import resolve_channels
-from csfm.model import CSFMEncoder
-from csfm.preprocess import PreprocessConfig, preprocess_record
-from csfm.pretrain import MaskedPretrainer
-from csfm.readers import PTBXL, Code15, MimicIVECG, WfdbDirectory, read_multisegment, read_wfdb, stream_windows
-from csfm.record import Record
-from csfm.tokenizer import ReportTokenizer
+from csfm.model.batch import Batch, make_batch
+from csfm.model.checkpoint import load_pretrained, save_checkpoint
+from csfm.model.config import PRESETS, ModelConfig, preset
+from csfm.data.demo import DemoDataset, make_demo_record
+from csfm.data.leads import resolve_channels
+from csfm.model.encoder import CSFMEncoder
+from csfm.data.preprocess import PreprocessConfig, preprocess_record
+from csfm.model.pretrain import MaskedPretrainer
+from csfm.data.readers import PTBXL, Code15, MimicIVECG, WfdbDirectory, read_multisegment, read_wfdb, stream_windows
+from csfm.data.record import Record
+from csfm.data.tokenizer import ReportTokenizer
 
 __version__ = "0.1.0"
 

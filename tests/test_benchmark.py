@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from csfm.benchmark import BenchmarkConfig, labelled_records, main, pool_records
-from csfm.checkpoint import save_checkpoint
-from csfm.cinc2017 import LABELS, record_folds
-from csfm.config import preset
-from csfm.model import CSFMEncoder
+from csfm.benchmarks.cinc2017.harness import BenchmarkConfig, labelled_records, main, pool_records
+from csfm.model.checkpoint import save_checkpoint
+from csfm.benchmarks.cinc2017.scoring import LABELS, record_folds
+from csfm.model.config import preset
+from csfm.model.encoder import CSFMEncoder
 from tests.fixtures import CINC2017, write_wfdb
 
 needs_cinc = pytest.mark.skipif(not (CINC2017 / "REFERENCE.csv").exists(),

@@ -1,4 +1,4 @@
-"""csfm.checkpoint: file modes that follow the umask, and a clear error (file + what was
+"""csfm.model.checkpoint: file modes that follow the umask, and a clear error (file + what was
 expected) for every bad checkpoint path, config, weights file and state dict."""
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import stat
 import pytest
 import torch
 
-from csfm.checkpoint import (CONFIG, STATE, WEIGHTS, atomic_write, latest_checkpoint, load_pretrained,
+from csfm.model.checkpoint import (CONFIG, STATE, WEIGHTS, atomic_write, latest_checkpoint, load_pretrained,
                              load_state_dict_checked, load_train_state, load_weights, read_config, save_checkpoint)
-from csfm.config import preset
-from csfm.model import CSFMEncoder
+from csfm.model.config import preset
+from csfm.model.encoder import CSFMEncoder
 
 SMALL = preset("demo", depth=2)
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from csfm.cinc2017 import (LABELS, cinc_score, confusion, cross_validate_features, load_features, score_predictions,
+from csfm.benchmarks.cinc2017.scoring import (LABELS, cinc_score, confusion, cross_validate_features, load_features, score_predictions,
                            main, per_class_f1, read_reference, results_table)
 
 CINC = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cinc2017"

@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import csfm.data as data_module
-from csfm.data import (PretrainWindows, UnusableRecordsError, check_usable, find_unusable, random_crop,
+import csfm.data.windows as data_module
+from csfm.data.windows import (PretrainWindows, UnusableRecordsError, check_usable, find_unusable, random_crop,
                        record_parts)
-from csfm.demo import DemoDataset
-from csfm.preprocess import PreprocessConfig, RecordCheck, preprocess_signal
-from csfm.readers.mimic3 import NoSignalError
-from csfm.record import Record
+from csfm.data.demo import DemoDataset
+from csfm.data.preprocess import PreprocessConfig, RecordCheck, preprocess_signal
+from csfm.data.readers.mimic3 import NoSignalError
+from csfm.data.record import Record
 
 
 class LongRecords:

@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 from scipy.signal import butter, find_peaks, sosfiltfilt
 
-from csfm.demo import RECORDS_PER_PATIENT, RHYTHMS, DemoDataset, make_demo_record, make_demo_records
-from csfm.record import CHANNEL_TYPE_NAMES
-from csfm.tokenizer import clean_report
+from csfm.data.demo import RECORDS_PER_PATIENT, RHYTHMS, DemoDataset, make_demo_record, make_demo_records
+from csfm.data.record import CHANNEL_TYPE_NAMES
+from csfm.data.tokenizer import clean_report
 
 N_CHECKED = 60  # records whose beats are measured: every rhythm occurs among them
 LEAD = {name: i for i, name in enumerate(CHANNEL_TYPE_NAMES)}

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from csfm.demo import RHYTHMS, DemoDataset
-from csfm.embed import embed_source, load_encoder
-from csfm.probe import linear_probe
-from csfm.train import parse_config, train
+from csfm.data.demo import RHYTHMS, DemoDataset
+from csfm.evaluation.embedding import embed_source, load_encoder
+from csfm.evaluation.probe import linear_probe
+from csfm.training.loop import parse_config, train
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""csfm.embed: pooled record embeddings, modality selection, windows, cache, bad input."""
+"""csfm.evaluation.embedding: pooled record embeddings, modality selection, windows, cache, bad input."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,16 +8,16 @@ import pandas as pd
 import pytest
 import torch
 
-import csfm.embed as embed_module
-from csfm.batch import make_batch
-from csfm.checkpoint import save_checkpoint
-from csfm.config import preset
-from csfm.demo import DemoDataset
-from csfm.embed import EmbedConfig, Embeddings, embed_source, load_encoder, run
-from csfm.preprocess import PreprocessConfig, preprocess_record, select_channels
-from csfm.pretrain import MaskedPretrainer
-from csfm.record import Record
-from csfm.sources import open_sources
+import csfm.evaluation.embedding as embed_module
+from csfm.model.batch import make_batch
+from csfm.model.checkpoint import save_checkpoint
+from csfm.model.config import preset
+from csfm.data.demo import DemoDataset
+from csfm.evaluation.embedding import EmbedConfig, Embeddings, embed_source, load_encoder, run
+from csfm.data.preprocess import PreprocessConfig, preprocess_record, select_channels
+from csfm.model.pretrain import MaskedPretrainer
+from csfm.data.record import Record
+from csfm.data.sources import open_sources
 
 
 @pytest.fixture(scope="module")

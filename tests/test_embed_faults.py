@@ -1,4 +1,4 @@
-"""csfm.embed on bad input (issue 20): stale caches, unusable records, missing samples,
+"""csfm.evaluation.embedding on bad input (issue 20): stale caches, unusable records, missing samples,
 long records, bad options. Each test reproduces the reported fault and checks the fix."""
 from __future__ import annotations
 
@@ -11,17 +11,17 @@ import numpy as np
 import pytest
 import torch
 
-import csfm.data as data_module
-import csfm.embed as embed_module
-from csfm.checkpoint import save_checkpoint
+import csfm.data.windows as data_module
+import csfm.evaluation.embedding as embed_module
+from csfm.model.checkpoint import save_checkpoint
 from csfm.cli import OptionError
-from csfm.config import preset
-from csfm.data import find_unusable
-from csfm.embed import EmbedConfig, Embeddings, embed_source, encode_windows, load_encoder, main, run
-from csfm.model import pool_tokens
-from csfm.preprocess import PreprocessConfig, preprocess_signal
-from csfm.pretrain import MaskedPretrainer
-from csfm.record import Record
+from csfm.model.config import preset
+from csfm.data.windows import find_unusable
+from csfm.evaluation.embedding import EmbedConfig, Embeddings, embed_source, encode_windows, load_encoder, main, run
+from csfm.model.encoder import pool_tokens
+from csfm.data.preprocess import PreprocessConfig, preprocess_signal
+from csfm.model.pretrain import MaskedPretrainer
+from csfm.data.record import Record
 from csfm_kernels.modules import patch_embed_params
 from csfm_kernels.patch_embed import PATCH_LEN, patch_embed_tokens_reference
 from fixtures import PHYSIONET, need, write_wfdb

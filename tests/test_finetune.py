@@ -6,15 +6,15 @@ import json
 import pytest
 import torch
 
-from csfm.config import preset
-from csfm.data import PretrainWindows, collate
-from csfm.demo import RHYTHMS, DemoDataset
-from csfm.checkpoint import save_checkpoint
-from csfm.embed import encode_windows
-from csfm.finetune import EncoderWithHead, FineTuneConfig, _validation_loss, finetune, main
-from csfm.heads import ClassificationHead
-from csfm.model import CSFMEncoder, EncoderOutput, SequenceLayout, pool_tokens, pooled_width, segment_mean
-from csfm.pretrain import MaskedPretrainer
+from csfm.model.config import preset
+from csfm.data.windows import PretrainWindows, collate
+from csfm.data.demo import RHYTHMS, DemoDataset
+from csfm.model.checkpoint import save_checkpoint
+from csfm.evaluation.embedding import encode_windows
+from csfm.evaluation.finetune import EncoderWithHead, FineTuneConfig, _validation_loss, finetune, main
+from csfm.model.heads import ClassificationHead
+from csfm.model.encoder import CSFMEncoder, EncoderOutput, SequenceLayout, pool_tokens, pooled_width, segment_mean
+from csfm.model.pretrain import MaskedPretrainer
 
 
 def rhythm_targets(samples):

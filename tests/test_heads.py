@@ -1,4 +1,4 @@
-"""csfm.losses and csfm.heads: losses against hand / brute-force computation, head shapes,
+"""csfm.model.losses and csfm.model.heads: losses against hand / brute-force computation, head shapes,
 gradients, head_loss dispatch, NaN handling and bad input."""
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from csfm.heads import (ClassificationHead, QuestionAnsweringHead, RegressionHead, SurvivalHead, head_loss)
-from csfm.losses import asymmetric_loss, cox_partial_likelihood
+from csfm.model.heads import (ClassificationHead, QuestionAnsweringHead, RegressionHead, SurvivalHead, head_loss)
+from csfm.model.losses import asymmetric_loss, cox_partial_likelihood
 
 
 def _sigmoid(v: float) -> float:

@@ -4,8 +4,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from csfm.leads import ALIASES, MONITOR_LEADS, channel_type, record_from_channels, resolve_channels
-from csfm.record import CHANNEL_TYPE_NAMES, PPG_TYPE
+from csfm.data.leads import ALIASES, MONITOR_LEADS, channel_type, record_from_channels, resolve_channels
+from csfm.data.record import CHANNEL_TYPE_NAMES, PPG_TYPE
 
 TYPE = {name: index for index, name in enumerate(CHANNEL_TYPE_NAMES)}
 

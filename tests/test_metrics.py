@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 
-from csfm.metrics import (UndefinedMetricError, accuracy, auprc, auroc, bootstrap_ci, concordance_index, evaluate,
+from csfm.evaluation.metrics import (UndefinedMetricError, accuracy, auprc, auroc, bootstrap_ci, concordance_index, evaluate,
                           expected_calibration_error, macro_f1, mae, pearson_r, reliability_plot, results_markdown,
                           rmse, save_results)
 

@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from csfm.batch import Batch
-from csfm.checkpoint import load_pretrained, save_checkpoint
-from csfm.config import preset
-from csfm.model import CSFMEncoder
-from csfm.pretrain import MaskedPretrainer
+from csfm.model.batch import Batch
+from csfm.model.checkpoint import load_pretrained, save_checkpoint
+from csfm.model.config import preset
+from csfm.model.encoder import CSFMEncoder
+from csfm.model.pretrain import MaskedPretrainer
 
 
 def make_batch(seed: int = 0, vocab: int = 2048) -> Batch:

@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from csfm.config import preset
-from csfm.model import CSFMEncoder
-from csfm.optim import layerwise_param_groups, param_groups, warmup_cosine, warmup_linear
+from csfm.model.config import preset
+from csfm.model.encoder import CSFMEncoder
+from csfm.training.optim import layerwise_param_groups, param_groups, warmup_cosine, warmup_linear
 
 
 def test_no_decay_groups_hold_norms_biases_embeddings_and_tokens():

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from csfm.preprocess import (PreprocessConfig, RecordCheck, Windows, make_windows, preprocess_record,
+from csfm.data.preprocess import (PreprocessConfig, RecordCheck, Windows, make_windows, preprocess_record,
                              preprocess_signal)
-from csfm.record import PPG_TYPE, Record
+from csfm.data.record import PPG_TYPE, Record
 from csfm_kernels.signal import bandpass, resample, zscore
 
 PHYSIONET = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "physionet"

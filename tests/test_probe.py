@@ -1,4 +1,4 @@
-"""csfm.probe: linear probes on synthetic embeddings, regularisation choice, bad input and
+"""csfm.evaluation.probe: linear probes on synthetic embeddings, regularisation choice, bad input and
 the command line end to end."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from csfm.probe import ALPHA_GRID, C_GRID, linear_probe, main
+from csfm.evaluation.probe import ALPHA_GRID, C_GRID, linear_probe, main
 
 
 def _separable(n: int, d: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -135,7 +135,7 @@ def test_cli_multiclass_end_to_end(synthetic_files):
 
 
 def test_cli_folds_keep_patients_apart(synthetic_files, monkeypatch):
-    import csfm.probe as probe_module
+    import csfm.evaluation.probe as probe_module
     seen = []
     real = probe_module.linear_probe
 
@@ -182,7 +182,7 @@ def test_cli_non_numeric_or_missing_regression_labels_are_named(synthetic_files)
 
 
 def test_cli_out_is_checked_before_the_probes_run(synthetic_files, capsys, monkeypatch):
-    import csfm.probe as probe_module
+    import csfm.evaluation.probe as probe_module
     monkeypatch.setattr(probe_module, "cross_validate", lambda *a, **k: pytest.fail("probes ran"))
     common = ["--embeddings", str(synthetic_files / "emb.npz"), "--labels", str(synthetic_files / "labels.csv"),
               "--label-column", "af", "--task", "binary"]

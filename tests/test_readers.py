@@ -13,11 +13,11 @@ import wfdb
 from fixtures import (CHUNKS_S, CINC2017, PHYSIONET, TWELVE, copy_record, need, ptb_chunk, write_code15,
                       write_mimic_iv, write_ptbxl, write_wfdb)
 
-from csfm.dataset import WindowDataset
-from csfm.leads import channel_type
-from csfm.readers import (PTBXL, Code15, MimicIVECG, WfdbDirectory, read_multisegment, read_wfdb,
+from csfm.data.dataset import WindowDataset
+from csfm.data.leads import channel_type
+from csfm.data.readers import (PTBXL, Code15, MimicIVECG, WfdbDirectory, read_multisegment, read_wfdb,
                           stream_windows)
-from csfm.record import CHANNEL_TYPE_NAMES
+from csfm.data.record import CHANNEL_TYPE_NAMES
 
 pytestmark = [pytest.mark.data,
               pytest.mark.filterwarnings("ignore:The inplace keyword")]  # wfdb 4.3 on pandas 3: not ours

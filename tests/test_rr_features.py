@@ -4,7 +4,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from csfm.rr_features import FEATURE_NAMES, detect_r_peaks, feature_matrix, rr_features
+from csfm.benchmarks.cinc2017.rr_features import FEATURE_NAMES, detect_r_peaks, feature_matrix, rr_features
 
 FS = 300
 CINC = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cinc2017"

@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 from fixtures import write_ptbxl
 
-from csfm.demo import DemoDataset
-from csfm.sources import DataSpec, MixedSource, open_sources, parse_spec
-from csfm.train import parse_config, train
+from csfm.data.demo import DemoDataset
+from csfm.data.sources import DataSpec, MixedSource, open_sources, parse_spec
+from csfm.training.loop import parse_config, train
 
 CINC = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cinc2017"
 

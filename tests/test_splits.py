@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from csfm.splits import (assert_no_patient_leakage, load_split, patient_splits, save_split, split_or_load,
+from csfm.data.splits import (assert_no_patient_leakage, load_split, patient_splits, save_split, split_or_load,
                          stratified_group_folds)
 
 SETTINGS = settings(max_examples=40, deadline=None)

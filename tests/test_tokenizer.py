@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from csfm.demo import make_demo_records
-from csfm.tokenizer import (
+from csfm.data.demo import make_demo_records
+from csfm.data.tokenizer import (
     DEFAULT_MAX_TOKENS, SPECIAL_TOKENS, EncodedBatch, ReportTokenizer, ReportTruncationWarning, clean_report,
 )
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from csfm.cli import OptionError
-from csfm.train import LOG_COLUMNS, TrainConfig, parse_config, train
+from csfm.training.loop import LOG_COLUMNS, TrainConfig, parse_config, train
 
 SMALL = ["--demo-records", "24", "--batch-size", "4", "--precision", "fp32", "--quiet", "--workers", "0",
          "--val-fraction", "0.25"]
@@ -114,7 +114,7 @@ def test_cli_prints_the_error_and_exits_2_without_writing(tmp_path):
     done = subprocess.run([sys.executable, "-m", "csfm.train", "--out-dir", str(out), "--batch-size", "0"],
                           capture_output=True, text=True)
     assert done.returncode == 2
-    assert done.stderr.strip() == "csfm.train: error: --batch-size must be an integer >= 1, got 0"
+    assert done.stderr.strip() == "csfm.training.loop: error: --batch-size must be an integer >= 1, got 0"
     assert not out.exists()
 
 
@@ -236,7 +236,7 @@ def test_config_defaults_are_the_demo_run():
 def test_precision_choices():
     import torch
 
-    from csfm.precision import choose_precision
+    from csfm.training.precision import choose_precision
 
     assert choose_precision("fp32", torch.device("cpu")).dtype is None
     assert choose_precision("bf16", torch.device("cpu")).dtype == torch.bfloat16

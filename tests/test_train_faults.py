@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from csfm.cli import OptionError
-from csfm.train import main, parse_config, train
+from csfm.training.loop import main, parse_config, train
 
 TINY = ["--data", "demo:30", "--epochs", "2", "--save-every", "1", "--precision", "fp32", "--quiet", "--workers", "0"]
 
@@ -157,7 +157,7 @@ def test_twenty_random_sigkills_change_nothing(tmp_path):
     every log row, validation rows included (but tokens/s), are those of an uninterrupted
     run. About 90 s on 2 cores shared with other jobs."""
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["csfm.train", "torch.utils.tensorboard"])
+    context.set_forkserver_preload(["csfm.training.loop", "torch.utils.tensorboard"])
 
     def run_to_the_end(out: Path) -> None:
         child = context.Process(target=main, args=([*KILL_RUN, "--out-dir", str(out), "--resume", "auto"],))

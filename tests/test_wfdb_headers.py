@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import wfdb
 
-from csfm.readers import WfdbDirectory, read_multisegment, read_wfdb, record_files
+from csfm.data.readers import WfdbDirectory, read_multisegment, read_wfdb, record_files
 
 pytestmark = pytest.mark.filterwarnings("ignore:The inplace keyword")  # wfdb 4.3 on pandas 3: not ours
 

@@ -8,10 +8,10 @@ import importlib
 import pytest
 import torch
 
-from csfm.batch import Batch
-from csfm.config import preset
-from csfm.model import CSFMEncoder
-from csfm.pretrain import MaskedPretrainer
+from csfm.model.batch import Batch
+from csfm.model.config import preset
+from csfm.model.encoder import CSFMEncoder
+from csfm.model.pretrain import MaskedPretrainer
 from csfm_kernels import (BackendUnavailable, _dispatch, _ext, gather_kept, op_backends, random_masking,
                           scatter_with_mask_token)
 from csfm_kernels.patch_embed import PATCH_LEN, PatchEmbedParams, patch_embed

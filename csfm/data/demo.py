@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from csfm.record import CHANNEL_TYPE_NAMES, PPG_TYPE, Record
+from csfm.data.record import CHANNEL_TYPE_NAMES, PPG_TYPE, Record
 
 RHYTHMS = ("sinus", "af", "brady", "tachy")
 RECORDS_PER_PATIENT = 3  # record i belongs to patient i // RECORDS_PER_PATIENT

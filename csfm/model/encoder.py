@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from csfm.batch import Batch
-from csfm.config import ModelConfig
+from csfm.model.batch import Batch
+from csfm.model.config import ModelConfig
 from csfm_kernels import op_backends, patch_embed_packed
 from csfm_kernels.modules import add_patch_embedding, patch_embed_params
 from csfm_kernels.patch_embed import PATCH_LEN

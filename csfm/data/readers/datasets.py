@@ -3,7 +3,7 @@
 Each class indexes its corpus at construction (CSV tables, file names, HDF5
 ``exam_id`` arrays: no signal is read) and opens signal files only in
 ``__getitem__`` / ``read_window``, so it can be handed to DataLoader workers.
-Common interface (``csfm.dataset.WindowSource``):
+Common interface (``csfm.data.dataset.WindowSource``):
 
     len(ds), ds[i] -> Record            the whole record i
     ds.record_ids, ds.patient_ids       [len(ds)] str, for subject-wise splits
@@ -33,10 +33,10 @@ import numpy as np
 import pandas as pd
 import wfdb
 
-from csfm.leads import LeadMapping, record_from_channels, resolve_channels
-from csfm.readers.mimic3 import read_multisegment
-from csfm.readers.wfdb_record import read_header, read_wfdb, record_base, record_files
-from csfm.record import Record
+from csfm.data.leads import LeadMapping, record_from_channels, resolve_channels
+from csfm.data.readers.mimic3 import read_multisegment
+from csfm.data.readers.wfdb_record import read_header, read_wfdb, record_base, record_files
+from csfm.data.record import Record
 
 _SEX_PTBXL = {0: "M", 1: "F"}
 _REPORTS = [f"report_{k}" for k in range(18)]
@@ -67,7 +67,7 @@ class _WfdbFiles:
         return self.root / self._paths[i]
 
     def record_files(self, i: int) -> list[Path]:
-        """Header(s) and signal files of record i (csfm.readers.record_files), then the
+        """Header(s) and signal files of record i (csfm.data.readers.record_files), then the
         corpus tables its text and metadata come from."""
         return record_files(self.path(i)) + self._tables
 
@@ -101,7 +101,7 @@ class WfdbDirectory(_WfdbFiles):
     labels_csv: optional ``record,label`` CSV without header (absolute or relative to
     root) -> ``metadata["label"]``. record_id is the record path relative to root;
     a plain directory names no subjects, so patient_ids are the record ids.
-    Multi-segment records are read with csfm.readers.read_multisegment (a window in
+    Multi-segment records are read with csfm.data.readers.read_multisegment (a window in
     a gap raises ValueError; stream_windows skips gaps); ``*_layout`` headers are
     never records and are left out of globs.
     """

@@ -1,6 +1,6 @@
 """Lead contract: map a recording's channel names to the model's 13 channel types.
 
-The model knows 13 channel types (``csfm.record.CHANNEL_TYPE_NAMES``): 0..11 are the
+The model knows 13 channel types (``csfm.data.record.CHANNEL_TYPE_NAMES``): 0..11 are the
 12 standard ECG leads I, II, III, aVR, aVL, aVF, V1..V6 and 12 is PPG. Every reader
 passes its channel names through :func:`resolve_channels`, which keeps the channels
 that have a type and lists the others as dropped. It never invents channels: one
@@ -51,7 +51,7 @@ from typing import Any
 
 import numpy as np
 
-from csfm.record import CHANNEL_TYPE_NAMES, PPG_TYPE, Record
+from csfm.data.record import CHANNEL_TYPE_NAMES, PPG_TYPE, Record
 
 _TYPE = {name.lower(): index for index, name in enumerate(CHANNEL_TYPE_NAMES)}
 

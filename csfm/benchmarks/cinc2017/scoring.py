@@ -5,7 +5,7 @@ Classes: N normal, A atrial fibrillation, O other rhythm, ~ noisy. The challenge
 the mean F1 of N, A and O, each F1 read off the 4-class confusion matrix C (rows true,
 columns predicted): F1_c = 2 C[c, c] / (row_sum_c + col_sum_c).
 
-The baseline: :mod:`csfm.rr_features` per record, stratified k-fold cross-validation at
+The baseline: :mod:`csfm.benchmarks.cinc2017.rr_features` per record, stratified k-fold cross-validation at
 record level, median imputation + (logistic regression | gradient boosting), scored on
 out-of-fold predictions with bootstrap 95 % intervals over records::
 
@@ -26,7 +26,7 @@ from typing import Any, Sequence
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from csfm.metrics import UndefinedMetricError, auroc, bootstrap_ci, expected_calibration_error, save_results
+from csfm.evaluation.metrics import UndefinedMetricError, auroc, bootstrap_ci, expected_calibration_error, save_results
 
 LABELS = ("N", "A", "O", "~")
 SCORED = ("N", "A", "O")
@@ -143,7 +143,7 @@ def record_folds(y: np.ndarray, n_folds: int, seed: int, split_path: str | Path 
         return np.asarray(saved["fold"], np.int64)
     fold = _fold_assignment(y, n_folds, seed)
     if split_path is not None:
-        from csfm.checkpoint import atomic_write
+        from csfm.model.checkpoint import atomic_write
 
         content = {"n_folds": n_folds, "seed": seed, "fold": fold.tolist(), "labels": labels, "record_ids": ids}
         Path(split_path).parent.mkdir(parents=True, exist_ok=True)
@@ -296,7 +296,7 @@ def load_features(data_dir: str | Path, cache_path: str | Path | None = None, li
     """
     import wfdb
 
-    from csfm.rr_features import FEATURE_NAMES, feature_matrix
+    from csfm.benchmarks.cinc2017.rr_features import FEATURE_NAMES, feature_matrix
 
     data_dir = Path(data_dir)
     reference = read_reference(data_dir / "REFERENCE.csv")
@@ -320,7 +320,7 @@ def load_features(data_dir: str | Path, cache_path: str | Path | None = None, li
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(prog="python -m csfm.cinc2017", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m csfm.benchmarks.cinc2017.scoring", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--data", default="../shared/data/cinc2017", help="folder with REFERENCE.csv and the records")
     parser.add_argument("--out", default="runs/cinc2017_baseline", help="output folder")
@@ -341,7 +341,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         results[model] = cross_validate_features(X, labels, model, args.n_folds, args.seed,
                                                  split_path=out / "folds.json", record_ids=ids,
                                                  n_boot=args.n_boot)
-    from csfm.rr_features import FEATURE_NAMES
+    from csfm.benchmarks.cinc2017.rr_features import FEATURE_NAMES
 
     summary = {"data": str(args.data), "n_records": len(ids), "feature_names": list(FEATURE_NAMES),
                "feature_seconds": round(feature_seconds, 1), "feature_cache_existed": cached,

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from csfm.losses import asymmetric_loss, cox_partial_likelihood
+from csfm.model.losses import asymmetric_loss, cox_partial_likelihood
 
 TASKS = ("multiclass", "multilabel", "binary", "regression", "survival")
 

@@ -1,7 +1,7 @@
 """Fixed-length windows of any reader's records as a torch Dataset.
 
 ``WindowDataset(source, window_s)`` indexes every (record, window start) pair of a
-source (csfm.readers.WfdbDirectory, MimicIVECG, PTBXL, Code15, ...) and reads only
+source (csfm.data.readers.WfdbDirectory, MimicIVECG, PTBXL, Code15, ...) and reads only
 that window on access. Items are Records (or whatever ``preprocess`` makes of
 them), so a DataLoader needs a collate function that accepts them, e.g.
 ``DataLoader(ds, collate_fn=list)`` until a preprocessing + collate step is plugged in.
@@ -17,11 +17,11 @@ from typing import Any, Protocol
 
 from torch.utils.data import Dataset
 
-from csfm.record import Record
+from csfm.data.record import Record
 
 
 class WindowSource(Protocol):
-    """What WindowDataset needs from a reader (every class in csfm.readers.datasets has it)."""
+    """What WindowDataset needs from a reader (every class in csfm.data.readers.datasets has it)."""
 
     record_ids: list[str]
     patient_ids: list[str]

@@ -7,7 +7,7 @@ where samples are valid (the last two in one pass). ``make_windows`` cuts fixed 
 with explicit validity; ``preprocess_record`` does both for a ``Record``. ``RecordCheck``
 is the one rule for what of a record the model can use (channels with no valid sample are
 left out; a record without a window of enough valid samples is unusable), shared by
-``csfm.embed`` and pretraining.
+``csfm.evaluation.embedding`` and pretraining.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
-from csfm.record import PPG_TYPE, Record
+from csfm.data.record import PPG_TYPE, Record
 from csfm_kernels.signal import bandpass, resample, zscore
 from csfm_kernels.signal.resample import check_signal
 
@@ -161,7 +161,7 @@ def keep_channels(record: Record, channels: Sequence[int]) -> Record:
 @dataclass
 class RecordCheck:
     """What the model can use of one record, gathered while the record (whole, or part by
-    part) is preprocessed: the rule ``csfm.embed`` and pretraining share.
+    part) is preprocessed: the rule ``csfm.evaluation.embedding`` and pretraining share.
 
     Of the record's channels of ``modality``, those without a single valid (finite) sample
     are left out before preprocessing: encoded they would be a flat zero signal, and they

@@ -28,8 +28,8 @@ import numpy as np
 import wfdb
 from scipy.signal import resample_poly
 
-from csfm.leads import LeadMapping, record_from_channels, resolve_channels
-from csfm.record import Record
+from csfm.data.leads import LeadMapping, record_from_channels, resolve_channels
+from csfm.data.record import Record
 
 _UNKNOWN = {"", "?", "??", "n/a", "na", "unknown"}
 _SEX = {"m": "M", "male": "M", "f": "F", "female": "F"}
@@ -55,20 +55,20 @@ def read_wfdb(path: str | Path, mapping: LeadMapping | None = None,
     """Read a single-segment WFDB record, or the part of it in [start_s, stop_s) seconds.
 
     path: record path with or without ``.hea``. mapping: lead-contract overrides
-    (csfm.leads). Returns a Record of the kept channels, signal [C, T] float32 in
+    (csfm.data.leads). Returns a Record of the kept channels, signal [C, T] float32 in
     physical units at fs = frame rate x the highest samples per frame of the kept
     channels (Hz); T = frames read x that factor.
     Raises ValueError naming the header and field for a missing header or signal
     file, a header field that breaks the WFDB syntax (see read_header), a truncated or
     corrupt signal file, a zero-length record, fs <= 0, a multi-segment record (use
-    csfm.readers.read_multisegment), or no usable channel.
+    csfm.data.readers.read_multisegment), or no usable channel.
     """
     record_path = record_base(path)
     header = read_header(record_path)
     hea = f"{record_path}.hea"
     if isinstance(header, wfdb.MultiRecord):
         raise ValueError(f"{hea}: multi-segment record (field n_seg={header.n_seg}): "
-                         f"read it with csfm.readers.read_multisegment or stream_windows")
+                         f"read it with csfm.data.readers.read_multisegment or stream_windows")
     kept, dropped = resolve_channels(header.sig_name, mapping, where=hea)
     channels = [index for index, _ in kept]
     out_spf = max(header.samps_per_frame[c] for c in channels)

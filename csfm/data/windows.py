@@ -12,8 +12,8 @@ cached record. Other records (multi-day MIMIC waveforms) are read a random windo
 where the source can, and read whole (part by part) only when several random windows in a
 row have too few valid samples.
 
-What of a record the model can use is decided by ``csfm.preprocess.RecordCheck``, the rule
-``csfm.embed`` applies too: channels without a valid sample are left out, and a record
+What of a record the model can use is decided by ``csfm.data.preprocess.RecordCheck``, the rule
+``csfm.evaluation.embedding`` applies too: channels without a valid sample are left out, and a record
 without a window of enough valid samples is unusable. ``find_unusable`` lists those up
 front, by name and reason, and ``check_usable`` fails on them (or, asked to skip them,
 warns) before any work starts.
@@ -28,11 +28,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from csfm.batch import Batch, make_batch
-from csfm.preprocess import PreprocessConfig, RecordCheck, keep_channels, preprocess_signal
-from csfm.readers.mimic3 import NoSignalError
-from csfm.record import PPG_TYPE, Record
-from csfm.tokenizer import ReportTokenizer
+from csfm.model.batch import Batch, make_batch
+from csfm.data.preprocess import PreprocessConfig, RecordCheck, keep_channels, preprocess_signal
+from csfm.data.readers.mimic3 import NoSignalError
+from csfm.data.record import PPG_TYPE, Record
+from csfm.data.tokenizer import ReportTokenizer
 
 LIMB_LEADS = (0, 1, 2, 3, 4, 5)  # I, II, III, aVR, aVL, aVF
 LEAD_II = 1
@@ -47,7 +47,7 @@ PART_MARGIN_S = 5.0
 
 
 class RecordSource(Protocol):
-    """Anything with ``len`` and ``[i] -> Record`` (demo data, every reader of csfm.readers)."""
+    """Anything with ``len`` and ``[i] -> Record`` (demo data, every reader of csfm.data.readers)."""
 
     def __len__(self) -> int: ...
 

@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from csfm.batch import Batch
-from csfm.config import ModelConfig
-from csfm.model import CSFMEncoder, SequenceLayout, Transformer, positions_within, sincos_table
+from csfm.model.batch import Batch
+from csfm.model.config import ModelConfig
+from csfm.model.encoder import CSFMEncoder, SequenceLayout, Transformer, positions_within, sincos_table
 from csfm_kernels import MaskPlan, gather_kept, random_masking, scatter_with_mask_token
 from csfm_kernels.patch_embed import PATCH_LEN, patch_token_ids
 

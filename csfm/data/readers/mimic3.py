@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 import wfdb
 
-from csfm.leads import LeadMapping, record_from_channels, resolve_channels
-from csfm.readers.wfdb_record import _GAP, frame_range, parse_comments, read_channels, read_header, record_base
-from csfm.record import Record
+from csfm.data.leads import LeadMapping, record_from_channels, resolve_channels
+from csfm.data.readers.wfdb_record import _GAP, frame_range, parse_comments, read_channels, read_header, record_base
+from csfm.data.record import Record
 
 
 class NoSignalError(ValueError):

@@ -18,8 +18,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from csfm.config import ModelConfig
-from csfm.model import CSFMEncoder
+from csfm.model.config import ModelConfig
+from csfm.model.encoder import CSFMEncoder
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -72,7 +72,7 @@ def save_checkpoint(directory: Path, model: nn.Module, config: ModelConfig,
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     """The checkpoint directory ``run_dir/checkpoints/latest`` points to (a run of
-    ``csfm.train``), or None when there is no such pointer. FileNotFoundError when the
+    ``csfm.training.loop``), or None when there is no such pointer. FileNotFoundError when the
     pointer names a directory that is gone."""
     pointer = Path(run_dir) / "checkpoints" / "latest"
     if not pointer.is_file():

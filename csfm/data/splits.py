@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from csfm.checkpoint import atomic_write
+from csfm.model.checkpoint import atomic_write
 
 SPLIT_NAMES = ("train", "val", "test")
 

@@ -16,9 +16,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from csfm.demo import DemoDataset
-from csfm.readers import PTBXL, Code15, MimicIVECG, WfdbDirectory
-from csfm.record import Record
+from csfm.data.demo import DemoDataset
+from csfm.data.readers import PTBXL, Code15, MimicIVECG, WfdbDirectory
+from csfm.data.record import Record
 
 READERS = {"wfdb": WfdbDirectory, "mimic3": WfdbDirectory, "mimic4": MimicIVECG, "ptbxl": PTBXL, "code15": Code15}
 

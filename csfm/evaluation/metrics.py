@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from csfm.checkpoint import atomic_write
+from csfm.model.checkpoint import atomic_write
 
 TASKS = ("binary", "multiclass", "multilabel", "regression", "survival")
 

@@ -1,0 +1,1 @@
+"""Applications of the library that measure models on public data."""

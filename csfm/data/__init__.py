@@ -1,0 +1,1 @@
+"""Records in: readers, lead contract, sources, demo data, preprocessing, tokenizer, windows, splits."""

@@ -1,0 +1,1 @@
+"""Downstream: embeddings, linear probes, fine-tuning, metrics."""

@@ -1,0 +1,239 @@
+"""Full fine-tuning of the encoder with a task head (DESIGN.md §3): ``python -m csfm.finetune``.
+
+The command line takes a checkpoint, ``--data`` specs and a record-metadata label, makes
+(or reuses) a patient-level stratified split in ``--out-dir/split.json``, fine-tunes, and
+writes test metrics with bootstrap 95 % CIs (by patient) to results.json / results.md.
+
+AdamW with layer-wise lr decay (0.75 per layer from the head down), no weight decay on
+norms, biases, embeddings and the CLS token, 10 % linear warmup then linear decay, and
+early stopping on the validation loss (the best weights are restored at the end).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from csfm.model.batch import Batch
+from csfm.model.checkpoint import atomic_write, save_checkpoint
+from csfm.cli import add_dataclass_options
+from csfm.data.windows import PretrainWindows, Sample, collate
+from csfm.evaluation.embedding import load_encoder
+from csfm.model.heads import ClassificationHead, RegressionHead, head_loss
+from csfm.evaluation.metrics import evaluate, reliability_plot, results_markdown, save_results
+from csfm.model.encoder import CSFMEncoder, check_token_pooling, pool_tokens, pooled_width
+from csfm.training.optim import layerwise_param_groups, warmup_linear
+from csfm.data.sources import open_sources
+from csfm.data.splits import assert_no_patient_leakage, split_or_load
+
+
+@dataclass
+class FineTuneConfig:
+    """epochs: at most this many passes; patience: epochs without a better validation loss
+    before stopping; layer_decay: lr factor per encoder layer below the head."""
+
+    epochs: int = field(default=20, metadata={"help": "at most this many passes over the training windows"})
+    batch_size: int = field(default=16, metadata={"help": "windows per batch"})
+    lr: float = field(default=1e-4, metadata={"help": "peak lr of the head (layers below: x layer_decay each)"})
+    layer_decay: float = field(default=0.75, metadata={"help": "lr factor per encoder layer below the head"})
+    weight_decay: float = field(default=0.05, metadata={
+        "help": "AdamW weight decay (not on norms, biases, embeddings)"})
+    warmup_fraction: float = field(default=0.1, metadata={"help": "share of steps with linear warmup"})
+    patience: int = field(default=3, metadata={"help": "epochs without a better validation loss before stopping"})
+    pooling: str = field(default="cls", metadata={"help": "token pooling into the head: cls, mean or mean+std (2 d wide)"})
+    seed: int = field(default=0, metadata={"help": "seed of the split, data order and head init"})
+
+
+@dataclass
+class FineTuneResult:
+    """best_epoch (0-based) and best_val_loss of the restored weights; per-epoch losses."""
+
+    best_epoch: int
+    best_val_loss: float
+    train_loss: list[float] = field(default_factory=list)
+    val_loss: list[float] = field(default_factory=list)
+
+
+class EncoderWithHead(nn.Module):
+    """Encoder -> pooled embedding (:func:`csfm.model.encoder.pool_tokens`: cls, mean or mean+std, the
+    head's input width from :func:`csfm.model.encoder.pooled_width`) -> head: Batch -> head output."""
+
+    def __init__(self, encoder: CSFMEncoder, head: nn.Module, pooling: str = "cls") -> None:
+        super().__init__()
+        check_token_pooling(pooling)
+        self.encoder, self.head, self.pooling = encoder, head, pooling
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        return self.head(pool_tokens(self.encoder(batch), self.pooling))
+
+
+def _batches(samples: Sequence[Sample], batch_size: int, rng: np.random.Generator | None) -> list[list[int]]:
+    order = rng.permutation(len(samples)) if rng is not None else np.arange(len(samples))
+    return [order[i:i + batch_size].tolist() for i in range(0, len(samples), batch_size)]
+
+
+def _loss_of(model: EncoderWithHead, samples: Sequence[Sample], rows: list[int], task: str,
+             target_of: Callable[[Sequence[Sample]], object], **loss_kw) -> torch.Tensor:
+    chosen = [samples[i] for i in rows]
+    return head_loss(task, model(collate(chosen)), target_of(chosen), **loss_kw)
+
+
+def finetune(encoder: CSFMEncoder, head: nn.Module, task: str, train: Sequence[Sample], val: Sequence[Sample],
+             target_of: Callable[[Sequence[Sample]], object], config: FineTuneConfig | None = None,
+             progress: bool = True, **loss_kw) -> tuple[EncoderWithHead, FineTuneResult]:
+    """Fine-tunes ``encoder`` + ``head`` on ``train`` samples (windows with metadata);
+    ``target_of(samples)`` gives the targets head_loss expects for ``task``. Returns the
+    model with the weights of its best validation epoch."""
+    config = config or FineTuneConfig()
+    if not train or not val:
+        raise ValueError(f"fine-tuning needs training and validation samples, got {len(train)} and {len(val)}")
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    model = EncoderWithHead(encoder, head, config.pooling)
+    optimizer = torch.optim.AdamW(layerwise_param_groups(encoder, head, encoder.config.depth, config.lr,
+                                                         config.weight_decay, config.layer_decay),
+                                  betas=(0.9, 0.999))
+    steps_per_epoch = len(_batches(train, config.batch_size, None))
+    total = config.epochs * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: warmup_linear(s, total, max(1, int(config.warmup_fraction * total))))
+    result, best_state, stale = FineTuneResult(-1, float("inf")), None, 0
+    for epoch in tqdm(range(config.epochs), disable=not progress, desc="fine-tuning", unit="epoch"):
+        model.train()
+        losses = []
+        for rows in _batches(train, config.batch_size, rng):
+            loss = _loss_of(model, train, rows, task, target_of, **loss_kw)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            losses.append(loss.item())
+        result.train_loss.append(float(np.mean(losses)))
+        result.val_loss.append(_validation_loss(model, val, config.batch_size, task, target_of, **loss_kw))
+        if result.val_loss[-1] < result.best_val_loss:
+            result.best_epoch, result.best_val_loss, stale = epoch, result.val_loss[-1], 0
+            best_state = copy.deepcopy(model.state_dict())
+        else:
+            stale += 1
+            if stale >= config.patience:
+                break
+    model.load_state_dict(best_state)
+    return model, result
+
+
+@torch.no_grad()
+def _validation_loss(model: EncoderWithHead, samples: Sequence[Sample], batch_size: int, task: str,
+                     target_of, **loss_kw) -> float:
+    """Mean loss over ``samples``, weighted by batch size."""
+    model.eval()
+    total = 0.0
+    for rows in _batches(samples, batch_size, None):
+        total += _loss_of(model, samples, rows, task, target_of, **loss_kw).item() * len(rows)
+    return total / len(samples)
+
+
+# ----------------------------------------------------------------------------- command line
+
+TASKS = ("binary", "multiclass", "regression")
+_CLI_FIELDS = ("epochs", "batch_size", "lr", "layer_decay", "weight_decay", "warmup_fraction", "patience", "pooling",
+               "seed")
+
+
+def _labels(source, key: str) -> list:
+    """metadata[key] of every record; a clear error naming the records that lack it."""
+    values, missing = [], []
+    for i in range(len(source)):
+        record = source[i]
+        value = record.metadata.get(key)
+        if value is None or (isinstance(value, float) and np.isnan(value)):
+            missing.append(record.record_id)
+        values.append(value)
+    if missing:
+        raise ValueError(f"{len(missing)} record(s) have no label '{key}' in their metadata: {missing[:10]}")
+    return values
+
+
+def _task_setup(task: str, labels: list, d: int) -> tuple[nn.Module, np.ndarray, list]:
+    """(head, targets [N], classes) for a task over the raw labels."""
+    if task == "regression":
+        return RegressionHead(d), np.asarray(labels, dtype=np.float32), []
+    classes = sorted(set(labels), key=str)
+    if task == "binary" and len(classes) != 2:
+        raise ValueError(f"task 'binary' needs 2 label values, found {len(classes)}: {classes[:10]}")
+    targets = np.array([classes.index(v) for v in labels])
+    return ClassificationHead(d, 1 if task == "binary" else len(classes)), targets, classes
+
+
+@torch.no_grad()
+def predict(model: EncoderWithHead, samples: Sequence[Sample], task: str, batch_size: int = 32) -> np.ndarray:
+    """P(class 1) [N] (binary), class probabilities [N, K] (multiclass) or values [N] (regression)."""
+    model.eval()
+    outputs = [model(collate(samples[i:i + batch_size])) for i in range(0, len(samples), batch_size)]
+    out = torch.cat(outputs)
+    if task == "binary":
+        return torch.sigmoid(out.reshape(-1)).numpy()
+    return torch.softmax(out, -1).numpy() if task == "multiclass" else out.reshape(-1).numpy()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m csfm.finetune", description=__doc__,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="csfm checkpoint directory (or .pth with --preset)")
+    parser.add_argument("--preset", default="", help="model preset of a .pth checkpoint")
+    parser.add_argument("--data", nargs="+", required=True, help="data specs as for csfm.training.loop")
+    parser.add_argument("--label", required=True, help="record metadata key holding the target")
+    parser.add_argument("--task", choices=TASKS, required=True, help="kind of target")
+    parser.add_argument("--out-dir", default="runs/finetune", help="split file, results and weights go here")
+    add_dataclass_options(parser, FineTuneConfig, only=_CLI_FIELDS)
+    parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the 95 %% CIs")
+    args = parser.parse_args(argv)
+    run(args)
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Patient-level split (saved, reused), fine-tuning, test metrics with CIs -> results.json/.md."""
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    source = open_sources(args.data, seed=args.seed)
+    labels = _labels(source, args.label)
+    encoder = load_encoder(args.checkpoint, args.preset)
+    head, targets, classes = _task_setup(args.task, labels, pooled_width(encoder.config.dim, args.pooling))
+    record_ids = [source[i].record_id for i in range(len(source))]
+    split = split_or_load(out_dir / "split.json", source.patient_ids, record_ids, seed=args.seed,
+                          labels=None if args.task == "regression" else targets)
+    assert_no_patient_leakage(split, source.patient_ids)
+    windows = PretrainWindows(source, None, subset_prob=0.0, seed=args.seed)
+    samples = {part: [windows[int(i)] for i in rows] for part, rows in split.items()}
+    target_of = _target_fn(args.task, dict(zip(record_ids, targets)))
+    config = FineTuneConfig(**{k: getattr(args, k) for k in _CLI_FIELDS})
+    model, history = finetune(encoder, head, args.task, samples["train"], samples["val"], target_of, config)
+    y_true = np.asarray([targets[int(i)] for i in split["test"]])
+    groups = np.asarray(source.patient_ids)[split["test"]]
+    predictions = predict(model, samples["test"], args.task)
+    results = evaluate(args.task, y_true, predictions, groups=groups, n_boot=args.n_boot, seed=args.seed)
+    results.update({"classes": [str(c) for c in classes], "best_epoch": history.best_epoch,
+                    "val_loss": history.val_loss, "train_loss": history.train_loss})
+    if args.task == "binary":
+        reliability_plot(y_true, predictions, out_dir / "reliability.png")
+    save_results(results, out_dir / "results.json")
+    atomic_write(out_dir / "results.md", lambda tmp: tmp.write_text(results_markdown(results)))
+    save_checkpoint(out_dir / "model", model, encoder.config)
+    print(results_markdown(results))
+    return results
+
+
+def _target_fn(task: str, by_record: dict) -> Callable[[Sequence[Sample]], torch.Tensor]:
+    """Samples -> the target tensor head_loss expects (found by the sample's record id)."""
+    dtype = torch.int64 if task == "multiclass" else torch.float32
+    return lambda samples: torch.tensor([by_record[s.record_id] for s in samples], dtype=dtype)
+
+
+if __name__ == "__main__":
+    main()

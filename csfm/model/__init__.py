@@ -1,0 +1,1 @@
+"""The model: config, packed batch, encoder, pretraining decoder, heads, losses, checkpoints."""

@@ -1,0 +1,1 @@
+"""Pretraining: optimizer groups, precision, the training loop."""
