@@ -4,8 +4,11 @@ given on the command line, every value checked against the field's type.
 
 A field needs ``metadata={"help": ...}`` (a missing help is an error when the parser is
 built) and may give ``"choices": (...)`` and ``"valid": (check, description)`` (e.g.
-``at_least(1)``, ``in_range(0, 1)``); its type (``str``, ``int``, ``float``, ``bool``, or a
-``list[...]`` of the first three) types the flag and checks the file's values.
+``at_least(1)``, ``in_range(0, 1)``); its type (``str``, ``int``, ``float``, ``bool``, a
+``list[...]`` of the first three, or ``X | None`` of a scalar, null in a file) types the flag
+and checks the file's values. A field with ``"file_only": True`` has no flag and is read only
+from ``--config`` (its type may also be ``list[dict[str, Any]]``, a list of mappings, e.g. the
+rows of a benchmark), though ``--help`` still lists it.
 """
 from __future__ import annotations
 
@@ -15,6 +18,9 @@ import json
 import math
 import numbers
 import re
+import sys
+import textwrap
+import types
 import typing
 from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
@@ -58,16 +64,37 @@ def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+def _optional_of(hint: Any) -> Any:
+    """X of a hint ``X | None``, else None."""
+    args = typing.get_args(hint)
+    if len(args) == 2 and type(None) in args and typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return next(a for a in args if a is not type(None))
+    return None
+
+
 def _describe(hint: Any) -> str:
     """What a value of ``hint`` looks like, for error messages."""
+    if _optional_of(hint) is not None:
+        return _describe(_optional_of(hint)) + " or null"
+    if typing.get_origin(hint) is dict:
+        return "a mapping"
     if typing.get_origin(hint) is list:
-        return "a list of " + {int: "integers", float: "numbers", str: "strings"}[typing.get_args(hint)[0]]
+        item = typing.get_args(hint)[0]
+        if typing.get_origin(item) is dict:
+            return "a list of mappings"
+        return "a list of " + {int: "integers", float: "numbers", str: "strings"}[item]
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[hint]
 
 
 def _convert(value: Any, hint: Any) -> Any:
     """``value`` as type ``hint`` (an int widens to float, a tuple becomes a list), or raises
     TypeError. bool is never taken for an int or a number."""
+    if _optional_of(hint) is not None:
+        return None if value is None else _convert(value, _optional_of(hint))
+    if typing.get_origin(hint) is dict:
+        if not isinstance(value, dict) or not all(isinstance(key, str) for key in value):
+            raise TypeError
+        return dict(value)
     if typing.get_origin(hint) is list:
         if not isinstance(value, (list, tuple)):
             raise TypeError
@@ -98,7 +125,7 @@ def checked_value(cls: type, name: str, value: Any, where: str = "") -> Any:
     if choices is not None and value not in choices:
         raise OptionError(f"{source} must be one of {', '.join(map(str, choices))}; got {value!r}")
     check, expected = f.metadata.get("valid", (None, ""))
-    if check is not None and not check(value):
+    if check is not None and value is not None and not check(value):  # None: an optional option not given
         raise OptionError(f"{source} must be {expected}, got {value!r}")
     return value
 
@@ -115,16 +142,20 @@ def add_dataclass_options(parser: argparse.ArgumentParser, cls: type,
     """Adds ``--field-name`` for every field of ``cls`` (or those in ``only``): bool fields
     are ``--x/--no-x`` switches, list fields take several values, others are typed by the
     field's type. With ``required``, fields without a default are required flags. Help comes
-    from the field's metadata["help"] (a TypeError names a field without one)."""
+    from the field's metadata["help"] (a TypeError names a field without one). A
+    ``file_only`` field gets no flag; its help is kept for the epilog of ``build_parser``."""
     types = _field_types(cls)
     for f in dataclasses.fields(cls):
         if only is not None and f.name not in only:
             continue
         if not f.metadata.get("help"):
             raise TypeError(f"{cls.__name__}.{f.name} has no metadata['help']: every option needs a help text")
-        hint = types[f.name]
+        if f.metadata.get("file_only"):
+            continue
+        hint = _optional_of(types[f.name]) or types[f.name]
         valid = f.metadata.get("valid")
-        options: dict[str, Any] = {"help": f.metadata["help"] + (f"; {valid[1]}" if valid else "")}
+        help_text = f.metadata["help"] + (f"; {valid[1]}" if valid else "")
+        options: dict[str, Any] = {"help": help_text.replace("%", "%%")}  # argparse %-formats help
         if f.default is not dataclasses.MISSING:
             options["default"] = f.default
         elif f.default_factory is not dataclasses.MISSING:
@@ -181,11 +212,19 @@ def read_config_file(cls: type, path: str | Path) -> dict[str, Any]:
     return {key: checked_value(cls, key, value, str(path)) for key, value in loaded.items()}
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows every default, and the description and epilog with their line breaks."""
+
+
 def build_parser(cls: type, prog: str, description: str | None = None) -> argparse.ArgumentParser:
     """``--config`` and one flag per field of ``cls`` (none required: a file may give them);
     ``--help`` shows every default."""
+    file_only = [textwrap.fill(f"{f.name}: {f.metadata['help']}", 78, initial_indent="  ", subsequent_indent="    ")
+                 for f in dataclasses.fields(cls) if f.metadata.get("file_only")]
     parser = argparse.ArgumentParser(prog=prog, description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=_HelpFormatter,
+                                     epilog="options read only from --config:\n" + "\n".join(file_only) + "\n"
+                                     if file_only else None)
     parser.add_argument("--config", default="",
                         help="YAML or JSON file of options named as the flags with _ for - "
                              "(batch_size: 16); flags given as well override it")
@@ -210,3 +249,15 @@ def parse_config(cls: type[T], argv: Sequence[str] | None = None, prog: str = ""
     if missing:
         parser.error(f"the following options are required (as flags or in --config): {', '.join(missing)}")
     return cls(**values)
+
+
+def run_command(run: Callable[[T], Any], cls: type[T], argv: Sequence[str] | None, prog: str,
+                description: str | None, failures: tuple[type[Exception], ...] = ()) -> Any:
+    """``run(parse_config(cls, argv, prog, description))``, the ``main`` of every command. A
+    bad option (OptionError: exit status 2) or one of ``failures`` (exit status 1) ends with
+    ``<module>: error: message`` (the module named last in ``prog``) on stderr and no traceback; returns what ``run`` returns."""
+    try:
+        return run(parse_config(cls, argv, prog, description))
+    except (OptionError, *failures) as error:
+        print(f"{prog.split()[-1]}: error: {error}", file=sys.stderr)
+        raise SystemExit(2 if isinstance(error, OptionError) else 1) from None

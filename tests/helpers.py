@@ -1,4 +1,4 @@
-"""Comparison helpers shared by the kernel tests (tolerances of DESIGN.md §4)."""
+"""Comparison helpers shared by the kernel tests (tolerances of docs/design.md)."""
 from __future__ import annotations
 
 import importlib.util

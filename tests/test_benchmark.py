@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from csfm.benchmarks.cinc2017.harness import BenchmarkConfig, labelled_records, main, pool_records
+from csfm.benchmarks.cinc2017.harness import BenchmarkConfig, main, pool_records
+from csfm.benchmarks.cinc2017.scoring import labelled_records
 from csfm.model.checkpoint import save_checkpoint
-from csfm.benchmarks.cinc2017.scoring import LABELS, record_folds
+from csfm.benchmarks.cinc2017.scoring import LABELS
 from csfm.model.config import preset
 from csfm.model.encoder import CSFMEncoder
 from tests.fixtures import CINC2017, write_wfdb
@@ -39,25 +40,18 @@ def test_unlabelled_or_missing_records_are_named(tmp_path):
     assert ids == ["A00001", "A00002"] and codes.tolist() == [LABELS.index("N"), LABELS.index("A")]
 
 
-def test_folds_put_every_record_in_exactly_one_test_fold_stratified():
-    codes = np.repeat(np.arange(4), [300, 60, 120, 20])
-    fold = record_folds(codes, 5, seed=3, split_path=None, record_ids=None)
-    assert fold.shape == codes.shape and set(fold.tolist()) == set(range(5))
-    for k in range(5):
-        test = fold == k  # each record tests in exactly the fold it is assigned to
-        assert np.bincount(codes[test], minlength=4).tolist() == [60, 12, 24, 4]
-
-
 def test_pool_records_mean_and_mean_max():
-    per_record = [np.array([[1.0, 5.0], [3.0, -1.0]]), np.array([[2.0, 2.0]])]
-    np.testing.assert_allclose(pool_records(per_record, "mean"), [[2.0, 2.0], [2.0, 2.0]])
-    np.testing.assert_allclose(pool_records(per_record, "mean+max"), [[2.0, 2.0, 3.0, 5.0], [2.0, 2.0, 2.0, 2.0]])
+    windows = (np.array([[1.0, 5.0], [2.0, 2.0], [3.0, -1.0]], np.float32), np.array([0, 1, 0]))
+    mean = pool_records(windows, 2, "mean")
+    assert mean.dtype == np.float32
+    np.testing.assert_allclose(mean, [[2.0, 2.0], [2.0, 2.0]])
+    np.testing.assert_allclose(pool_records(windows, 2, "mean+max"), [[2.0, 2.0, 3.0, 5.0], [2.0, 2.0, 2.0, 2.0]])
     with pytest.raises(ValueError, match="pooling must be one of"):
-        pool_records(per_record, "max")
+        pool_records(windows, 2, "max")
 
 
 @pytest.mark.parametrize("text, message", [
-    ("bogus: 1\n", "unknown keys \\['bogus'\\]"),
+    ("bogus: 1\n", "unknown options \\['bogus'\\]"),
     ("rows: [{name: a, kind: probe}]\n", "a probe row needs a checkpoint"),
     ("rows: [{name: a, kind: handcrafted, model: gbm, lr: 1}]\n", "unknown keys \\['lr'\\] for kind handcrafted"),
     ("rows: [{name: a, kind: magic}]\n", "needs a name and a kind"),
@@ -84,7 +78,7 @@ def test_shipped_config_parses():
 @pytest.mark.data
 @needs_cinc
 @pytest.mark.filterwarnings("ignore:The least populated class:UserWarning")
-def test_harness_on_40_records(tmp_path):
+def test_harness_on_40_records(tmp_path, capsys):
     torch.manual_seed(0)
     checkpoint = tmp_path / "ckpt"
     save_checkpoint(checkpoint, CSFMEncoder(preset("demo", depth=1)), preset("demo", depth=1))
@@ -116,10 +110,11 @@ rows:
     # an earlier file with the rows out of config order and "hand" to be replaced
     (out / "results.json").write_text(json.dumps({**saved, "rows": {"tuned": saved["rows"]["tuned"], "hand": {},
                                                                      "floor": saved["rows"]["floor"]}}))
-    again = main(["--config", str(config), "--limit", "40", "--quiet", "--rows", "hand"])
+    again = main(["--config", str(config), "--limit", "40", "--quiet", "--only", "hand"])
     assert json.loads((out / "folds.json").read_text())["fold"] == folds
     assert list(again["rows"]) == ["hand", "floor", "tuned"] and again["rows"]["tuned"] == saved["rows"]["tuned"]
     assert again["rows"]["hand"]["cinc_score"] == summary["rows"]["hand"]["cinc_score"]
     assert "| tuned |" in (out / "results.md").read_text()
-    with pytest.raises(ValueError, match="not rows of"):
-        main(["--config", str(config), "--rows", "nope"])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", str(config), "--only", "nope"])
+    assert exit_info.value.code == 2 and "--only: ['nope'] are not rows of" in capsys.readouterr().err

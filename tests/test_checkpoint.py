@@ -9,7 +9,8 @@ import stat
 import pytest
 import torch
 
-from csfm.model.checkpoint import (CONFIG, STATE, WEIGHTS, atomic_write, latest_checkpoint, load_pretrained,
+from csfm.files import atomic_write
+from csfm.model.checkpoint import (CONFIG, STATE, WEIGHTS, latest_checkpoint, load_pretrained,
                              load_state_dict_checked, load_train_state, load_weights, read_config, save_checkpoint)
 from csfm.model.config import preset
 from csfm.model.encoder import CSFMEncoder

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 
-from csfm.cli import OptionError, add_dataclass_options, at_least, in_range, parse_config
+from csfm.cli import OptionError, add_dataclass_options, at_least, check_fields, in_range, parse_config, run_command
 
 
 @dataclass
@@ -81,3 +82,44 @@ def test_help_states_the_range(capsys):
         _parse(["--help"])
     out = capsys.readouterr().out
     assert "how many; an integer >= 1 (default: 2)" in " ".join(out.split())
+
+
+@dataclass
+class _FileRows:
+    rows: list[dict[str, Any]] = field(default_factory=list, metadata={"help": "row mappings", "file_only": True})
+    limit: int | None = field(default=None, metadata={"help": "at most 50 % of them", "valid": at_least(1)})
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+def _run_rows(config: _FileRows) -> int:
+    if not config.rows:
+        raise OptionError("no rows")
+    return len(config.rows) if config.limit is None else min(config.limit, len(config.rows))
+
+
+def test_file_only_and_optional_options(tmp_path, capsys):
+    path = tmp_path / "rows.yaml"
+    path.write_text("rows: [{name: a}, {name: b}]\nlimit: null\n")
+    assert parse_config(_FileRows, ["--config", str(path)]) == _FileRows([{"name": "a"}, {"name": "b"}], None)
+    assert parse_config(_FileRows, ["--config", str(path), "--limit", "1"]).limit == 1
+    with pytest.raises(SystemExit):  # rows has no flag
+        parse_config(_FileRows, ["--rows", "a"])
+    path.write_text("rows: [a, b]\n")
+    with pytest.raises(OptionError, match=r"rows.yaml: rows \(--rows\) must be a list of mappings, got \['a', 'b'\]"):
+        parse_config(_FileRows, ["--config", str(path)])
+    with pytest.raises(SystemExit):
+        parse_config(_FileRows, ["--help"])
+    help_text = capsys.readouterr().out
+    assert "at most 50 % of them; an integer >= 1" in help_text and "rows: row mappings" in help_text
+
+
+def test_run_command_names_the_bad_option_and_exits_2(tmp_path, capsys):
+    path = tmp_path / "rows.json"
+    path.write_text('{"rows": [{"name": "a"}, {"name": "b"}]}')
+    assert run_command(_run_rows, _FileRows, ["--config", str(path), "--limit", "1"], "python -m csfm.rows", None) == 1
+    with pytest.raises(SystemExit) as exit_info:
+        run_command(_run_rows, _FileRows, ["--limit", "0"], "python -m csfm.rows", None)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == "csfm.rows: error: --limit must be an integer >= 1, got 0\n"

@@ -199,3 +199,39 @@ def test_long_records_are_sampled_by_reading_one_window_and_never_fail_when_usab
         assert sample.valid.all()
         starts.add(sample.x[0, :5].tobytes())
     assert len(starts) >= 2  # not always the same window
+
+
+def test_sources_are_told_apart_by_protocol(tmp_path):
+    from fixtures import write_wfdb
+
+    from csfm.data.readers import WfdbDirectory
+    from csfm.data.record import ListedSource, RecordSource, WindowedSource
+    from csfm.data.sources import open_sources
+
+    write_wfdb(tmp_path, "r0", np.zeros((600, 1)), 300.0, ["II"])
+
+    demo = DemoDataset(2)
+    assert isinstance(demo, RecordSource) and not isinstance(demo, WindowedSource)
+    assert not isinstance(LongRecords(), WindowedSource)  # a duration but no read_window: read whole
+    assert isinstance(PartsSource(), WindowedSource)
+    reader = WfdbDirectory(tmp_path)
+    assert isinstance(reader, WindowedSource) and isinstance(reader, ListedSource) and reader.duration_s(0) == 2.0
+    mixed = open_sources(["demo:2"])
+    assert mixed.duration_s(0) is None and mixed.record_files(0) == []  # demo records: no duration, no file
+    assert [part[1:] for part in record_parts(mixed, 0, PreprocessConfig())] == [(0.0, 0.0, None)]
+
+
+def test_record_windows_are_cut_stride_apart_and_in_parts(monkeypatch):
+    from csfm.data.windows import record_windows
+
+    records, config = LongRecords(), PreprocessConfig()
+    check = RecordCheck(config)
+    (whole,) = record_windows(records, 0, check, stride_s=5.0)
+    np.testing.assert_array_equal(whole.start_s, [0.0, 5.0, 10.0, 15.0])  # 25 s: the last one ends at its end
+    assert whole.x.shape == (4, 1, config.window) and whole.valid.all()
+    x, valid = preprocess_signal(records.signals[0], 300.0, [1], config)
+    np.testing.assert_array_equal(whole.x[1], x[:, 1250:3750])
+    assert [s.record_id for s in whole.samples(every=2)] == ["rec0"] * 2 and check.problem == ""
+    monkeypatch.setattr(data_module, "PART_WINDOWS", 30)  # 5 min parts
+    parts = list(record_windows(PartsSource(), 0, RecordCheck(config)))
+    assert [len(p.x) for p in parts] == [30, 10, 10, 30] and parts[2].start_s[0] == 1100.0

@@ -11,7 +11,7 @@ from csfm.data.windows import PretrainWindows, collate
 from csfm.data.demo import RHYTHMS, DemoDataset
 from csfm.model.checkpoint import save_checkpoint
 from csfm.evaluation.embedding import encode_windows
-from csfm.evaluation.finetune import EncoderWithHead, FineTuneConfig, _validation_loss, finetune, main
+from csfm.evaluation.finetune import EncoderWithHead, FineTuneConfig, validation_loss, finetune, main
 from csfm.model.heads import ClassificationHead
 from csfm.model.encoder import CSFMEncoder, EncoderOutput, SequenceLayout, pool_tokens, pooled_width, segment_mean
 from csfm.model.pretrain import MaskedPretrainer
@@ -42,7 +42,7 @@ def test_finetuning_learns_demo_rhythms(windows):
     assert result.train_loss[-1] < result.train_loss[0]
     assert result.best_val_loss == min(result.val_loss)
     # the restored weights are those of the best epoch
-    restored = _validation_loss(model, val, 12, "multiclass", rhythm_targets)
+    restored = validation_loss(model, val, 12, "multiclass", rhythm_targets)
     assert restored == pytest.approx(result.best_val_loss, rel=1e-5)
 
 

@@ -26,7 +26,7 @@ def test_standard_aliases(name, expected):
     ("MLII", "II"), ("MLI", "I"), ("MLIII", "III"), ("ML II", "II"),
     ("MCL1", "V1"), ("MCL6", "V6"), ("CM5", "V5"),
     ("V", "V1"),    # monitor chest lead: documented choice V1
-    ("ECG", "II"),  # lone single wearable lead (CinC 2017): lead II per DESIGN.md §1
+    ("ECG", "II"),  # lone single wearable lead (CinC 2017): lead II per docs/design.md, "Model layout"
 ])
 def test_monitor_leads(name, expected):
     assert channel_type(name) == TYPE[expected]

@@ -250,3 +250,24 @@ def test_evaluate_rejects_unknown_task_and_bad_classes():
         evaluate("ranking", [0, 1], [0.1, 0.2])
     with pytest.raises(ValueError, match="y_true"):
         evaluate("multiclass", [0, 3], [[0.5, 0.5], [0.2, 0.8]])
+
+
+def test_one_task_list_and_no_model_in_numpy_modules():
+    """metrics, splits and the helpers they use import neither torch nor csfm.model; every
+    module names its tasks from csfm.tasks."""
+    import ast
+    import importlib
+    from pathlib import Path
+
+    import csfm
+    from csfm.tasks import ONE_LABEL_TASKS, PROBE_TASKS, TASKS
+
+    root = Path(csfm.__file__).parent
+    for module in ("evaluation/metrics.py", "data/splits.py", "files.py", "tasks.py"):
+        tree = ast.parse((root / module).read_text())
+        imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        assert not {m for m in imported if m.split(".")[0] == "torch" or m.startswith("csfm.model")}, module
+    assert importlib.import_module("csfm.evaluation.metrics").TASKS is TASKS
+    assert importlib.import_module("csfm.model.heads").TASKS is TASKS
+    assert set(ONE_LABEL_TASKS) < set(PROBE_TASKS) < set(TASKS)

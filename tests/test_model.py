@@ -196,6 +196,21 @@ class HostReads(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def test_pool_by_owner_means_and_maxima_per_owner():
+    from csfm.model.encoder import pool_by_owner
+
+    rows = torch.tensor([[1.0, 5.0], [2.0, 2.0], [3.0, -1.0], [-4.0, -6.0]], requires_grad=True)
+    owner = torch.tensor([0, 1, 0, 1])
+    mean = pool_by_owner(rows, owner, 3)
+    assert torch.equal(mean, torch.tensor([[2.0, 2.0], [-1.0, -2.0], [0.0, 0.0]]))  # owner 2 has no row
+    both = pool_by_owner(rows, owner, 3, "mean+max")
+    assert torch.equal(both[:, 2:], torch.tensor([[3.0, 5.0], [2.0, 2.0], [0.0, 0.0]]))
+    mean.sum().backward()
+    assert torch.equal(rows.grad, torch.full((4, 2), 0.5))
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        pool_by_owner(rows, owner, 3, "max")
+
+
 def test_encoder_forward_and_backward_read_nothing_back():
     """The batch's host lengths travel with it, so nothing in the encoder reads a tensor back
     (on CUDA: no host sync). CPU stand-in for the gpu test under set_sync_debug_mode."""

@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from csfm.evaluation.probe import ALPHA_GRID, C_GRID, linear_probe, main
+from csfm.data.splits import kfold
+from csfm.evaluation.probe import ALPHA_GRID, C_GRID, linear_probe, main, probe_search
 
 
 def _separable(n: int, d: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -83,12 +84,32 @@ def test_missing_labels_raise_or_are_dropped():
     ({"test_x": np.zeros((5, 3))}, "test_x has 3 features"),
     ({"groups": np.arange(10)}, "groups has 10"),
     ({"task": "ranking"}, "task must be"),
+    ({"task": "survival"}, "task must be one of .*'multilabel', 'regression'\\)"),
 ])
 def test_bad_input_raises(kwargs, match):
     x, y = _separable(60, seed=7)
     arguments = {"train_x": x, "train_y": y, "test_x": x[:5], "task": "binary", **kwargs}
     with pytest.raises(ValueError, match=match):
         linear_probe(**arguments)
+
+
+def test_probe_search_imputes_and_scores_as_asked():
+    x, y = _separable(120, d=4, seed=3)
+    x[::7, 0] = np.nan  # imputed with the training median, as the CinC baseline needs
+    calls = []
+
+    def scorer(estimator, x_val, y_val):
+        calls.append(estimator.get_params()["model__C"])
+        return -abs(np.log10(estimator.get_params()["model__C"]))  # best: C = 1
+
+    search = probe_search("binary", kfold(3, seed=0), grid=(0.01, 1.0, 100.0), scoring=scorer, impute=True)
+    search.fit(x, y)
+    assert search.best_params_ == {"model__C": 1.0} and sorted(set(calls)) == [0.01, 1.0, 100.0]
+    assert search.predict_proba(x).shape == (120, 2)
+    with pytest.raises(ValueError, match="Input X contains NaN"):
+        probe_search("binary", 3).fit(x, y)  # without impute NaN features are refused
+    with pytest.raises(ValueError, match="one of \\('binary', 'multiclass', 'regression'\\), got 'multilabel'"):
+        probe_search("multilabel", 3)
 
 
 @pytest.fixture
@@ -187,8 +208,12 @@ def test_cli_out_is_checked_before_the_probes_run(synthetic_files, capsys, monke
     common = ["--embeddings", str(synthetic_files / "emb.npz"), "--labels", str(synthetic_files / "labels.csv"),
               "--label-column", "af", "--task", "binary"]
     missing = synthetic_files / "no_such_folder" / "results.json"
-    with pytest.raises(SystemExit, match=rf"--out {missing}: folder {missing.parent} does not exist"):
+    with pytest.raises(SystemExit) as exit_info:
         main(common + ["--out", str(missing)])
-    with pytest.raises(SystemExit, match=r"is a folder, expected a JSON file name"):
+    assert exit_info.value.code == 2
+    assert f"--out {missing}: folder {missing.parent} does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
         main(common + ["--out", str(synthetic_files)])
-    assert capsys.readouterr().out == ""
+    captured = capsys.readouterr()
+    assert exit_info.value.code == 2 and "is a folder, expected a JSON file name" in captured.err
+    assert captured.out == ""

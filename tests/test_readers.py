@@ -13,7 +13,6 @@ import wfdb
 from fixtures import (CHUNKS_S, CINC2017, PHYSIONET, TWELVE, copy_record, need, ptb_chunk, write_code15,
                       write_mimic_iv, write_ptbxl, write_wfdb)
 
-from csfm.data.dataset import WindowDataset
 from csfm.data.leads import channel_type
 from csfm.data.readers import (PTBXL, Code15, MimicIVECG, WfdbDirectory, read_multisegment, read_wfdb,
                           stream_windows)
@@ -361,41 +360,9 @@ def test_code15_is_fork_and_pickle_safe(tmp_path):
     parent = dataset[2].signal  # opens a handle in this process before the workers fork
     clone = pickle.loads(pickle.dumps(dataset))
     np.testing.assert_array_equal(clone[2].signal, parent)
-    loader = torch.utils.data.DataLoader(WindowDataset(dataset, window_s=5.0), batch_size=2, num_workers=2,
-                                         collate_fn=list)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=2, collate_fn=list)
     records = [record for batch in loader for record in batch]
-    assert len(records) == 6 and all(r.signal.shape == (12, 2000) for r in records)
-    np.testing.assert_array_equal(records[5].signal, parent[:, 2000:4000])
+    assert len(records) == len(dataset)
+    np.testing.assert_array_equal(records[2].signal, parent)
 
 
-# ---------------------------------------------------------------- WindowDataset
-def test_window_dataset_over_ptbxl_with_preprocess(tmp_path):
-    source = PTBXL(write_ptbxl(tmp_path), sampling="hr")
-    dataset = WindowDataset(source, window_s=5.0, preprocess=lambda r: (r.record_id, r.signal.shape))
-    assert len(dataset) == 6 and dataset.patient_ids == ["15709"] * 4 + ["13243"] * 2
-    assert dataset[3] == ("2", (12, 2500))
-    assert len(WindowDataset(source, window_s=None)) == 3
-
-
-def test_window_dataset_windows_equal_slices_of_the_record():
-    source = WfdbDirectory(need(PHYSIONET), pattern="mitdb/*.hea")
-    dataset = WindowDataset(source, window_s=10.0)
-    assert len(dataset) == 180
-    whole = source[0]
-    np.testing.assert_array_equal(dataset[7].signal, whole.signal[:, 7 * 3600:8 * 3600])
-
-
-def test_window_dataset_with_workers_over_wfdb(tmp_path):
-    source = MimicIVECG(write_mimic_iv(tmp_path))
-    loader = torch.utils.data.DataLoader(WindowDataset(source, window_s=2.5), batch_size=4, num_workers=2,
-                                         collate_fn=list)
-    records = [record for batch in loader for record in batch]
-    assert len(records) == 12 and {r.record_id for r in records} == set(source.record_ids)
-    assert all(r.signal.shape == (12, 1250) for r in records)
-
-
-def test_short_record_gives_one_shorter_window():
-    source = WfdbDirectory(need(CINC2017), pattern="A00001.hea")
-    dataset = WindowDataset(source, window_s=40.0)
-    assert len(dataset) == 1 and dataset[0].signal.shape == (1, 9000)
-    assert channel_type(dataset[0].channel_names[0]) == T["II"]

@@ -1,11 +1,13 @@
-"""Patient splits: no leakage, stratification, determinism, folds, save/load and checks."""
+"""Patient splits and folds: no leakage, stratification, determinism, save/load and checks."""
+import json
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from csfm.data.splits import (assert_no_patient_leakage, load_split, patient_splits, save_split, split_or_load,
-                         stratified_group_folds)
+from csfm.data.splits import (assert_no_patient_leakage, fold_of_records, folds_or_load, patient_splits, save_split,
+                              split_by_patient, split_or_load)
 
 SETTINGS = settings(max_examples=40, deadline=None)
 
@@ -65,16 +67,55 @@ def test_deterministic_for_a_seed():
     assert not np.array_equal(first["test"], other["test"])
 
 
-def test_stratified_group_folds():
+def test_grouped_stratified_folds_keep_patients_apart():
     patient_ids, labels = _cohort(seed=3)
-    folds = stratified_group_folds(patient_ids, labels, n_folds=5, seed=0)
-    tests = np.concatenate([test for _, test in folds])
-    assert np.array_equal(np.sort(tests), np.arange(len(labels)))  # each record tested once
+    fold = fold_of_records(len(labels), 5, seed=0, labels=labels, groups=patient_ids)
+    assert set(fold.tolist()) == set(range(5))  # each record tested in exactly one fold
     overall = np.bincount(labels) / len(labels)
-    for train, test in folds:
-        assert not set(patient_ids[train]) & set(patient_ids[test])
-        assert len(test) / len(labels) == pytest.approx(0.2, abs=0.02)
-        assert np.abs(np.bincount(labels[test], minlength=3) / len(test) - overall).max() < 0.04
+    for k in range(5):
+        test = fold == k
+        assert not set(patient_ids[test]) & set(patient_ids[~test])
+        assert test.mean() == pytest.approx(0.2, abs=0.02)
+        assert np.abs(np.bincount(labels[test], minlength=3) / test.sum() - overall).max() < 0.04
+    regression = fold_of_records(len(labels), 5, seed=0, groups=patient_ids)  # grouped, unstratified
+    assert all(not set(patient_ids[regression == k]) & set(patient_ids[regression != k]) for k in range(5))
+
+
+def test_folds_put_every_record_in_exactly_one_test_fold_stratified():
+    labels = np.repeat(np.array(["N", "A", "O", "~"]), [300, 60, 120, 20])
+    fold = folds_or_load(None, labels, 5, seed=3)
+    assert fold.shape == labels.shape and set(fold.tolist()) == set(range(5))
+    for k in range(5):
+        counts = {c: int(((fold == k) & (labels == c)).sum()) for c in "NAO~"}
+        assert counts == {"N": 60, "A": 12, "O": 24, "~": 4}
+
+
+def test_saved_folds_are_reused_and_checked(tmp_path):
+    labels = np.random.default_rng(0).choice(["N", "A", "O"], 90)
+    ids = [f"r{k}" for k in range(90)]
+    path = tmp_path / "folds.json"
+    made = folds_or_load(path, labels, 3, seed=1, record_ids=ids)
+    assert json.loads(path.read_text())["fold"] == made.tolist()
+    path.write_text(path.read_text().replace('"fold": [' + str(made[0]), '"fold": [' + str((made[0] + 1) % 3)))
+    reused = folds_or_load(path, labels, 3, seed=1, record_ids=ids)  # the file wins over the seed
+    assert reused[0] == (made[0] + 1) % 3 and np.array_equal(reused[1:], made[1:])
+    with pytest.raises(ValueError, match="folds.json.*differs in \\['seed'\\]"):
+        folds_or_load(path, labels, 3, seed=2, record_ids=ids)
+    with pytest.raises(ValueError, match="differs in \\['record_ids'\\]"):
+        folds_or_load(path, labels, 3, seed=1, record_ids=ids[::-1])
+    with pytest.raises(ValueError, match="record_ids has 89 entries"):
+        folds_or_load(path, labels, 3, seed=1, record_ids=ids[1:])
+
+
+def test_split_by_patient_holds_out_a_share_of_patients():
+    patient_ids = [f"p{k % 7}" for k in range(50)]
+    train, val = split_by_patient(patient_ids, 0.3, seed=4)
+    assert sorted(train + val) == list(range(50))
+    val_patients = {patient_ids[i] for i in val}
+    assert len(val_patients) == 2 and not val_patients & {patient_ids[i] for i in train}
+    assert (train, val) == split_by_patient(patient_ids, 0.3, seed=4)
+    assert split_by_patient(["only"] * 3, 0.5) == ([0, 1, 2], [])  # one patient: nothing to hold out
+    assert len({patient_ids[i] for i in split_by_patient(patient_ids[:14], 0.01)[1]}) == 1  # at least one
 
 
 @pytest.mark.parametrize("call, match", [
@@ -82,7 +123,8 @@ def test_stratified_group_folds():
     (lambda: patient_splits([1, 2, 3], fractions=(0.5, 0.5)), "fractions"),
     (lambda: patient_splits([1, 2, 3], labels=[0, 1]), "labels"),
     (lambda: patient_splits([]), "patient_ids"),
-    (lambda: stratified_group_folds([1, 1, 2], [0, 0, 1], n_folds=3), "n_folds"),
+    (lambda: fold_of_records(3, 3, 0, labels=[0, 0, 1], groups=[1, 1, 2]), "n_splits=3"),
+    (lambda: split_by_patient(["a", "b"], 1.0), "val_fraction"),
 ])
 def test_bad_arguments(call, match):
     with pytest.raises(ValueError, match=match):
@@ -101,7 +143,7 @@ def test_save_load_round_trip(tmp_path):
     split = patient_splits(patient_ids, labels=labels)
     path = tmp_path / "splits" / "split.json"
     save_split(split, path, record_ids=[f"rec{k}" for k in range(len(patient_ids))])
-    loaded = load_split(path)
+    loaded = split_or_load(path, patient_ids, [f"rec{k}" for k in range(len(patient_ids))], seed=7)
     assert loaded.keys() == split.keys() and all(np.array_equal(loaded[k], split[k]) for k in split)
     assert [p.name for p in path.parent.iterdir()] == ["split.json"]  # no temporary file left behind
 

@@ -114,7 +114,7 @@ def test_cli_prints_the_error_and_exits_2_without_writing(tmp_path):
     done = subprocess.run([sys.executable, "-m", "csfm.train", "--out-dir", str(out), "--batch-size", "0"],
                           capture_output=True, text=True)
     assert done.returncode == 2
-    assert done.stderr.strip() == "csfm.training.loop: error: --batch-size must be an integer >= 1, got 0"
+    assert done.stderr.strip() == "csfm.train: error: --batch-size must be an integer >= 1, got 0"
     assert not out.exists()
 
 

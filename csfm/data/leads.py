@@ -33,7 +33,7 @@ whose electrical axis it approximates. These are modelling choices:
                                      by default for arrhythmia monitoring, so V1 is
                                      its closest 12-lead type
     ecg -> II                        a lone "ECG" is a single wearable / handheld
-                                     lead (e.g. CinC 2017, AliveCor); DESIGN.md §1
+                                     lead (e.g. CinC 2017, AliveCor); docs/design.md, "Model layout"
                                      treats a single wearable lead as lead II
 
 Everything else (ABP, ART, PAP, CVP, RESP, Frank vx/vy/vz, numerics, ...) is dropped.

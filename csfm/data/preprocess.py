@@ -1,4 +1,4 @@
-"""Record -> model input: resample to 250 Hz, band-pass, z-score, cut 10 s windows (DESIGN.md §3).
+"""Record -> model input: resample to 250 Hz, band-pass, z-score, cut 10 s windows (docs/design.md).
 
 ``preprocess_signal`` runs the numba kernels of ``csfm_kernels.signal`` on a whole record:
 resample every channel to ``target_fs``, band-pass ECG and PPG channels each in its own
@@ -17,8 +17,7 @@ from typing import Sequence
 import numpy as np
 
 from csfm.data.record import PPG_TYPE, Record
-from csfm_kernels.signal import bandpass, resample, zscore
-from csfm_kernels.signal.resample import check_signal
+from csfm_kernels.signal import bandpass, check_signal, resample, zscore
 
 MODALITIES = ("both", "ecg", "ppg")
 """Channel sets a record can be reduced to: all channels, the ECG leads, or the PPG."""
@@ -197,14 +196,16 @@ class RecordCheck:
                 used.append(c)
         return used
 
-    def windows(self, part: Record, skip_s: float = 0.0, span_s: float | None = None) -> tuple[Windows, list[int]]:
+    def windows(self, part: Record, skip_s: float = 0.0, span_s: float | None = None,
+                stride: int | None = None) -> tuple[Windows, list[int]]:
         """(windows of ``part``'s usable channels, indices of those channels in ``part``).
 
         part: the whole record, or a stretch of it read with ``skip_s`` seconds before the
         span of interest of ``span_s`` seconds (None: to the end of ``part``), so that the
         filters settle before the span: windows are cut from the span only, their start_s
         counted from its start. The channels are preprocessed together (``preprocess_signal``:
-        z-scored over the whole of ``part``).
+        z-scored over the whole of ``part``). stride: samples between window starts
+        (``make_windows``; default the window, no overlap).
         """
         config = self.config
         first = int(round(skip_s * config.target_fs))
@@ -218,7 +219,7 @@ class RecordCheck:
         x, valid = preprocess_signal(part.signal[used], part.fs, [part.channel_types[c] for c in used], config)
         x, valid = x[:, first:last], valid[:, first:last]
         self.valid_seconds += int(valid.any(axis=0).sum()) / config.target_fs
-        windows = make_windows(x, valid, config)
+        windows = make_windows(x, valid, config, stride=stride)
         self.n_windows += len(windows.x)
         return windows, used
 

@@ -1,8 +1,11 @@
-"""The one record type every reader returns and every later stage takes."""
+"""The one record type every reader returns and every later stage takes, and the two
+protocols of what gives records: ``RecordSource`` (any indexable collection of Records) and
+``WindowedSource`` (one that can also tell a record's duration and read part of it)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -57,3 +60,39 @@ class Record:
     @property
     def duration_s(self) -> float:
         return self.signal.shape[1] / self.fs
+
+
+@runtime_checkable
+class RecordSource(Protocol):
+    """Anything with ``len`` and ``[i] -> Record``: demo data, every reader of
+    csfm.data.readers, csfm.data.sources.MixedSource."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> Record: ...
+
+
+@runtime_checkable
+class WindowedSource(RecordSource, Protocol):
+    """A RecordSource that can tell a record's duration without reading it and read only part
+    of it, so records longer than memory is meant to hold are read a part at a time. Every
+    reader of csfm.data.readers and MixedSource are (``isinstance(source, WindowedSource)``)."""
+
+    def duration_s(self, index: int) -> float | None:
+        """Seconds of record ``index``, or None where the source cannot tell without reading it."""
+        ...
+
+    def read_window(self, index: int, start_s: float, window_s: float | None) -> Record:
+        """The ``window_s`` seconds of record ``index`` from ``start_s`` (None: to the end)."""
+        ...
+
+
+@runtime_checkable
+class ListedSource(RecordSource, Protocol):
+    """A RecordSource that lists its records' ids and patients and the files each is read from
+    (every reader of csfm.data.readers)."""
+
+    record_ids: list[str]
+    patient_ids: list[str]
+
+    def record_files(self, index: int) -> list[Path]: ...

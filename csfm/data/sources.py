@@ -12,13 +12,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from csfm.data.demo import DemoDataset
 from csfm.data.readers import PTBXL, Code15, MimicIVECG, WfdbDirectory
-from csfm.data.record import Record
+from csfm.data.record import ListedSource, Record, RecordSource, WindowedSource
 
 READERS = {"wfdb": WfdbDirectory, "mimic3": WfdbDirectory, "mimic4": MimicIVECG, "ptbxl": PTBXL, "code15": Code15}
 
@@ -68,7 +68,7 @@ class MixedSource:
     """Several record sources as one sequence: item offset[s] + i is record i of source s.
     Patient ids are prefixed with the source's position, so sources never share a patient."""
 
-    def __init__(self, sources: Sequence[Any], weights: Sequence[float]) -> None:
+    def __init__(self, sources: Sequence[RecordSource], weights: Sequence[float]) -> None:
         if len(weights) != len(sources):
             raise ValueError(f"MixedSource: {len(weights)} weights for {len(sources)} sources")
         self.sources = list(sources)
@@ -78,7 +78,7 @@ class MixedSource:
     def __len__(self) -> int:
         return int(self.offsets[-1])
 
-    def _locate(self, index: int) -> tuple[Any, int]:
+    def _locate(self, index: int) -> tuple[RecordSource, int]:
         if not 0 <= index < len(self):
             raise IndexError(f"record index {index} out of range for {len(self)} records")
         s = int(np.searchsorted(self.offsets, index, side="right")) - 1
@@ -92,17 +92,17 @@ class MixedSource:
         """Only ``window_s`` seconds from ``start_s`` where the source can read part of a
         record; the whole record otherwise."""
         source, i = self._locate(index)
-        return source.read_window(i, start_s, window_s) if hasattr(source, "read_window") else source[i]
+        return source.read_window(i, start_s, window_s) if isinstance(source, WindowedSource) else source[i]
 
     def duration_s(self, index: int) -> float | None:
         source, i = self._locate(index)
-        return source.duration_s(i) if hasattr(source, "duration_s") else None
+        return source.duration_s(i) if isinstance(source, WindowedSource) else None
 
     def record_files(self, index: int) -> list[Path]:
         """The files record ``index`` is built from (its reader's ``record_files``); [] for a
         source that reads no file (demo records are generated from their seed)."""
         source, i = self._locate(index)
-        return source.record_files(i) if hasattr(source, "record_files") else []
+        return source.record_files(i) if isinstance(source, ListedSource) else []
 
     @property
     def patient_ids(self) -> list[str]:

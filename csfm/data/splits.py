@@ -1,9 +1,14 @@
-"""Patient-level data splits: every patient's records fall on one side only.
+"""Patient splits and cross-validation folds: every split and fold in csfm is made here.
 
-Patients are dealt to parts (train/val/test, or cross-validation folds) in a seeded
-random order sorted by each patient's majority label, always to the part furthest below
-its target share of records. Each label's patients are contiguous in that order, so each
-part receives close to its share of every label (stratification) and of all records.
+- :func:`patient_splits` / :func:`split_or_load`: train/val/test by patient, stratified by
+  each patient's majority label (fine-tuning). Patients are dealt in a seeded random order
+  sorted by majority label, each to the part furthest below its target share of records, so
+  each part receives close to its share of every label and of all records.
+- :func:`split_by_patient`: train/val by patient, a seeded random share of the *patients*
+  (pretraining's validation split, unstratified).
+- :func:`kfold` / :func:`fold_of_records` / :func:`folds_or_load`: seeded, shuffled K-fold
+  cross-validation, stratified by label and / or grouped by patient (the probes' outer and
+  inner CV, the CinC 2017 benchmark's folds).
 """
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from csfm.model.checkpoint import atomic_write
+from csfm.files import atomic_write
 
 SPLIT_NAMES = ("train", "val", "test")
 
@@ -69,20 +74,6 @@ def patient_splits(patient_ids: Any, fractions: Sequence[float] = (0.8, 0.1, 0.1
     return {name: np.flatnonzero(part == k) for k, name in enumerate(SPLIT_NAMES)}
 
 
-def stratified_group_folds(patient_ids: Any, labels: Any, n_folds: int = 5,
-                           seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Patient-level, label-stratified cross-validation folds.
-
-    patient_ids, labels: [N] per record. Returns n_folds pairs (train_idx, test_idx) of
-    sorted record indices; each patient is in exactly one test fold.
-    """
-    n_patients = np.unique(np.asarray(patient_ids)).size
-    if not 2 <= n_folds <= n_patients:
-        raise ValueError(f"n_folds must lie in 2..{n_patients} (the number of patients), got {n_folds}")
-    fold = _deal(patient_ids, np.full(n_folds, 1 / n_folds), labels, seed)
-    return [(np.flatnonzero(fold != k), np.flatnonzero(fold == k)) for k in range(n_folds)]
-
-
 def assert_no_patient_leakage(split: dict[str, np.ndarray], patient_ids: Any) -> None:
     """Raises ValueError naming a patient whose records lie in two splits.
 
@@ -98,8 +89,11 @@ def assert_no_patient_leakage(split: dict[str, np.ndarray], patient_ids: Any) ->
 
 def save_split(split: dict[str, np.ndarray], path: str | Path, record_ids: Sequence[Any] | None = None) -> None:
     """Writes the split (and the record ids, as strings, when given) as JSON, atomically."""
-    content = {"splits": {name: np.asarray(idx, np.int64).tolist() for name, idx in split.items()},
-               "record_ids": None if record_ids is None else [str(r) for r in record_ids]}
+    _write_json(path, {"splits": {name: np.asarray(idx, np.int64).tolist() for name, idx in split.items()},
+                       "record_ids": None if record_ids is None else [str(r) for r in record_ids]})
+
+
+def _write_json(path: str | Path, content: dict[str, Any]) -> None:
     atomic_write(Path(path), lambda tmp: tmp.write_text(json.dumps(content)))
 
 
@@ -108,11 +102,6 @@ def _read_split(path: str | Path) -> tuple[dict[str, np.ndarray], list[str] | No
     content = json.loads(Path(path).read_text())
     split = {name: np.asarray(idx, np.int64) for name, idx in content["splits"].items()}
     return split, content["record_ids"]
-
-
-def load_split(path: str | Path) -> dict[str, np.ndarray]:
-    """The split written by :func:`save_split`: name -> int64 record indices."""
-    return _read_split(path)[0]
 
 
 def _check_saved_split(path: Path, split: dict[str, np.ndarray], saved_ids: list[str] | None,
@@ -146,3 +135,69 @@ def split_or_load(path: str | Path, patient_ids: Any, record_ids: Sequence[Any] 
     split = patient_splits(patient_ids, **kwargs)
     save_split(split, path, record_ids)
     return split
+
+
+def split_by_patient(patient_ids: Sequence[str], val_fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
+    """Record indices (train, val) with every patient's records on one side only.
+
+    patient_ids: [N] one id per record. A seeded random ``val_fraction`` of the *patients*
+    (rounded, at least one when there are two or more) goes to val, whatever their record
+    counts and labels. Returns two sorted lists of record indices.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must lie in (0, 1), got {val_fraction}")
+    patient_of_record, _ = _patients(patient_ids, None)
+    n_patients = int(patient_of_record.max()) + 1
+    n_val = max(1, int(round(val_fraction * n_patients))) if n_patients > 1 else 0
+    is_val = np.zeros(n_patients, bool)
+    is_val[np.random.default_rng(seed).permutation(n_patients)[:n_val]] = True
+    val = is_val[patient_of_record]
+    return np.flatnonzero(~val).tolist(), np.flatnonzero(val).tolist()
+
+
+def kfold(n_splits: int, seed: int, stratified: bool = True, grouped: bool = False) -> Any:
+    """The seeded, shuffled scikit-learn K-fold splitter: stratified by label and / or grouped
+    (no group, i.e. patient, in two folds); pass labels as ``y`` and patients as ``groups``
+    to its ``split``."""
+    from sklearn.model_selection import GroupKFold, KFold, StratifiedGroupKFold, StratifiedKFold
+
+    kind = {(True, True): StratifiedGroupKFold, (True, False): StratifiedKFold,
+            (False, True): GroupKFold, (False, False): KFold}[(stratified, grouped)]
+    return kind(n_splits, shuffle=True, random_state=seed)
+
+
+def fold_of_records(n_records: int, n_folds: int, seed: int, labels: Any = None, groups: Any = None) -> np.ndarray:
+    """Test fold (0..n_folds-1) of each record: [n_records] int64 from :func:`kfold`,
+    stratified when ``labels`` [N] are given, grouped when ``groups`` [N] (patient ids) are."""
+    fold = np.full(n_records, -1, np.int64)
+    splitter = kfold(n_folds, seed, stratified=labels is not None, grouped=groups is not None)
+    for k, (_, test) in enumerate(splitter.split(np.zeros((n_records, 1)), labels, groups)):
+        fold[test] = k
+    return fold
+
+
+def folds_or_load(path: str | Path | None, labels: Sequence[str], n_folds: int, seed: int,
+                  record_ids: Sequence[Any] | None = None) -> np.ndarray:
+    """Stratified test fold of each record [N] (:func:`fold_of_records`, no grouping).
+
+    Read from the JSON at ``path`` when it exists (checked to hold the same labels, record
+    ids, n_folds and seed: ValueError naming the file otherwise), else made and, with a path,
+    saved there. labels: [N] class names (stored as given); record_ids: [N] or None.
+    """
+    labels = [str(v) for v in labels]
+    ids = None if record_ids is None else [str(r) for r in record_ids]
+    if ids is not None and len(ids) != len(labels):
+        raise ValueError(f"record_ids has {len(ids)} entries, labels has {len(labels)}")
+    if path is not None and Path(path).exists():
+        saved = json.loads(Path(path).read_text())
+        expected = {"n_folds": n_folds, "seed": seed, "labels": labels, "record_ids": ids}
+        wrong = [key for key, value in expected.items() if saved.get(key) != value]
+        if wrong or len(saved.get("fold", ())) != len(labels):
+            raise ValueError(f"{path}: the saved folds do not match these data "
+                             f"(differs in {wrong or ['number of records']}); delete it or pass another path")
+        return np.asarray(saved["fold"], np.int64)
+    fold = fold_of_records(len(labels), n_folds, seed, labels=labels)
+    if path is not None:
+        _write_json(path, {"n_folds": n_folds, "seed": seed, "fold": fold.tolist(), "labels": labels,
+                           "record_ids": ids})
+    return fold

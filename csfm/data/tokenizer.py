@@ -1,7 +1,7 @@
 """Report text → WordPiece ids: the reference's report cleaning and a BERT-style tokenizer.
 
 The reference model embeds reports with the 30522-token BERT-base-uncased WordPiece
-vocabulary (DESIGN.md §1). Nothing is downloaded here: load a ``vocab.txt`` you supply
+vocabulary (docs/design.md, "Model layout"). Nothing is downloaded here: load a ``vocab.txt`` you supply
 (``ReportTokenizer.from_vocab``), or train a small vocabulary from your own reports
 (``ReportTokenizer.train``, e.g. on the demo reports).
 

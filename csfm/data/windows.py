@@ -20,9 +20,11 @@ warns) before any work starts.
 """
 from __future__ import annotations
 
+import ctypes
+import sys
 import warnings
 from dataclasses import dataclass, field, replace
-from typing import Iterator, Protocol, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -31,7 +33,7 @@ from tqdm import tqdm
 from csfm.model.batch import Batch, make_batch
 from csfm.data.preprocess import PreprocessConfig, RecordCheck, keep_channels, preprocess_signal
 from csfm.data.readers.mimic3 import NoSignalError
-from csfm.data.record import PPG_TYPE, Record
+from csfm.data.record import PPG_TYPE, ListedSource, Record, RecordSource, WindowedSource
 from csfm.data.tokenizer import ReportTokenizer
 
 LIMB_LEADS = (0, 1, 2, 3, 4, 5)  # I, II, III, aVR, aVL, aVF
@@ -41,17 +43,10 @@ _READ_TRIES = 8  # random windows read from a record before reading all of it fo
 PART_WINDOWS = 60
 """Records longer than this many windows (10 min at the defaults) are read and preprocessed
 in parts of that length (``record_parts``), so memory does not grow with the record."""
+_MALLOC_TRIM = getattr(ctypes.CDLL(None), "malloc_trim", None) if sys.platform.startswith("linux") else None
 PART_MARGIN_S = 5.0
 """Seconds read on each side of a part so the band-pass filters settle before it (the
 0.5 Hz high-pass edge's transient decays to ~1e-5 within 5 s)."""
-
-
-class RecordSource(Protocol):
-    """Anything with ``len`` and ``[i] -> Record`` (demo data, every reader of csfm.data.readers)."""
-
-    def __len__(self) -> int: ...
-
-    def __getitem__(self, index: int) -> Record: ...
 
 
 @dataclass
@@ -144,7 +139,7 @@ class PretrainWindows(torch.utils.data.Dataset):
             return record, *random_crop(x, valid, self.preprocess, rng, record.record_id)
         duration = _duration(self.records, index)
         window_s = self.preprocess.window / self.preprocess.target_fs
-        if duration is not None and duration > window_s and hasattr(self.records, "read_window"):
+        if duration is not None and duration > window_s:  # a known duration: a WindowedSource
             read = self._read_window(index, duration, rng)
             if read is not None:
                 return read
@@ -228,7 +223,7 @@ def random_crop(x: np.ndarray, valid: np.ndarray, config: PreprocessConfig, rng:
     return x[:, s:s + window].astype(np.float32), valid[:, s:s + window].copy()
 
 
-def read_part(records: RecordSource, index: int, start_s: float, span_s: float) -> tuple[Record, float] | None:
+def read_part(records: WindowedSource, index: int, start_s: float, span_s: float) -> tuple[Record, float] | None:
     """(seconds [start_s - PART_MARGIN_S, start_s + span_s + PART_MARGIN_S) of record
     ``index``, clipped to the record; the seconds of it before start_s), read with the
     source's ``read_window``; None where a multi-segment record has nothing recorded there."""
@@ -252,7 +247,7 @@ def record_parts(records: RecordSource, index: int,
     no part.
     """
     duration, part_s = _duration(records, index), PART_WINDOWS * config.window / config.target_fs
-    if duration is None or duration <= part_s or not hasattr(records, "read_window"):
+    if duration is None or duration <= part_s:  # a known duration: a WindowedSource
         try:
             record = records[index]
         except NoSignalError:
@@ -263,6 +258,55 @@ def record_parts(records: RecordSource, index: int,
         part = read_part(records, index, float(start_s), part_s)
         if part is not None:
             yield part[0], float(start_s), part[1], part_s
+
+
+@dataclass
+class RecordWindows:
+    """The windows of one record (or of one part of a long record) as the encoder takes them:
+    x, valid [W, C, window] (float32 preprocessed, bool), start_s [W] seconds from the
+    record's start, channel_types [C] of the channels used, and the record's ids."""
+
+    x: np.ndarray
+    valid: np.ndarray
+    start_s: np.ndarray
+    channel_types: list[int]
+    record_id: str
+    patient_id: str
+
+    def samples(self, every: int = 1) -> list[Sample]:
+        """One Sample (no text) per ``every``-th window."""
+        return [Sample(x, v, self.channel_types, np.zeros(0, np.int64), self.record_id, self.patient_id)
+                for x, v in zip(self.x[::every], self.valid[::every])]
+
+
+def record_windows(records: RecordSource, index: int, check: RecordCheck,
+                   stride_s: float | None = None) -> Iterator[RecordWindows]:
+    """Every usable window of record ``index``, cut by ``check`` (its config and modality;
+    afterwards ``check.problem`` and ``check.empty_channels`` tell what was left out), one
+    RecordWindows per part (``record_parts``: one for a record of up to PART_WINDOWS windows).
+
+    stride_s: seconds between window starts (rounded to samples at the target rate; default
+    the window, no overlap); in a long record, each part's windows start anew at the part's
+    start. The heap memory freed is handed back to the OS after each part of a long record.
+    """
+    config = check.config
+    stride = None if stride_s is None else max(1, int(round(stride_s * config.target_fs)))
+    for part, start_s, skip_s, span_s in record_parts(records, index, config):
+        windows, used = check.windows(part, skip_s, span_s, stride)
+        yield RecordWindows(windows.x, windows.valid, start_s + windows.start_s,
+                            [part.channel_types[c] for c in used], part.record_id, part.patient_id)
+        if span_s is not None:
+            _return_freed_memory()
+
+
+def _return_freed_memory() -> None:
+    """Hands the heap memory freed so far back to the OS (glibc's ``malloc_trim``; nothing
+    where it is absent). Called after each part of a long record: glibc keeps freed heap
+    pages, and the parts' buffers freed between the encoder's tensors fragment its heap, so
+    without this a 10-hour 12-lead record grew the embedding process by about 1 GB more
+    (measured)."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 class _UsabilityChecks(torch.utils.data.Dataset):
@@ -329,12 +373,12 @@ def _without_signal(record: Record, channels: Sequence[int]) -> Record:
 
 def _duration(records: RecordSource, index: int) -> float | None:
     """Seconds of record ``index`` where the source tells without reading it, else None."""
-    return records.duration_s(index) if hasattr(records, "duration_s") else None
+    return records.duration_s(index) if isinstance(records, WindowedSource) else None
 
 
 def _record_name(records: RecordSource, index: int) -> str:
     """Record ``index``'s id where the source lists ids, else ``#index``."""
-    return records.record_ids[index] if hasattr(records, "record_ids") else f"#{index}"
+    return records.record_ids[index] if isinstance(records, ListedSource) else f"#{index}"
 
 
 def collate(samples: Sequence[Sample]) -> Batch:
@@ -342,17 +386,3 @@ def collate(samples: Sequence[Sample]) -> Batch:
     return make_batch([s.x for s in samples], [s.channel_types for s in samples],
                       [s.text_ids for s in samples], [s.valid for s in samples],
                       [s.record_id for s in samples])
-
-
-def split_by_patient(patient_ids: Sequence[str], val_fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
-    """Record indices (train, val): every patient's records fall on one side only."""
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must lie in (0, 1), got {val_fraction}")
-    patients = sorted(set(patient_ids))
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(patients))
-    n_val = max(1, int(round(val_fraction * len(patients)))) if len(patients) > 1 else 0
-    val_patients = {patients[i] for i in order[:n_val]}
-    train = [i for i, p in enumerate(patient_ids) if p not in val_patients]
-    val = [i for i, p in enumerate(patient_ids) if p in val_patients]
-    return train, val

@@ -21,31 +21,33 @@ every file each record is read from, and every setting that changes rows.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import hashlib
 import json
 import sys
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from csfm.model.batch import make_batch
-from csfm.model.checkpoint import WEIGHTS, atomic_write, latest_checkpoint, load_pretrained, read_config
+from csfm.files import atomic_write
+from csfm.model.checkpoint import WEIGHTS, latest_checkpoint, load_pretrained, read_config
 from csfm.cli import OptionError, check_fields, parse_config
 from csfm.model.config import PRESETS, ModelConfig, preset
-from csfm.data.windows import UnusableRecordsError, check_usable, find_unusable, record_parts
-from csfm.model.encoder import TOKEN_POOLINGS, CSFMEncoder, check_token_pooling, pool_tokens
+from csfm.data.record import RecordSource
+from csfm.data.windows import (RecordWindows, UnusableRecordsError, check_usable, find_unusable,
+                               record_windows)
+from csfm.model.encoder import (RECORD_POOLINGS, TOKEN_POOLINGS, CSFMEncoder, check_token_pooling, pool_by_owner,
+                                pool_tokens)
 from csfm.training.precision import PRECISIONS, choose_precision
 from csfm.data.preprocess import MODALITIES, PreprocessConfig, RecordCheck
 from csfm.data.sources import open_sources
 
 OUT_SUFFIXES = (".npy", ".npz", ".parquet")
-_MALLOC_TRIM = getattr(ctypes.CDLL(None), "malloc_trim", None) if sys.platform.startswith("linux") else None
 
 
 @dataclass
@@ -169,12 +171,47 @@ def encode_windows(encoder: CSFMEncoder, signals: Sequence[np.ndarray], channel_
 
 
 @torch.no_grad()
-def embed_source(encoder: CSFMEncoder, source, modality: str = "both", pooling: str = "cls",
+def embed_windows(encoder: CSFMEncoder, windows: Iterable[tuple[int, RecordWindows]], pooling: str = "cls",
+                  batch_windows: int = 32, autocast=contextlib.nullcontext) -> tuple[np.ndarray, np.ndarray,
+                                                                                     np.ndarray]:
+    """Encodes every window of ``windows`` ((owner, RecordWindows) pairs, consumed lazily, so
+    a long record's parts are read one at a time) in packed batches of ``batch_windows``
+    (``encode_windows``) -> (vectors [W, d] float32, or [W, 2 d] for "mean+std" pooling;
+    owner [W] int64, the owner given with each window; start_s [W] float64, seconds into
+    its record). Call with the encoder in eval mode."""
+    if batch_windows < 1:
+        raise ValueError(f"batch_windows must be >= 1, got {batch_windows}")
+    owners, starts, vectors, pending = [], [], [], []
+
+    def flush() -> None:
+        vectors.append(encode_windows(encoder, *zip(*pending), pooling, autocast))
+        pending.clear()
+
+    for owner, part in windows:
+        for x, valid, start_s in zip(part.x, part.valid, part.start_s):
+            pending.append((x, part.channel_types, valid))
+            owners.append(owner)
+            starts.append(float(start_s))
+            if len(pending) == batch_windows:
+                flush()
+    if pending:
+        flush()
+    if not vectors:
+        raise ValueError("no window to embed")
+    return np.concatenate(vectors), np.asarray(owners, np.int64), np.asarray(starts)
+
+
+@torch.no_grad()
+def embed_source(encoder: CSFMEncoder, source: RecordSource, modality: str = "both", pooling: str = "cls",
                  batch_windows: int = 32, keep_windows: bool = False, precision: str = "fp32",
                  preprocess: PreprocessConfig | None = None, progress: bool = True,
-                 skip_unusable: bool = False) -> Embeddings:
-    """Embeds every record of ``source`` (len / [i] -> Record; with ``duration_s`` and
-    ``read_window``, long records are read in parts: ``csfm.data.windows.record_parts``).
+                 skip_unusable: bool = False, stride_s: float | None = None,
+                 record_pooling: str = "mean") -> Embeddings:
+    """Embeds every record of ``source``: its windows ``stride_s`` apart (default: the
+    window, no overlap; ``csfm.data.windows.record_windows``, so a long record of a
+    WindowedSource is read in parts), each pooled over its tokens (``pooling``: cls, mean or
+    mean+std, ``csfm.model.encoder.pool_tokens``), then over the record's windows
+    (``record_pooling``: mean or mean+max, ``csfm.model.encoder.pool_by_owner``).
     Deterministic (eval mode).
 
     The records the model cannot use are found first (``csfm.data.windows.find_unusable``):
@@ -183,8 +220,8 @@ def embed_source(encoder: CSFMEncoder, source, modality: str = "both", pooling: 
     and named in a warning (``Embeddings.empty_channels``).
     """
     check_token_pooling(pooling)
-    if batch_windows < 1:
-        raise ValueError(f"batch_windows must be >= 1, got {batch_windows}")
+    if record_pooling not in RECORD_POOLINGS:
+        raise ValueError(f"record_pooling must be one of {RECORD_POOLINGS}, got {record_pooling!r}")
     encoder.eval()
     autocast = choose_precision(precision, next(encoder.parameters()).device).autocast
     preprocess = preprocess or PreprocessConfig()
@@ -193,47 +230,31 @@ def embed_source(encoder: CSFMEncoder, source, modality: str = "both", pooling: 
     todo = [row for row in range(len(source)) if row not in unusable]
     if not todo:
         raise ValueError(f"none of the {len(source)} records has a usable {modality} window")
-    ids, empty, owners, starts, vectors, pending = {}, {}, [], [], [], []
+    ids, empty = {}, {}
 
-    def flush() -> None:
-        vectors.append(encode_windows(encoder, *zip(*pending), pooling, autocast))
-        pending.clear()
+    def windows() -> Iterator[tuple[int, RecordWindows]]:
+        for row in tqdm(todo, disable=not progress, unit="record", desc="embedding"):
+            check = RecordCheck(preprocess, modality)
+            for part in record_windows(source, row, check, stride_s):
+                ids[row] = (part.record_id, part.patient_id)
+                yield row, part
+            if check.problem:
+                raise ValueError(f"record {ids.get(row, (f'#{row}',))[0]}: {check.problem} (it was usable when "
+                                 f"checked: did its files change?)")
+            empty[row] = ",".join(check.empty_channels)
 
-    for row in tqdm(todo, disable=not progress, unit="record", desc="embedding"):
-        check = RecordCheck(preprocess, modality)
-        for part, start_s, skip_s, span_s in record_parts(source, row, preprocess):
-            ids[row] = (part.record_id, part.patient_id)
-            windows, used = check.windows(part, skip_s, span_s)
-            types = [part.channel_types[c] for c in used]
-            for x, valid, window_start in zip(windows.x, windows.valid, windows.start_s):
-                pending.append((x, types, valid))
-                owners.append(row)
-                starts.append(start_s + float(window_start))
-                if len(pending) == batch_windows:
-                    flush()
-            if span_s is not None:
-                _return_freed_memory()
-        if check.problem:
-            raise ValueError(f"record {ids.get(row, (f'#{row}',))[0]}: {check.problem} (it was usable when "
-                             f"checked: did its files change?)")
-        empty[row] = ",".join(check.empty_channels)
-    if pending:
-        flush()
-    result = _pool(np.concatenate(vectors), np.asarray(owners), np.asarray(starts), ids, keep_windows)
-    result.empty_channels = np.array([empty[row] for row in sorted(ids)])
-    result.unusable_ids = np.array([name for name, _ in unusable.values()], dtype=str)
-    result.unusable_reasons = np.array([why for _, why in unusable.values()], dtype=str)
+    vectors, rows, starts = embed_windows(encoder, windows(), pooling, batch_windows, autocast)
+    order = sorted(ids)
+    owner = np.searchsorted(order, rows)  # row of each window's record in the result
+    pooled = pool_by_owner(torch.from_numpy(vectors).double(), torch.from_numpy(owner), len(order), record_pooling)
+    extra = (vectors, owner, starts) if keep_windows else (None, None, None)
+    result = Embeddings(pooled.float().numpy(), np.array([ids[r][0] for r in order]),
+                        np.array([ids[r][1] for r in order]), np.bincount(owner, minlength=len(order)), *extra,
+                        empty_channels=np.array([empty[row] for row in order]),
+                        unusable_ids=np.array([name for name, _ in unusable.values()], dtype=str),
+                        unusable_reasons=np.array([why for _, why in unusable.values()], dtype=str))
     _warn_empty_channels(result)
     return result
-
-
-def _return_freed_memory() -> None:
-    """Hands the heap memory freed so far back to the OS (glibc's ``malloc_trim``; nothing
-    where it is absent). Called after each part of a long record: glibc keeps freed heap
-    pages, and the parts' buffers freed between the encoder's tensors fragment its heap, so
-    without this a 10-hour 12-lead record grew the process by about 1 GB more (measured)."""
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
 
 
 def _warn_empty_channels(result: Embeddings) -> None:
@@ -242,20 +263,6 @@ def _warn_empty_channels(result: Embeddings) -> None:
     if listing:
         warnings.warn(f"{len(listing)} record(s) have channels without a valid sample, left out:\n"
                       + "\n".join(listing), stacklevel=3)
-
-
-def _pool(window_vectors: np.ndarray, rows: np.ndarray, starts: np.ndarray, ids: dict,
-          keep_windows: bool) -> Embeddings:
-    """Mean of each record's window embeddings, rows in record order."""
-    order = sorted(ids)
-    index = {row: i for i, row in enumerate(order)}
-    owner = np.array([index[r] for r in rows])
-    counts = np.bincount(owner, minlength=len(order))
-    sums = np.zeros((len(order), window_vectors.shape[1]), dtype=np.float64)
-    np.add.at(sums, owner, window_vectors)
-    extra = (window_vectors, owner, starts) if keep_windows else (None, None, None)
-    return Embeddings((sums / counts[:, None]).astype(np.float32), np.array([ids[r][0] for r in order]),
-                      np.array([ids[r][1] for r in order]), counts, *extra)
 
 
 def resolve_checkpoint(checkpoint: str | Path, preset_name: str = "") -> Path:
@@ -318,7 +325,7 @@ def run(config: EmbedConfig) -> Embeddings:
     cached = Path(config.cache_dir) / f"{cache_key(config, source, preprocess)}.npz" if config.cache_dir else None
     if cached is not None and cached.is_file():
         result = Embeddings.load(cached)
-        print(f"csfm.evaluation.embedding: {len(result.embeddings)} records from the cache {cached}", file=sys.stderr)
+        print(f"csfm.embed: {len(result.embeddings)} records from the cache {cached}", file=sys.stderr)
         check_usable(dict(enumerate(zip(result.unusable_ids, result.unusable_reasons))),
                      len(result.embeddings) + len(result.unusable_ids), skip_unusable=True)
         _warn_empty_channels(result)
@@ -329,7 +336,7 @@ def run(config: EmbedConfig) -> Embeddings:
         if cached is not None:
             result.save(cached)
     result.save(out)
-    print(f"csfm.evaluation.embedding: {len(result.embeddings)} records x {result.embeddings.shape[1]} -> {out}")
+    print(f"csfm.embed: {len(result.embeddings)} records x {result.embeddings.shape[1]} -> {out}")
     return result
 
 
@@ -339,7 +346,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         run(parse_config(EmbedConfig, argv, "python -m csfm.embed", __doc__))
     except (OptionError, UnusableRecordsError) as error:
-        print(f"csfm.evaluation.embedding: error: {error}", file=sys.stderr)
+        print(f"csfm.embed: error: {error}", file=sys.stderr)
         raise SystemExit(2 if isinstance(error, OptionError) else 1) from None
 
 

@@ -1,4 +1,4 @@
-"""Full fine-tuning of the encoder with a task head (DESIGN.md §3): ``python -m csfm.finetune``.
+"""Full fine-tuning of the encoder with a task head (docs/design.md): ``python -m csfm.finetune``.
 
 The command line takes a checkpoint, ``--data`` specs and a record-metadata label, makes
 (or reuses) a patient-level stratified split in ``--out-dir/split.json``, fine-tunes, and
@@ -10,7 +10,6 @@ early stopping on the validation loss (the best weights are restored at the end)
 """
 from __future__ import annotations
 
-import argparse
 import copy
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,16 +21,19 @@ from torch import nn
 from tqdm import tqdm
 
 from csfm.model.batch import Batch
-from csfm.model.checkpoint import atomic_write, save_checkpoint
-from csfm.cli import add_dataclass_options
+from csfm.files import atomic_write
+from csfm.model.checkpoint import save_checkpoint
+from csfm.cli import NON_NEGATIVE, OptionError, at_least, check_fields, in_range, run_command
 from csfm.data.windows import PretrainWindows, Sample, collate
 from csfm.evaluation.embedding import load_encoder
 from csfm.model.heads import ClassificationHead, RegressionHead, head_loss
 from csfm.evaluation.metrics import evaluate, reliability_plot, results_markdown, save_results
-from csfm.model.encoder import CSFMEncoder, check_token_pooling, pool_tokens, pooled_width
+from csfm.model.config import PRESETS
+from csfm.model.encoder import TOKEN_POOLINGS, CSFMEncoder, check_token_pooling, pool_tokens, pooled_width
 from csfm.training.optim import layerwise_param_groups, warmup_linear
 from csfm.data.sources import open_sources
 from csfm.data.splits import assert_no_patient_leakage, split_or_load
+from csfm.tasks import ONE_LABEL_TASKS
 
 
 @dataclass
@@ -39,16 +41,44 @@ class FineTuneConfig:
     """epochs: at most this many passes; patience: epochs without a better validation loss
     before stopping; layer_decay: lr factor per encoder layer below the head."""
 
-    epochs: int = field(default=20, metadata={"help": "at most this many passes over the training windows"})
-    batch_size: int = field(default=16, metadata={"help": "windows per batch"})
-    lr: float = field(default=1e-4, metadata={"help": "peak lr of the head (layers below: x layer_decay each)"})
-    layer_decay: float = field(default=0.75, metadata={"help": "lr factor per encoder layer below the head"})
+    epochs: int = field(default=20, metadata={"help": "at most this many passes over the training windows",
+                                              "valid": at_least(1)})
+    batch_size: int = field(default=16, metadata={"help": "windows per batch", "valid": at_least(1)})
+    lr: float = field(default=1e-4, metadata={"help": "peak lr of the head (layers below: x layer_decay each)",
+                                              "valid": NON_NEGATIVE})
+    layer_decay: float = field(default=0.75, metadata={"help": "lr factor per encoder layer below the head",
+                                                       "valid": in_range(0, 1, low_open=True)})
     weight_decay: float = field(default=0.05, metadata={
-        "help": "AdamW weight decay (not on norms, biases, embeddings)"})
-    warmup_fraction: float = field(default=0.1, metadata={"help": "share of steps with linear warmup"})
-    patience: int = field(default=3, metadata={"help": "epochs without a better validation loss before stopping"})
-    pooling: str = field(default="cls", metadata={"help": "token pooling into the head: cls, mean or mean+std (2 d wide)"})
+        "help": "AdamW weight decay (not on norms, biases, embeddings)", "valid": NON_NEGATIVE})
+    warmup_fraction: float = field(default=0.1, metadata={"help": "share of steps with linear warmup",
+                                                          "valid": in_range(0, 1)})
+    patience: int = field(default=3, metadata={"help": "epochs without a better validation loss before stopping",
+                                               "valid": at_least(1)})
+    pooling: str = field(default="cls", metadata={"help": "token pooling into the head: cls, mean or mean+std (2 d wide)",
+                                                  "choices": TOKEN_POOLINGS})
     seed: int = field(default=0, metadata={"help": "seed of the split, data order and head init"})
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+@dataclass(kw_only=True)
+class FineTuneRunConfig(FineTuneConfig):
+    """Options of ``python -m csfm.finetune``: what to fine-tune on, and where the results go,
+    besides the training options of FineTuneConfig (flags of the same names)."""
+
+    checkpoint: str = field(metadata={"help": "csfm checkpoint directory (or .pth with --preset)"})
+    data: list[str] = field(metadata={"help": "data specs as for csfm.training.loop, e.g. demo:600 or wfdb:PATH"})
+    label: str = field(metadata={"help": "record metadata key holding the target"})
+    task: str = field(metadata={"help": "kind of target", "choices": ONE_LABEL_TASKS})
+    preset: str = field(default="", metadata={"help": "model preset of a .pth checkpoint", "choices": ("", *PRESETS)})
+    out_dir: str = field(default="runs/finetune", metadata={"help": "split file, results and weights go here"})
+    n_boot: int = field(default=1000, metadata={"help": "bootstrap resamples for the 95 % CIs", "valid": at_least(1)})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.data:
+            raise OptionError("--data: give at least one data spec, e.g. demo:600 or wfdb:PATH")
 
 
 @dataclass
@@ -116,7 +146,7 @@ def finetune(encoder: CSFMEncoder, head: nn.Module, task: str, train: Sequence[S
             scheduler.step()
             losses.append(loss.item())
         result.train_loss.append(float(np.mean(losses)))
-        result.val_loss.append(_validation_loss(model, val, config.batch_size, task, target_of, **loss_kw))
+        result.val_loss.append(validation_loss(model, val, config.batch_size, task, target_of, **loss_kw))
         if result.val_loss[-1] < result.best_val_loss:
             result.best_epoch, result.best_val_loss, stale = epoch, result.val_loss[-1], 0
             best_state = copy.deepcopy(model.state_dict())
@@ -129,7 +159,7 @@ def finetune(encoder: CSFMEncoder, head: nn.Module, task: str, train: Sequence[S
 
 
 @torch.no_grad()
-def _validation_loss(model: EncoderWithHead, samples: Sequence[Sample], batch_size: int, task: str,
+def validation_loss(model: EncoderWithHead, samples: Sequence[Sample], batch_size: int, task: str,
                      target_of, **loss_kw) -> float:
     """Mean loss over ``samples``, weighted by batch size."""
     model.eval()
@@ -140,11 +170,6 @@ def _validation_loss(model: EncoderWithHead, samples: Sequence[Sample], batch_si
 
 
 # ----------------------------------------------------------------------------- command line
-
-TASKS = ("binary", "multiclass", "regression")
-_CLI_FIELDS = ("epochs", "batch_size", "lr", "layer_decay", "weight_decay", "warmup_fraction", "patience", "pooling",
-               "seed")
-
 
 def _labels(source, key: str) -> list:
     """metadata[key] of every record; a clear error naming the records that lack it."""
@@ -182,51 +207,41 @@ def predict(model: EncoderWithHead, samples: Sequence[Sample], task: str, batch_
     return torch.softmax(out, -1).numpy() if task == "multiclass" else out.reshape(-1).numpy()
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m csfm.finetune", description=__doc__,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="csfm checkpoint directory (or .pth with --preset)")
-    parser.add_argument("--preset", default="", help="model preset of a .pth checkpoint")
-    parser.add_argument("--data", nargs="+", required=True, help="data specs as for csfm.training.loop")
-    parser.add_argument("--label", required=True, help="record metadata key holding the target")
-    parser.add_argument("--task", choices=TASKS, required=True, help="kind of target")
-    parser.add_argument("--out-dir", default="runs/finetune", help="split file, results and weights go here")
-    add_dataclass_options(parser, FineTuneConfig, only=_CLI_FIELDS)
-    parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the 95 %% CIs")
-    args = parser.parse_args(argv)
-    run(args)
-
-
-def run(args: argparse.Namespace) -> dict:
+def run(config: FineTuneRunConfig) -> dict:
     """Patient-level split (saved, reused), fine-tuning, test metrics with CIs -> results.json/.md."""
-    out_dir = Path(args.out_dir)
+    out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    source = open_sources(args.data, seed=args.seed)
-    labels = _labels(source, args.label)
-    encoder = load_encoder(args.checkpoint, args.preset)
-    head, targets, classes = _task_setup(args.task, labels, pooled_width(encoder.config.dim, args.pooling))
+    source = open_sources(config.data, seed=config.seed)
+    labels = _labels(source, config.label)
+    encoder = load_encoder(config.checkpoint, config.preset)
+    head, targets, classes = _task_setup(config.task, labels, pooled_width(encoder.config.dim, config.pooling))
     record_ids = [source[i].record_id for i in range(len(source))]
-    split = split_or_load(out_dir / "split.json", source.patient_ids, record_ids, seed=args.seed,
-                          labels=None if args.task == "regression" else targets)
+    split = split_or_load(out_dir / "split.json", source.patient_ids, record_ids, seed=config.seed,
+                          labels=None if config.task == "regression" else targets)
     assert_no_patient_leakage(split, source.patient_ids)
-    windows = PretrainWindows(source, None, subset_prob=0.0, seed=args.seed)
+    windows = PretrainWindows(source, None, subset_prob=0.0, seed=config.seed)
     samples = {part: [windows[int(i)] for i in rows] for part, rows in split.items()}
-    target_of = _target_fn(args.task, dict(zip(record_ids, targets)))
-    config = FineTuneConfig(**{k: getattr(args, k) for k in _CLI_FIELDS})
-    model, history = finetune(encoder, head, args.task, samples["train"], samples["val"], target_of, config)
+    target_of = _target_fn(config.task, dict(zip(record_ids, targets)))
+    model, history = finetune(encoder, head, config.task, samples["train"], samples["val"], target_of, config)
     y_true = np.asarray([targets[int(i)] for i in split["test"]])
     groups = np.asarray(source.patient_ids)[split["test"]]
-    predictions = predict(model, samples["test"], args.task)
-    results = evaluate(args.task, y_true, predictions, groups=groups, n_boot=args.n_boot, seed=args.seed)
+    predictions = predict(model, samples["test"], config.task)
+    results = evaluate(config.task, y_true, predictions, groups=groups, n_boot=config.n_boot, seed=config.seed)
     results.update({"classes": [str(c) for c in classes], "best_epoch": history.best_epoch,
                     "val_loss": history.val_loss, "train_loss": history.train_loss})
-    if args.task == "binary":
+    if config.task == "binary":
         reliability_plot(y_true, predictions, out_dir / "reliability.png")
     save_results(results, out_dir / "results.json")
     atomic_write(out_dir / "results.md", lambda tmp: tmp.write_text(results_markdown(results)))
     save_checkpoint(out_dir / "model", model, encoder.config)
     print(results_markdown(results))
     return results
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Runs the CLI; returns the results of ``run``. A bad option ends with exit status 2
+    and a message naming it."""
+    return run_command(run, FineTuneRunConfig, argv, "python -m csfm.finetune", __doc__)
 
 
 def _target_fn(task: str, by_record: dict) -> Callable[[Sequence[Sample]], torch.Tensor]:

@@ -24,9 +24,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from csfm.model.checkpoint import atomic_write
-
-TASKS = ("binary", "multiclass", "multilabel", "regression", "survival")
+from csfm.files import atomic_write
+from csfm.tasks import TASKS
 
 _BLOCK_ELEMENTS = 4_000_000  # resamples are evaluated in blocks of about this many weights
 _CINDEX_CHUNK = 512          # event rows per pairwise block in the C-index

@@ -9,7 +9,6 @@ them as JSON. Rows whose label is empty are dropped (the count is reported).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import warnings
@@ -20,16 +19,18 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 from sklearn.linear_model import LogisticRegression, Ridge
-from sklearn.model_selection import GridSearchCV, GroupKFold, KFold, StratifiedGroupKFold, StratifiedKFold
+from sklearn.impute import SimpleImputer
+from sklearn.model_selection import GridSearchCV
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
-from csfm.model.checkpoint import atomic_write
+from csfm.cli import OptionError, at_least, check_fields, run_command
+from csfm.files import atomic_write
+from csfm.data.splits import fold_of_records, kfold
 from csfm.evaluation.embedding import Embeddings
 from csfm.evaluation.metrics import UndefinedMetricError, accuracy, auroc, mae, pearson_r
+from csfm.tasks import ONE_LABEL_TASKS, PROBE_TASKS
 
-TASKS = ("binary", "multiclass", "multilabel", "regression")
-CLI_TASKS = ("binary", "multiclass", "regression")
 C_GRID = tuple(np.logspace(-3, 2, 6))  # inverse L2 strength of LogisticRegression
 ALPHA_GRID = tuple(np.logspace(-2, 3, 6))  # L2 strength of Ridge
 _SCORING = {"binary": "roc_auc", "multiclass": "neg_log_loss", "regression": "neg_mean_squared_error"}
@@ -63,8 +64,8 @@ def linear_probe(train_x: np.ndarray, train_y: Sequence, test_x: np.ndarray, tas
     grouped by ``groups`` [N] (patient ids) when given, stratified for classification.
     Missing labels (NaN / None) raise a ValueError unless ``drop_missing=True`` drops them.
     """
-    if task not in TASKS:
-        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    if task not in PROBE_TASKS:
+        raise ValueError(f"task must be one of {PROBE_TASKS}, got {task!r}")
     train_x, test_x = _features(train_x, "train_x"), _features(test_x, "test_x")
     if train_x.shape[1] != test_x.shape[1]:
         raise ValueError(f"test_x has {test_x.shape[1]} features but train_x has {train_x.shape[1]}")
@@ -103,13 +104,10 @@ def _probe(x: np.ndarray, y: np.ndarray, test_x: np.ndarray, task: str, cv: int,
     if task != "regression":
         y = np.asarray(y.tolist())  # object -> int / str labels, as scikit-learn needs
         _check_classes(y, task, name)
-    parameter = "model__alpha" if task == "regression" else "model__C"
-    grid = list(ALPHA_GRID if task == "regression" else C_GRID)
-    search = GridSearchCV(_pipeline(task), {parameter: grid}, scoring=_SCORING[task],
-                          cv=_inner_splitter(task, y, groups, cv, seed))
+    search = probe_search(task, _inner_splitter(task, y, groups, cv, seed))
     search.fit(x, y, groups=groups)
     model = search.best_estimator_
-    chosen = float(search.best_params_[parameter])
+    chosen = float(next(iter(search.best_params_.values())))
     return ProbeResult(model, _predict(model, test_x, task), chosen, int((~labelled).sum()))
 
 
@@ -145,9 +143,21 @@ def _multilabel_probe(x: np.ndarray, y: np.ndarray, test_x: np.ndarray, cv: int,
     return ProbeResult(models, predictions, chosen, n_dropped, skipped)
 
 
-def _pipeline(task: str) -> Pipeline:
-    model = Ridge() if task == "regression" else LogisticRegression(max_iter=2000)
-    return Pipeline([("scale", StandardScaler()), ("model", model)])
+def probe_search(task: str, cv: Any, grid: Sequence[float] | None = None, scoring: Any = None,
+                 impute: bool = False) -> GridSearchCV:
+    """The probe pipeline, unfitted: [median imputation of NaN features, when ``impute``] ->
+    standardisation -> LogisticRegression (binary, multiclass) or Ridge (regression), its C or
+    alpha chosen from ``grid`` (default C_GRID / ALPHA_GRID) by grid search over the
+    cross-validation ``cv`` (a splitter or fold count) scored by ``scoring`` (default: ROC AUC,
+    log loss or MSE by task). Fit it on x [N, d], y [N] (and ``groups`` for a grouped ``cv``)."""
+    if task not in ONE_LABEL_TASKS:
+        raise ValueError(f"a probe pipeline fits one of {ONE_LABEL_TASKS}, got {task!r}")
+    regression = task == "regression"
+    steps = [("impute", SimpleImputer(strategy="median", keep_empty_features=True))] if impute else []
+    steps += [("scale", StandardScaler()), ("model", Ridge() if regression else LogisticRegression(max_iter=2000))]
+    grid = list((ALPHA_GRID if regression else C_GRID) if grid is None else grid)
+    return GridSearchCV(Pipeline(steps), {"model__alpha" if regression else "model__C": grid},
+                        scoring=_SCORING[task] if scoring is None else scoring, cv=cv)
 
 
 def _inner_splitter(task: str, y: np.ndarray, groups: np.ndarray | None, cv: int, seed: int):
@@ -160,13 +170,7 @@ def _inner_splitter(task: str, y: np.ndarray, groups: np.ndarray | None, cv: int
     if n_splits < 2:
         raise ValueError(f"too few rows, patients or members of a class for a {cv}-fold inner CV (at most "
                          f"{limit} folds possible)")
-    if groups is not None:
-        if task == "regression":
-            return GroupKFold(n_splits, shuffle=True, random_state=seed)
-        return StratifiedGroupKFold(n_splits, shuffle=True, random_state=seed)
-    if task == "regression":
-        return KFold(n_splits, shuffle=True, random_state=seed)
-    return StratifiedKFold(n_splits, shuffle=True, random_state=seed)
+    return kfold(n_splits, seed, stratified=task != "regression", grouped=groups is not None)
 
 
 def _predict(model: Pipeline, x: np.ndarray, task: str) -> np.ndarray:
@@ -204,12 +208,6 @@ def join_labels(embeddings: Embeddings, labels: pd.DataFrame, label_column: str,
             int((~present).sum()))
 
 
-def _outer_splitter(task: str, folds: int, seed: int):
-    if task == "regression":
-        return GroupKFold(folds, shuffle=True, random_state=seed)
-    return StratifiedGroupKFold(folds, shuffle=True, random_state=seed)
-
-
 def fold_metrics(task: str, y_true: np.ndarray, predictions: np.ndarray, classes: np.ndarray) -> dict[str, float]:
     """binary / multiclass: auroc (one-vs-rest macro; NaN when a class is absent from
     y_true) and accuracy; regression: mae and pearson r (NaN for a constant input).
@@ -243,7 +241,9 @@ def cross_validate(x: np.ndarray, y: np.ndarray, patients: np.ndarray, task: str
     y = _regression_labels(y) if task == "regression" else y.astype(str)
     classes = np.unique(y) if task != "regression" else np.array([])
     results = []
-    for fold, (train, test) in enumerate(_outer_splitter(task, folds, seed).split(x, y, groups=patients)):
+    fold_of = fold_of_records(len(y), folds, seed, labels=None if task == "regression" else y, groups=patients)
+    for fold in range(folds):
+        train, test = np.flatnonzero(fold_of != fold), np.flatnonzero(fold_of == fold)
         probe = linear_probe(x[train], y[train], x[test], task, cv=folds, seed=seed, groups=patients[train])
         predictions = probe.predictions
         if task == "multiclass":  # a class absent from a training fold has no column: add a zero one
@@ -271,57 +271,69 @@ def _mean_metrics(results: list[dict]) -> dict[str, float]:
     return {k: float(np.nanmean([r[k] for r in results])) for k in names}
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m csfm.probe", description=__doc__,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--embeddings", required=True, help="a .npz written by python -m csfm.embed")
-    parser.add_argument("--labels", required=True, help="CSV with a record id column and the label column")
-    parser.add_argument("--label-column", required=True, help="column of --labels to predict")
-    parser.add_argument("--task", required=True, choices=CLI_TASKS, help="kind of label")
-    parser.add_argument("--id-column", default="record_id", help="column of --labels holding the record ids")
-    parser.add_argument("--folds", type=int, default=5, help="patient-level CV folds (outer and inner)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the fold shuffling")
-    parser.add_argument("--out", default="",
-                        help="JSON file for the results, in an existing folder (empty = do not write)")
-    return parser
+@dataclass
+class ProbeConfig:
+    """Options of ``python -m csfm.probe`` (flags of the same names), checked when made
+    (OptionError naming the flag); the files are checked by ``run`` before any probe."""
+
+    embeddings: str = field(metadata={"help": "a .npz written by python -m csfm.embed"})
+    labels: str = field(metadata={"help": "CSV with a record id column and the label column"})
+    label_column: str = field(metadata={"help": "column of --labels to predict"})
+    task: str = field(metadata={"help": "kind of label", "choices": ONE_LABEL_TASKS})
+    id_column: str = field(default="record_id", metadata={"help": "column of --labels holding the record ids"})
+    folds: int = field(default=5, metadata={"help": "patient-level CV folds (outer and inner)",
+                                            "valid": at_least(2)})
+    seed: int = field(default=0, metadata={"help": "seed of the fold shuffling"})
+    out: str = field(default="", metadata={
+        "help": "JSON file for the results, in an existing folder (empty = do not write)"})
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if Path(self.embeddings).suffix != ".npz":
+            raise OptionError(f"--embeddings {self.embeddings}: expected a .npz written by python -m csfm.embed")
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-    """Runs the CLI; returns the results dict that --out receives."""
-    args = _parser().parse_args(argv)
-    if Path(args.embeddings).suffix != ".npz":
-        raise SystemExit(f"--embeddings {args.embeddings}: expected a .npz written by python -m csfm.embed")
-    if args.out:
-        _check_out(Path(args.out))
-    embeddings = Embeddings.load(Path(args.embeddings))
-    labels = pd.read_csv(args.labels, dtype={args.id_column: str})
+def run(config: ProbeConfig) -> dict:
+    """Joins the labels to the embeddings, cross-validates the probe, prints the per-fold and
+    mean metrics; returns the results dict, also written to ``config.out`` when given.
+    ValueError naming --labels and --label-column for labels that cannot be used."""
+    if config.out:
+        check_out(Path(config.out))
+    embeddings = Embeddings.load(Path(config.embeddings))
+    labels = pd.read_csv(config.labels, dtype={config.id_column: str})
     try:
-        x, y, patients, n_dropped = join_labels(embeddings, labels, args.label_column, args.id_column)
-        folds = cross_validate(x, y, patients, args.task, args.folds, args.seed)
+        x, y, patients, n_dropped = join_labels(embeddings, labels, config.label_column, config.id_column)
+        folds = cross_validate(x, y, patients, config.task, config.folds, config.seed)
     except ValueError as exc:
-        raise ValueError(f"--labels {args.labels}, --label-column {args.label_column}: {exc}") from exc
-    results = {"embeddings": args.embeddings, "labels": args.labels, "label_column": args.label_column,
-               "task": args.task, "n_records": len(y), "n_patients": len(np.unique(patients)),
+        raise ValueError(f"--labels {config.labels}, --label-column {config.label_column}: {exc}") from exc
+    results = {"embeddings": config.embeddings, "labels": config.labels, "label_column": config.label_column,
+               "task": config.task, "n_records": len(y), "n_patients": len(np.unique(patients)),
                "n_unlabelled_dropped": n_dropped, "folds": folds, "mean": _mean_metrics(folds)}
     _report(results)
-    if args.out:
-        atomic_write(Path(args.out), lambda tmp: tmp.write_text(json.dumps(results, indent=2) + "\n"))
+    if config.out:
+        atomic_write(Path(config.out), lambda tmp: tmp.write_text(json.dumps(results, indent=2) + "\n"))
     return results
 
 
-def _check_out(path: Path) -> None:
-    """SystemExit naming --out when the results could not be written there (checked before
-    the probes run, so no result is computed and then lost)."""
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Runs the CLI; returns the results dict that --out receives. A bad option ends with
+    exit status 2 and a message naming it."""
+    return run_command(run, ProbeConfig, argv, "python -m csfm.probe", __doc__)
+
+
+def check_out(path: Path) -> None:
+    """OptionError naming --out when a results file could not be written at ``path``
+    (checked before the work, so no result is computed and then lost)."""
     if path.is_dir():
-        raise SystemExit(f"--out {path}: is a folder, expected a JSON file name")
+        raise OptionError(f"--out {path}: is a folder, expected a JSON file name")
     if not path.parent.is_dir():
-        raise SystemExit(f"--out {path}: folder {path.parent} does not exist")
+        raise OptionError(f"--out {path}: folder {path.parent} does not exist")
     if not os.access(path.parent, os.W_OK):
-        raise SystemExit(f"--out {path}: folder {path.parent} is not writable")
+        raise OptionError(f"--out {path}: folder {path.parent} is not writable")
 
 
 def _report(results: dict) -> None:
-    print(f"csfm.evaluation.probe: {results['task']} {results['label_column']!r}: {results['n_records']} records, "
+    print(f"csfm.probe: {results['task']} {results['label_column']!r}: {results['n_records']} records, "
           f"{results['n_patients']} patients ({results['n_unlabelled_dropped']} unlabelled rows dropped)")
     for fold in results["folds"]:
         metrics = "  ".join(f"{k} {fold[k]:.4f}" for k in results["mean"])

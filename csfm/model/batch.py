@@ -11,7 +11,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from csfm_kernels.patch_embed import PATCH_LEN
+from csfm_kernels import PATCH_LEN
 
 
 @dataclass

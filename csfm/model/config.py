@@ -1,4 +1,4 @@
-"""Model configuration: one dataclass, named presets (DESIGN.md §1)."""
+"""Model configuration: one dataclass, named presets (docs/design.md, "Model layout")."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace

@@ -1,6 +1,6 @@
 """The CSFM encoder: [CLS] + 100 patch tokens per channel + text tokens, pre-norm transformer.
 
-Parameter names follow the published model (DESIGN.md §1) so its checkpoints load. Every
+Parameter names follow the published model (docs/design.md, "Model layout") so its checkpoints load. Every
 sequence of a batch is packed: tokens ``[sum_b T_b, d]`` with ``cu_seqlens [B+1]``, so a
 batch mixing a 1-lead and a 12-lead record costs the sum of their attention, not B times
 the longest. ``backend`` picks the kernels of every op (``csfm_kernels.op_backends``: one name
@@ -22,11 +22,9 @@ from torch import nn
 
 from csfm.model.batch import Batch
 from csfm.model.config import ModelConfig
-from csfm_kernels import op_backends, patch_embed_packed
-from csfm_kernels.modules import add_patch_embedding, patch_embed_params
-from csfm_kernels.patch_embed import PATCH_LEN
-from csfm_kernels.segments import cu_seqlens_from_lengths, host_segment_positions, host_to_device, segment_positions
-from csfm_kernels.varlen_attention import varlen_attention
+from csfm_kernels import (PATCH_LEN, add_patch_embedding, cu_seqlens_from_lengths, host_segment_positions,
+                          host_to_device, op_backends, patch_embed_packed, patch_embed_params, segment_positions,
+                          varlen_attention)
 
 
 class Attention(nn.Module):
@@ -41,14 +39,13 @@ class Attention(nn.Module):
         self.to_out = nn.Sequential(nn.Linear(inner, dim), nn.Dropout(dropout))
 
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
-                backend: str = "auto", generator: torch.Generator | None = None,
-                seqlens_host: Sequence[int] | None = None) -> torch.Tensor:
+                backend: str = "auto", seqlens_host: Sequence[int] | None = None) -> torch.Tensor:
         """x [T, d] packed, cu_seqlens int32 [B+1] (seqlens_host: its lengths as host ints) -> [T, d]."""
         qkv = self.to_qkv(self.norm(x)).view(x.shape[0], 3, self.heads, self.dim_head)
         q, k, v = qkv.unbind(1)
         out = varlen_attention(q, k, v, cu_seqlens, max_seqlen,
                                dropout_p=self.dropout_p if self.training else 0.0,
-                               generator=generator, backend=backend, seqlens_host=seqlens_host)
+                               backend=backend, seqlens_host=seqlens_host)
         return self.to_out(out.reshape(x.shape[0], -1))
 
 
@@ -206,12 +203,27 @@ def pool_tokens(out: "EncoderOutput", pooling: str) -> torch.Tensor:
     return torch.cat([mean, variance.clamp(min=1e-12).sqrt()], dim=1)
 
 
-def _mean_by_owner(rows: torch.Tensor, owner: torch.Tensor, n: int) -> torch.Tensor:
-    """rows [W, d], owner [W] int64 on the CPU -> [n, d]: the mean of the rows each of n owners has."""
+RECORD_POOLINGS = ("mean", "mean+max")
+
+
+def pool_by_owner(rows: torch.Tensor, owner: torch.Tensor, n: int, pooling: str = "mean") -> torch.Tensor:
+    """Window vectors -> one vector per owner (the windows of a long sample, of a record).
+
+    rows [W, d]; owner [W] int64 (on the CPU) in 0..n-1. pooling "mean": [n, d] the mean of
+    each owner's rows; "mean+max": [n, 2 d] their mean and elementwise max side by side.
+    Computed in rows' dtype (pass float64 for exact record means); an owner without rows
+    gets zeros."""
+    if pooling not in RECORD_POOLINGS:
+        raise ValueError(f"pooling must be one of {RECORD_POOLINGS}, got {pooling!r}")
     counts = torch.bincount(owner, minlength=n).clamp(min=1).to(rows.device, rows.dtype, non_blocking=True)
     owner = owner.to(rows.device, non_blocking=True)
     sums = torch.zeros(n, rows.shape[1], dtype=rows.dtype, device=rows.device).index_add(0, owner, rows)
-    return sums / counts[:, None]
+    mean = sums / counts[:, None]
+    if pooling == "mean":
+        return mean
+    index = owner[:, None].expand_as(rows)
+    top = torch.zeros_like(mean).scatter_reduce(0, index, rows, "amax", include_self=False)
+    return torch.cat([mean, top], dim=1)
 
 
 class CSFMEncoder(nn.Module):
@@ -277,6 +289,6 @@ class CSFMEncoder(nn.Module):
             return self.encode(patch_rows, n_patch, text_rows, n_text)
         windows, owner = batch.split_windows(window)
         out = self.forward(windows)
-        return EncoderOutput(out.tokens, out.layout, _mean_by_owner(out.cls, owner, len(batch)),
-                             _mean_by_owner(out.mean, owner, len(batch)),
+        return EncoderOutput(out.tokens, out.layout, pool_by_owner(out.cls, owner, len(batch)),
+                             pool_by_owner(out.mean, owner, len(batch)),
                              owner.to(out.cls.device, non_blocking=True))

@@ -1,6 +1,6 @@
 """Downstream heads over a pooled record embedding x: [N, d] float32, and their losses.
 
-Tasks of :func:`head_loss`: "multiclass", "multilabel", "binary", "regression", "survival".
+Tasks of :func:`head_loss`: every one of :data:`csfm.tasks.TASKS`.
 """
 from __future__ import annotations
 
@@ -11,8 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from csfm.model.losses import asymmetric_loss, cox_partial_likelihood
-
-TASKS = ("multiclass", "multilabel", "binary", "regression", "survival")
+from csfm.tasks import TASKS
 
 
 def _check_embedding(x: torch.Tensor, d: int) -> None:

@@ -26,8 +26,7 @@ from torch import nn
 from csfm.model.batch import Batch
 from csfm.model.config import ModelConfig
 from csfm.model.encoder import CSFMEncoder, SequenceLayout, Transformer, positions_within, sincos_table
-from csfm_kernels import MaskPlan, gather_kept, random_masking, scatter_with_mask_token
-from csfm_kernels.patch_embed import PATCH_LEN, patch_token_ids
+from csfm_kernels import PATCH_LEN, MaskPlan, gather_kept, patch_token_ids, random_masking, scatter_with_mask_token
 
 
 @dataclass

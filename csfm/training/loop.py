@@ -39,19 +39,20 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from csfm import cli
-from csfm.model.checkpoint import (CONFIG, STATE, WEIGHTS, atomic_write, latest_checkpoint, load_state_dict_checked,
+from csfm.files import atomic_write
+from csfm.model.checkpoint import (CONFIG, STATE, WEIGHTS, latest_checkpoint, load_state_dict_checked,
                              load_train_state, load_weights, read_config, save_checkpoint)
 from csfm.cli import NON_NEGATIVE, POSITIVE, OptionError, at_least, flag, in_range
 from csfm.model.config import PRESETS, ModelConfig, preset
-from csfm.data.windows import (PretrainWindows, UnusableRecordsError, check_usable, collate, find_unusable,
-                       split_by_patient)
+from csfm.data.splits import split_by_patient
+from csfm.data.windows import PretrainWindows, UnusableRecordsError, check_usable, collate, find_unusable
 from csfm.training.optim import make_optimizer, warmup_cosine
 from csfm.training.precision import PRECISIONS, Precision, choose_precision
 from csfm.data.preprocess import PreprocessConfig
 from csfm.model.pretrain import MaskedPretrainer, PretrainOutput
 from csfm.data.sources import MixedSource, open_sources, parse_spec
 from csfm.data.tokenizer import ReportTokenizer
-from csfm_kernels.patch_embed import PATCH_LEN
+from csfm_kernels import PATCH_LEN
 
 
 @dataclass
@@ -449,7 +450,7 @@ def _write_run_files(plan: _Plan, history: dict, position: dict, model: MaskedPr
     atomic_write(out_dir / "train_config.json",
                  lambda tmp: tmp.write_text(json.dumps(dataclasses.asdict(config), indent=2)))
     log = _RunLog(out_dir, position["step"] if plan.resume_from is not None else None, history)
-    print(f"csfm.training.loop: {config.preset} ({sum(p.numel() for p in model.encoder.parameters()) / 1e6:.2f} M "
+    print(f"csfm.train: {config.preset} ({sum(p.numel() for p in model.encoder.parameters()) / 1e6:.2f} M "
           f"encoder params), {len(plan.train_idx)} train / {len(plan.val_idx)} val records, {plan.total_steps} "
           f"steps, {plan.precision.name} on {plan.device} x {plan.world} process(es)"
           + (f", resumed at step {position['step']}" if plan.resume_from is not None else ""), file=sys.stderr)
@@ -750,7 +751,7 @@ def _tear_down(s: _Session, last_dir: Path | None) -> Path:
             _save_reconstruction_png(s.model, collate([s.val_set[0]]), s.config, out_dir / "reconstruction.png",
                                      s.run.device, s.preprocess.target_fs)
         s.log.close()
-        print(f"csfm.training.loop: done. checkpoint {last_dir}, logs {s.log.path} and {out_dir / 'tensorboard'}, "
+        print(f"csfm.train: done. checkpoint {last_dir}, logs {s.log.path} and {out_dir / 'tensorboard'}, "
               f"reconstruction {out_dir / 'reconstruction.png'}")
     if s.run.world > 1:
         # DDP's reducer holds the process group too, and its destructor keeps the GIL while the
@@ -777,7 +778,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         train(parse_config(argv))
     except OptionError as exc:
-        print(f"csfm.training.loop: error: {exc}", file=sys.stderr)
+        print(f"csfm.train: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

@@ -1,4 +1,4 @@
-"""AdamW parameter groups and the warmup + cosine learning-rate schedule (DESIGN.md §2)."""
+"""AdamW parameter groups and the warmup + cosine learning-rate schedule (docs/design.md, "Pretraining recipe")."""
 from __future__ import annotations
 
 import math
@@ -41,7 +41,7 @@ def encoder_layer_id(name: str, depth: int) -> int:
 
 def layerwise_param_groups(encoder: nn.Module, head: nn.Module, depth: int, lr: float, weight_decay: float,
                            decay: float = 0.75) -> list[dict]:
-    """AdamW groups for fine-tuning (DESIGN.md §3): lr x decay^(depth + 1 - layer) per encoder
+    """AdamW groups for fine-tuning (docs/design.md): lr x decay^(depth + 1 - layer) per encoder
     layer (the head at the full lr), no weight decay as in ``no_weight_decay_ids``."""
     skip = no_weight_decay_ids(encoder) | no_weight_decay_ids(head)
     named = [*encoder.named_parameters(), *((f"head.{n}", p) for n, p in head.named_parameters())]

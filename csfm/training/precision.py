@@ -1,6 +1,6 @@
 """Mixed precision chosen at run time: bf16 only where this machine runs it fast.
 
-On CPUs bf16 is ~3x fp32 with AVX512-BF16 and ~150x slower without it (DESIGN.md §7), so
+On CPUs bf16 is ~3x fp32 with AVX512-BF16 and ~150x slower without it (docs/design.md, "CPU bf16"), so
 "auto" measures a matmul in both dtypes instead of assuming. On CUDA, bf16 where supported,
 else fp16 with a gradient scaler.
 """

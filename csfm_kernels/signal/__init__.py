@@ -21,6 +21,6 @@ if numba.config.THREADING_LAYER == "default":  # numba was imported before this 
 
 from csfm_kernels.signal.filters import bandpass
 from csfm_kernels.signal.normalize import zscore
-from csfm_kernels.signal.resample import resample
+from csfm_kernels.signal.resample import check_signal, resample
 
-__all__ = ["bandpass", "resample", "zscore"]
+__all__ = ["bandpass", "check_signal", "resample", "zscore"]

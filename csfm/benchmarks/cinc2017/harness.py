@@ -25,7 +25,6 @@ and ``out/results.md``.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import time
@@ -35,23 +34,22 @@ from typing import Any, Collection, Sequence
 
 import numpy as np
 import torch
-import yaml
 from tqdm import tqdm
 
-from csfm.model.checkpoint import atomic_write
-from csfm.benchmarks.cinc2017.scoring import (LABELS, MODELS, feature_probabilities, load_features, read_reference, record_folds,
-                           results_table, score_predictions)
-from csfm.data.windows import Sample
-from csfm.evaluation.embedding import encode_windows, load_encoder
+from csfm.cli import POSITIVE, OptionError, at_least, check_fields, read_config_file, run_command
+from csfm.files import atomic_write
+from csfm.benchmarks.cinc2017.scoring import (LABELS, MODELS, feature_probabilities, labelled_records, load_features,
+                                               results_table, score_predictions)
+from csfm.data.splits import folds_or_load
+from csfm.data.windows import RecordWindows, Sample, record_windows
+from csfm.evaluation.embedding import embed_windows, load_encoder
 from csfm.evaluation.finetune import FineTuneConfig, finetune, predict
 from csfm.model.heads import ClassificationHead
 from csfm.evaluation.metrics import reliability_plot, save_results
-from csfm.model.encoder import TOKEN_POOLINGS, CSFMEncoder, pooled_width
-from csfm.data.preprocess import PreprocessConfig, make_windows, preprocess_signal
-from csfm.data.readers import WfdbDirectory
+from csfm.model.encoder import RECORD_POOLINGS, TOKEN_POOLINGS, CSFMEncoder, pool_by_owner, pooled_width
+from csfm.data.preprocess import PreprocessConfig, RecordCheck
 
 ROW_KINDS = ("handcrafted", "probe", "finetune")
-RECORD_POOLINGS = ("mean", "mean+max")
 _ROW_KEYS = {
     "handcrafted": {"name", "kind", "model"},
     "probe": {"name", "kind", "checkpoint", "random_init", "token_pooling", "pooling"},
@@ -62,44 +60,67 @@ _ROW_KEYS = {
 
 @dataclass
 class BenchmarkConfig:
-    """data: folder with REFERENCE.csv and the WFDB records; out: results folder; stride_s:
-    step between the 10 s windows of a record (seconds); limit: only the first records of
-    REFERENCE.csv (quick runs); rows: the models, see the module docstring."""
+    """Options of ``python -m csfm.benchmark`` (flags of the same names, ``rows`` only in the
+    ``--config`` file, e.g. configs/cinc2017_af.yaml), checked when made: an OptionError
+    names the option, or the row and key."""
 
-    data: str = "../shared/data/cinc2017"
-    out: str = "runs/cinc2017_af"
-    n_folds: int = 5
-    seed: int = 0
-    n_boot: int = 1000
-    stride_s: float = 5.0
-    limit: int | None = None
-    rows: list[dict[str, Any]] = field(default_factory=list)
+    data: str = field(default="../shared/data/cinc2017",
+                      metadata={"help": "folder with REFERENCE.csv and the WFDB records"})
+    out: str = field(default="runs/cinc2017_af", metadata={"help": "results folder"})
+    n_folds: int = field(default=5, metadata={"help": "stratified cross-validation folds over records",
+                                              "valid": at_least(2)})
+    seed: int = field(default=0, metadata={"help": "seed of the folds, the models and the bootstrap"})
+    n_boot: int = field(default=1000, metadata={"help": "bootstrap resamples for the 95 % CIs",
+                                                "valid": at_least(1)})
+    stride_s: float = field(default=5.0, metadata={"help": "step between the 10 s windows of a record (seconds)",
+                                                   "valid": POSITIVE})
+    limit: int | None = field(default=None, metadata={
+        "help": "only the first LIMIT records of REFERENCE.csv (quick runs; default: all)", "valid": at_least(1)})
+    rows: list[dict[str, Any]] = field(default_factory=list, metadata={
+        "help": "the models, run in order: mappings with a name, a kind (handcrafted, probe, finetune) and "
+                "its settings (see python -m csfm.benchmarks.cinc2017.harness's docstring)", "file_only": True})
+    only: list[str] = field(default_factory=list, metadata={
+        "help": "run only the rows with these names (the others' earlier results are kept)"})
+    quiet: bool = field(default=False, metadata={"help": "no progress bars"})
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if not self.rows:
+            raise OptionError("no rows to run: give --config FILE with rows, e.g. configs/cinc2017_af.yaml")
+        for i, row in enumerate(self.rows):
+            _check_row(i, row)
+        unknown = sorted(set(self.only) - {row["name"] for row in self.rows})
+        if unknown:
+            raise OptionError(f"--only: {unknown} are not rows of the --config file")
 
     @classmethod
     def from_file(cls, path: str | Path) -> "BenchmarkConfig":
-        """Reads a YAML config; ValueError naming the file and the unknown or bad key."""
-        values = yaml.safe_load(Path(path).read_text()) or {}
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"{path}: unknown keys {unknown} (known: {sorted(known)})")
-        config = cls(**values)
-        for i, row in enumerate(config.rows):
-            kind = row.get("kind")
-            if kind not in ROW_KINDS or "name" not in row:
-                raise ValueError(f"{path}: rows[{i}] needs a name and a kind in {ROW_KINDS}, got {row}")
-            bad = sorted(set(row) - _ROW_KEYS[kind])
-            if bad:
-                raise ValueError(f"{path}: rows[{i}] ({row['name']}): unknown keys {bad} for kind {kind}")
-            if kind != "handcrafted" and "checkpoint" not in row:
-                raise ValueError(f"{path}: rows[{i}] ({row['name']}): a {kind} row needs a checkpoint")
-            choices = {"model": MODELS, "pooling": RECORD_POOLINGS, "class_weight": ("none", "balanced"),
-                       "token_pooling": TOKEN_POOLINGS}
-            for key, allowed in choices.items():
-                if key in row and row[key] not in allowed:
-                    raise ValueError(f"{path}: rows[{i}] ({row['name']}): {key} must be one of {allowed}, "
-                                     f"got {row[key]!r}")
-        return config
+        """The config of a YAML or JSON file; OptionError naming the file and the unknown or bad key."""
+        values = read_config_file(cls, path)
+        try:
+            return cls(**values)
+        except OptionError as error:
+            raise OptionError(f"{path}: {error}") from None
+
+
+_ROW_CHOICES = {"model": MODELS, "pooling": RECORD_POOLINGS, "class_weight": ("none", "balanced"),
+                "token_pooling": TOKEN_POOLINGS}
+
+
+def _check_row(i: int, row: dict[str, Any]) -> None:
+    """OptionError naming ``rows[i]`` and the key unless the row has a name, a known kind,
+    only that kind's keys, a checkpoint where the kind needs one, and allowed choices."""
+    kind = row.get("kind")
+    if kind not in ROW_KINDS or "name" not in row:
+        raise OptionError(f"rows[{i}] needs a name and a kind in {ROW_KINDS}, got {row}")
+    bad = sorted(set(row) - _ROW_KEYS[kind])
+    if bad:
+        raise OptionError(f"rows[{i}] ({row['name']}): unknown keys {bad} for kind {kind}")
+    if kind != "handcrafted" and "checkpoint" not in row:
+        raise OptionError(f"rows[{i}] ({row['name']}): a {kind} row needs a checkpoint")
+    for key, allowed in _ROW_CHOICES.items():
+        if key in row and row[key] not in allowed:
+            raise OptionError(f"rows[{i}] ({row['name']}): {key} must be one of {allowed}, got {row[key]!r}")
 
 
 # ----------------------------------------------------------------------------- data
@@ -107,52 +128,34 @@ class BenchmarkConfig:
 
 @dataclass
 class LabelledWindows:
-    """Every record of the benchmark, preprocessed once: record_ids [N], codes [N] (index
-    into LABELS), windows[i] = (x [W_i, C_i, 2500] float32, valid [W_i, C_i, 2500] bool),
-    channel_types[i] [C_i] (CinC: one lead, II)."""
+    """Every record of the benchmark, preprocessed and cut once: record_ids [N], codes [N]
+    (index into LABELS), windows[i]: record i's windows (``csfm.data.windows.RecordWindows``;
+    CinC: one lead, II)."""
 
     record_ids: list[str]
     codes: np.ndarray
-    windows: list[tuple[np.ndarray, np.ndarray]]
-    channel_types: list[list[int]]
-
-
-def labelled_records(data_dir: str | Path, limit: int | None = None) -> tuple[WfdbDirectory, list[str], np.ndarray]:
-    """(reader, record ids, label codes [N]) of the records of ``data_dir`` listed in its
-    REFERENCE.csv (the first ``limit``). A record without a label raises a ValueError naming
-    it, as does a labelled record missing from the folder."""
-    data_dir = Path(data_dir)
-    reference = read_reference(data_dir / "REFERENCE.csv")
-    reader = WfdbDirectory(data_dir)
-    on_disk = {r: i for i, r in enumerate(reader.record_ids)}
-    unlabelled = sorted(set(on_disk) - set(reference))
-    if unlabelled:
-        raise ValueError(f"{data_dir}: record(s) {unlabelled[:10]} have no label in REFERENCE.csv")
-    ids = list(reference)[:limit]
-    missing = [r for r in ids if r not in on_disk]
-    if missing:
-        raise ValueError(f"{data_dir}/REFERENCE.csv: labelled record(s) {missing[:10]} are not in the folder")
-    return reader, ids, np.asarray([LABELS.index(reference[r]) for r in ids], np.int64)
+    windows: list[RecordWindows]
 
 
 def load_windows(data_dir: str | Path, stride_s: float, limit: int | None = None,
                  preprocess: PreprocessConfig | None = None, progress: bool = True) -> LabelledWindows:
     """Reads, preprocesses (250 Hz, band-pass, z-score) and cuts every labelled record into
-    10 s windows ``stride_s`` apart (a last partial window zero-padded, valid False there)."""
+    10 s windows ``stride_s`` apart (a last partial window zero-padded, valid False there),
+    as embedding does (``csfm.data.windows.record_windows``); ValueError naming a record
+    without a usable window."""
     preprocess = preprocess or PreprocessConfig()
     reader, ids, codes = labelled_records(data_dir, limit)
     index = {r: i for i, r in enumerate(reader.record_ids)}
-    stride = max(1, int(round(stride_s * preprocess.target_fs)))
-    windows, types = [], []
+    windows = []
     for record_id in tqdm(ids, disable=not progress, desc="reading records", unit="record"):
-        record = reader[index[record_id]]
-        x, valid = preprocess_signal(record.signal, record.fs, record.channel_types, preprocess)
-        cut = make_windows(x, valid, preprocess, stride=stride)
-        if len(cut.x) == 0:
-            raise ValueError(f"{Path(data_dir) / record_id}: no 10 s window with enough valid signal")
-        windows.append((cut.x, cut.valid))
-        types.append(list(record.channel_types))
-    return LabelledWindows(ids, codes, windows, types)
+        check = RecordCheck(preprocess)
+        parts = list(record_windows(reader, index[record_id], check, stride_s))
+        if check.problem:
+            raise ValueError(f"{Path(data_dir) / record_id}: {check.problem}")
+        windows.append(parts[0] if len(parts) == 1 else RecordWindows(  # parts: records over 10 min
+            *(np.concatenate([getattr(p, f) for p in parts]) for f in ("x", "valid", "start_s")),
+            parts[0].channel_types, parts[0].record_id, parts[0].patient_id))
+    return LabelledWindows(ids, codes, windows)
 
 
 # ----------------------------------------------------------------------------- embeddings
@@ -168,27 +171,22 @@ def _encoder(row: dict[str, Any], seed: int) -> CSFMEncoder:
 
 
 def window_embeddings(encoder: CSFMEncoder, data: LabelledWindows, token_pooling: str = "mean",
-                      batch_windows: int = 64, progress: bool = True) -> list[np.ndarray]:
-    """[W_i, d] embeddings of every record's windows (eval mode)."""
+                      batch_windows: int = 64, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(embeddings [W, d] of every window of every record, owner [W]: the record's position
+    in data), encoded as ``csfm.evaluation.embedding.embed_windows`` does (eval mode)."""
     encoder.eval()
-    flat = [(i, x, v) for i, (xs, vs) in enumerate(data.windows) for x, v in zip(xs, vs)]
-    vectors = []
-    for start in tqdm(range(0, len(flat), batch_windows), disable=not progress, desc="embedding", unit="batch"):
-        chunk = flat[start:start + batch_windows]
-        vectors.append(encode_windows(encoder, [c[1] for c in chunk], [data.channel_types[c[0]] for c in chunk],
-                                      [c[2] for c in chunk], token_pooling))
-    stacked = np.concatenate(vectors)
-    owner = np.asarray([c[0] for c in flat])
-    return [stacked[owner == i] for i in range(len(data.windows))]
+    windows = tqdm(enumerate(data.windows), total=len(data.windows), disable=not progress, desc="embedding",
+                   unit="record")
+    vectors, owner, _ = embed_windows(encoder, windows, token_pooling, batch_windows)
+    return vectors, owner
 
 
-def pool_records(per_record: Sequence[np.ndarray], pooling: str) -> np.ndarray:
-    """Window embeddings [W_i, d] of each record -> record features [N, d] (mean) or
-    [N, 2 d] (mean+max)."""
-    if pooling not in RECORD_POOLINGS:
-        raise ValueError(f"pooling must be one of {RECORD_POOLINGS}, got {pooling!r}")
-    mean = np.stack([w.mean(axis=0) for w in per_record])
-    return mean if pooling == "mean" else np.concatenate([mean, np.stack([w.max(axis=0) for w in per_record])], 1)
+def pool_records(embedded: tuple[np.ndarray, np.ndarray], n_records: int, pooling: str) -> np.ndarray:
+    """``window_embeddings``' (vectors [W, d], owner [W]) -> record features [N, d] (mean of
+    each record's windows) or [N, 2 d] (mean+max), float32 (``pool_by_owner`` in float64)."""
+    vectors, owner = embedded
+    return pool_by_owner(torch.from_numpy(vectors).double(), torch.from_numpy(owner), n_records,
+                         pooling).float().numpy()
 
 
 # ----------------------------------------------------------------------------- fine-tuning
@@ -196,8 +194,7 @@ def pool_records(per_record: Sequence[np.ndarray], pooling: str) -> np.ndarray:
 
 def _samples(data: LabelledWindows, rows: np.ndarray, every: int = 1) -> list[Sample]:
     """One Sample per ``every``-th window of the records ``rows`` (no text)."""
-    return [Sample(x, v, data.channel_types[i], np.zeros(0, np.int64), data.record_ids[i], data.record_ids[i])
-            for i in rows for x, v in zip(data.windows[i][0][::every], data.windows[i][1][::every])]
+    return [sample for i in rows for sample in data.windows[i].samples(every)]
 
 
 def finetune_probabilities(row: dict[str, Any], data: LabelledWindows, fold: np.ndarray, seed: int,
@@ -239,10 +236,9 @@ def finetune_probabilities(row: dict[str, Any], data: LabelledWindows, fold: np.
         test_rows = np.flatnonzero(fold == k)
         test = _samples(data, test_rows)
         window_prob = predict(model, test, "multiclass", batch_size=64)
-        row_of = {data.record_ids[i]: i for i in test_rows}
-        owner = np.asarray([row_of[s.record_id] for s in test])
-        for i in test_rows:
-            prob[i] = window_prob[owner == i].mean(axis=0)
+        position = {data.record_ids[i]: k for k, i in enumerate(test_rows)}
+        owner = torch.tensor([position[s.record_id] for s in test])
+        prob[test_rows] = pool_by_owner(torch.from_numpy(window_prob).double(), owner, len(test_rows)).numpy()
         if progress:
             tqdm.write(f"fold {k}: best epoch {history.best_epoch}, validation loss {history.best_val_loss:.4f}")
     return prob
@@ -267,14 +263,15 @@ def run_benchmark(config: BenchmarkConfig, progress: bool = True,
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     data = load_windows(config.data, config.stride_s, config.limit, progress=progress)
-    fold = record_folds(data.codes, config.n_folds, config.seed, out / "folds.json", data.record_ids)
+    fold = folds_or_load(out / "folds.json", [LABELS[k] for k in data.codes], config.n_folds, config.seed,
+                         data.record_ids)
     summary = {"data": config.data, "n_records": len(data.codes), "n_folds": config.n_folds, "seed": config.seed,
-               "stride_s": config.stride_s, "n_windows": int(sum(len(x) for x, _ in data.windows)),
+               "stride_s": config.stride_s, "n_windows": int(sum(len(w.x) for w in data.windows)),
                "fold_sizes": np.bincount(fold).tolist(),
                "read_and_preprocess_s": round(time.perf_counter() - started, 1)}
     summary["rows"] = _earlier_rows(out / "results.json", summary)
     ran: dict[str, Any] = {}
-    embedded: dict[tuple, list[np.ndarray]] = {}
+    embedded: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
     order = [row["name"] for row in config.rows]
     for row in config.rows:
         if only is not None and row["name"] not in only:
@@ -322,7 +319,7 @@ def _write_results(out: Path, summary: dict[str, Any]) -> None:
 
 
 def _row_probabilities(row: dict[str, Any], config: BenchmarkConfig, data: LabelledWindows, fold: np.ndarray,
-                       embedded: dict[tuple, list[np.ndarray]], out: Path, progress: bool) -> tuple[np.ndarray, dict]:
+                       embedded: dict[tuple, tuple[np.ndarray, np.ndarray]], out: Path, progress: bool) -> tuple[np.ndarray, dict]:
     """(out-of-fold probabilities [N, 4], details for the results) of one row."""
     started = time.perf_counter()
     if row["kind"] == "handcrafted":
@@ -334,7 +331,7 @@ def _row_probabilities(row: dict[str, Any], config: BenchmarkConfig, data: Label
         key = (row["checkpoint"], bool(row.get("random_init", False)), row.get("token_pooling", "mean"))
         if key not in embedded:
             embedded[key] = window_embeddings(_encoder(row, config.seed), data, key[2], progress=progress)
-        X, model = pool_records(embedded[key], row.get("pooling", "mean")), "logistic"
+        X, model = pool_records(embedded[key], len(data.codes), row.get("pooling", "mean")), "logistic"
     else:
         return finetune_probabilities(row, data, fold, config.seed, config.stride_s, progress), {}
     features_s = round(time.perf_counter() - started, 1)  # 0 where an earlier row made them
@@ -342,25 +339,15 @@ def _row_probabilities(row: dict[str, Any], config: BenchmarkConfig, data: Label
         {"n_features": int(X.shape[1]), "features_s": features_s}
 
 
+def run(config: BenchmarkConfig) -> dict[str, Any]:
+    """``run_benchmark`` of the rows named in ``config.only`` (all when empty)."""
+    return run_benchmark(config, progress=not config.quiet, only=config.only or None)
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(prog="python -m csfm.benchmark", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML benchmark config, e.g. configs/cinc2017_af.yaml")
-    parser.add_argument("--out", default="", help="results folder (overrides the config's out)")
-    parser.add_argument("--limit", type=int, default=None, help="only the first LIMIT records (quick runs)")
-    parser.add_argument("--rows", nargs="+", default=None, help="run only the rows with these names")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    args = parser.parse_args(argv)
-    config = BenchmarkConfig.from_file(args.config)
-    if args.out:
-        config.out = args.out
-    if args.limit is not None:
-        config.limit = args.limit
-    if args.rows:
-        unknown = sorted(set(args.rows) - {r["name"] for r in config.rows})
-        if unknown:
-            raise ValueError(f"--rows: {unknown} are not rows of {args.config}")
-    return run_benchmark(config, progress=not args.quiet, only=args.rows)
+    """Runs the CLI; returns the summary also written to results.json. A bad option or
+    config entry ends with exit status 2 and a message naming it."""
+    return run_command(run, BenchmarkConfig, argv, "python -m csfm.benchmark", __doc__)
 
 
 if __name__ == "__main__":

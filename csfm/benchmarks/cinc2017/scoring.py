@@ -9,24 +9,26 @@ The baseline: :mod:`csfm.benchmarks.cinc2017.rr_features` per record, stratified
 record level, median imputation + (logistic regression | gradient boosting), scored on
 out-of-fold predictions with bootstrap 95 % intervals over records::
 
-    python -m csfm.cinc2017 --data ../shared/data/cinc2017 --out runs/cinc2017_baseline
+    python -m csfm.benchmarks.cinc2017.scoring --data ../shared/data/cinc2017 --out runs/cinc2017_baseline
 
 Source: Clifford et al., "AF Classification from a Short Single Lead ECG Recording: the
 PhysioNet/Computing in Cardiology Challenge 2017" (ODC-BY).
 """
 from __future__ import annotations
 
-import argparse
-import csv
-import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from csfm.data.splits import folds_or_load, kfold
+from csfm.cli import OptionError, at_least, check_fields, run_command
 from csfm.evaluation.metrics import UndefinedMetricError, auroc, bootstrap_ci, expected_calibration_error, save_results
+from csfm.evaluation.probe import probe_search
+from csfm.data.readers import WfdbDirectory, read_labels
 
 LABELS = ("N", "A", "O", "~")
 SCORED = ("N", "A", "O")
@@ -40,27 +42,13 @@ LOGISTIC_CS = (0.01, 0.1, 1.0, 10.0)
 
 
 def read_reference(path: str | Path) -> dict[str, str]:
-    """Record name -> label from a ``REFERENCE.csv`` (no header, lines ``record,label``).
+    """Record name -> label from a ``REFERENCE.csv`` (no header, lines ``record,label``):
+    ``csfm.data.readers.read_labels`` with the labels limited to :data:`LABELS`.
 
     Raises ValueError naming the file, line and record on a malformed line or a label
     outside :data:`LABELS`, or on a record listed twice.
     """
-    path = Path(path)
-    reference: dict[str, str] = {}
-    with path.open(newline="") as f:
-        for line_no, row in enumerate(csv.reader(f), start=1):
-            if not row or not "".join(row).strip():
-                continue
-            if len(row) != 2:
-                raise ValueError(f"{path}:{line_no}: expected 'record,label', got {','.join(row)!r}")
-            record, label = row[0].strip(), row[1].strip()
-            if label not in LABELS:
-                raise ValueError(f"{path}:{line_no}: record {record!r} has unknown label {label!r} "
-                                 f"(expected one of {LABELS})")
-            if record in reference:
-                raise ValueError(f"{path}:{line_no}: record {record!r} is listed twice")
-            reference[record] = label
-    return reference
+    return read_labels(path, LABELS)
 
 
 def _codes(name: str, y: Any) -> np.ndarray:
@@ -116,64 +104,25 @@ def cinc_score(y_true: Any, y_pred: Any) -> float:
 # cross-validation
 
 
-def _fold_assignment(y: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
-    """Test fold (0..n_folds-1) of each record [N], by seeded StratifiedKFold."""
-    from sklearn.model_selection import StratifiedKFold
-
-    fold = np.empty(len(y), np.int64)
-    splitter = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
-    for k, (_, test) in enumerate(splitter.split(np.zeros(len(y)), y)):
-        fold[test] = k
-    return fold
-
-
-def record_folds(y: np.ndarray, n_folds: int, seed: int, split_path: str | Path | None,
-                 record_ids: Sequence[str] | None) -> np.ndarray:
-    """Fold of each record; read from ``split_path`` when it exists (checked to match the
-    records, labels, n_folds and seed), else made and, with a path, saved there as JSON."""
-    ids = None if record_ids is None else [str(r) for r in record_ids]
-    labels = [LABELS[k] for k in y]
-    if split_path is not None and Path(split_path).exists():
-        saved = json.loads(Path(split_path).read_text())
-        expected = {"n_folds": n_folds, "seed": seed, "labels": labels, "record_ids": ids}
-        wrong = [key for key, value in expected.items() if saved.get(key) != value]
-        if wrong or len(saved.get("fold", ())) != len(y):
-            raise ValueError(f"{split_path}: the saved folds do not match these data "
-                             f"(differs in {wrong or ['number of records']}); delete it or pass another path")
-        return np.asarray(saved["fold"], np.int64)
-    fold = _fold_assignment(y, n_folds, seed)
-    if split_path is not None:
-        from csfm.model.checkpoint import atomic_write
-
-        content = {"n_folds": n_folds, "seed": seed, "fold": fold.tolist(), "labels": labels, "record_ids": ids}
-        Path(split_path).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(Path(split_path), lambda tmp: tmp.write_text(json.dumps(content)))
-    return fold
-
-
 def make_model(model: str, seed: int = 0, inner_folds: int = 3) -> Any:
-    """The scikit-learn pipeline of a baseline: median imputation, then for "logistic"
-    standardisation + multinomial logistic regression with C chosen by inner stratified CV
-    (CinC score) over :data:`LOGISTIC_CS`, for "gbm" a seeded HistGradientBoostingClassifier."""
+    """The scikit-learn model of a baseline. "logistic": the probe pipeline
+    (:func:`csfm.evaluation.probe.probe_search`: median imputation, standardisation,
+    multinomial logistic regression) with C chosen from :data:`LOGISTIC_CS` by the CinC score
+    over a seeded stratified ``inner_folds``-fold CV; "gbm": median imputation + a seeded
+    HistGradientBoostingClassifier."""
     from sklearn.ensemble import HistGradientBoostingClassifier
     from sklearn.impute import SimpleImputer
-    from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import make_scorer
-    from sklearn.model_selection import GridSearchCV, StratifiedKFold
     from sklearn.pipeline import Pipeline
-    from sklearn.preprocessing import StandardScaler
 
-    impute = ("impute", SimpleImputer(strategy="median", keep_empty_features=True))
     if model == "logistic":
-        pipeline = Pipeline([impute, ("scale", StandardScaler()),
-                             ("classify", LogisticRegression(max_iter=2000))])
-        inner = StratifiedKFold(n_splits=inner_folds, shuffle=True, random_state=seed)
-        return GridSearchCV(pipeline, {"classify__C": list(LOGISTIC_CS)}, cv=inner,
-                            scoring=make_scorer(cinc_score))
+        return probe_search("multiclass", kfold(inner_folds, seed), grid=LOGISTIC_CS,
+                            scoring=make_scorer(cinc_score), impute=True)
     if model == "gbm":
-        return Pipeline([impute, ("classify", HistGradientBoostingClassifier(
-            learning_rate=0.05, max_iter=300, max_leaf_nodes=15, min_samples_leaf=10,
-            l2_regularization=1.0, early_stopping=False, random_state=seed))])
+        return Pipeline([("impute", SimpleImputer(strategy="median", keep_empty_features=True)),
+                         ("classify", HistGradientBoostingClassifier(
+                             learning_rate=0.05, max_iter=300, max_leaf_nodes=15, min_samples_leaf=10,
+                             l2_regularization=1.0, early_stopping=False, random_state=seed))])
     raise ValueError(f"model must be one of {MODELS}, got {model!r}")
 
 
@@ -245,17 +194,15 @@ def cross_validate_features(X: Any, y: Any, model: str = "logistic", n_folds: in
     """Out-of-fold evaluation of a classifier on per-record features (hand-crafted or embeddings).
 
     X: [N, F] float features; y: [N] labels ('N', 'A', 'O', '~') or codes 0..3; model:
-    "logistic" or "gbm". Folds: seeded StratifiedKFold over records, saved to / reused from
-    ``split_path`` (JSON) when given; ``record_ids`` [N] are stored with it and checked on reuse.
+    "logistic" or "gbm". Folds: :func:`csfm.data.splits.folds_or_load` (seeded, stratified over
+    records), saved to / reused from ``split_path`` (JSON) when given; ``record_ids`` [N] are stored with it and checked on reuse.
     Returns :func:`score_predictions`' dict plus the settings, "fold_sizes" and "fit_seconds".
     """
     codes = _codes("y", y)
     X = _features(X, len(codes))
-    if record_ids is not None and len(record_ids) != len(codes):
-        raise ValueError(f"record_ids has {len(record_ids)} entries, y has {len(codes)}")
     if model not in MODELS:
         raise ValueError(f"model must be one of {MODELS}, got {model!r}")
-    fold = record_folds(codes, n_folds, seed, split_path, record_ids)
+    fold = folds_or_load(split_path, [LABELS[k] for k in codes], n_folds, seed, record_ids)
     started = time.perf_counter()
     prob = feature_probabilities(X, codes, fold, model, seed)
     return {"model": model, "n_features": int(X.shape[1]), "n_folds": n_folds, "seed": seed,
@@ -286,6 +233,24 @@ def results_table(results: dict[str, Any]) -> str:
 # data and command line
 
 
+def labelled_records(data_dir: str | Path, limit: int | None = None) -> tuple[WfdbDirectory, list[str], np.ndarray]:
+    """(reader, record ids, label codes [N]) of the records of ``data_dir`` listed in its
+    REFERENCE.csv (the first ``limit``), in REFERENCE.csv order. A record without a label
+    raises a ValueError naming it, as does a labelled record missing from the folder."""
+    data_dir = Path(data_dir)
+    reference = read_reference(data_dir / "REFERENCE.csv")
+    reader = WfdbDirectory(data_dir)
+    on_disk = {r: i for i, r in enumerate(reader.record_ids)}
+    unlabelled = sorted(set(on_disk) - set(reference))
+    if unlabelled:
+        raise ValueError(f"{data_dir}: record(s) {unlabelled[:10]} have no label in REFERENCE.csv")
+    ids = list(reference)[:limit]
+    missing = [r for r in ids if r not in on_disk]
+    if missing:
+        raise ValueError(f"{data_dir}/REFERENCE.csv: labelled record(s) {missing[:10]} are not in the folder")
+    return reader, ids, np.asarray([LABELS.index(reference[r]) for r in ids], np.int64)
+
+
 def load_features(data_dir: str | Path, cache_path: str | Path | None = None, limit: int | None = None,
                   progress: bool = True) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Features of the records listed in ``data_dir/REFERENCE.csv`` (first ``limit`` of them).
@@ -294,24 +259,22 @@ def load_features(data_dir: str | Path, cache_path: str | Path | None = None, li
     With ``cache_path`` (.npz) the matrix is read from there when it holds the same records
     and feature names, and written there otherwise.
     """
-    import wfdb
-
     from csfm.benchmarks.cinc2017.rr_features import FEATURE_NAMES, feature_matrix
 
-    data_dir = Path(data_dir)
-    reference = read_reference(data_dir / "REFERENCE.csv")
-    ids = list(reference)[:limit]
-    labels = np.asarray([reference[r] for r in ids])
+    reader, ids, codes = labelled_records(data_dir, limit)
+    labels = np.asarray(LABELS)[codes]
     if cache_path is not None and Path(cache_path).exists():
         cached = np.load(cache_path, allow_pickle=False)
         if cached["record_ids"].tolist() == ids and cached["feature_names"].tolist() == list(FEATURE_NAMES):
             return cached["X"], labels, ids
+    index = {r: i for i, r in enumerate(reader.record_ids)}
     signals = []
-    for record in ids:
-        rec = wfdb.rdrecord(str(data_dir / record))
-        if rec.fs != FS_HZ:
-            raise ValueError(f"{data_dir / record}: header fs is {rec.fs} Hz, expected {FS_HZ}")
-        signals.append(rec.p_signal[:, 0])
+    for record_id in ids:
+        record = reader[index[record_id]]
+        if record.fs != FS_HZ or len(record.channel_types) != 1:
+            raise ValueError(f"{Path(data_dir) / record_id}: {len(record.channel_types)} ECG channel(s) at "
+                             f"{record.fs} Hz, expected 1 at {FS_HZ}")
+        signals.append(record.signal[0].astype(np.float64))
     X = feature_matrix(signals, FS_HZ, progress=progress)
     if cache_path is not None:
         Path(cache_path).parent.mkdir(parents=True, exist_ok=True)
@@ -319,17 +282,34 @@ def load_features(data_dir: str | Path, cache_path: str | Path | None = None, li
     return X, labels, ids
 
 
+@dataclass
+class BaselineConfig:
+    """Options of ``python -m csfm.benchmarks.cinc2017.scoring`` (flags of the same names)."""
+
+    data: str = field(default="../shared/data/cinc2017", metadata={"help": "folder with REFERENCE.csv and the records"})
+    out: str = field(default="runs/cinc2017_baseline", metadata={"help": "output folder"})
+    models: list[str] = field(default_factory=lambda: list(MODELS), metadata={
+        "help": f"baselines to cross-validate, of {', '.join(MODELS)}"})
+    n_folds: int = field(default=5, metadata={"help": "cross-validation folds", "valid": at_least(2)})
+    seed: int = field(default=0, metadata={"help": "seed of the folds and the models"})
+    n_boot: int = field(default=1000, metadata={"help": "bootstrap resamples for the CIs", "valid": at_least(1)})
+    limit: int | None = field(default=None, metadata={"help": "use only the first LIMIT records (default: all)",
+                                                      "valid": at_least(1)})
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        unknown = sorted(set(self.models) - set(MODELS))
+        if unknown or not self.models:
+            raise OptionError(f"--models must name one or more of {', '.join(MODELS)}, got {self.models}")
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(prog="python -m csfm.benchmarks.cinc2017.scoring", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--data", default="../shared/data/cinc2017", help="folder with REFERENCE.csv and the records")
-    parser.add_argument("--out", default="runs/cinc2017_baseline", help="output folder")
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS, help="baselines to cross-validate")
-    parser.add_argument("--n-folds", type=int, default=5, help="cross-validation folds")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the folds and the models")
-    parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the CIs")
-    parser.add_argument("--limit", type=int, default=None, help="use only the first LIMIT records")
-    args = parser.parse_args(argv)
+    """Runs the CLI; returns the summary also written to results.json."""
+    return run_command(run, BaselineConfig, argv, "python -m csfm.benchmarks.cinc2017.scoring", __doc__)
+
+
+def run(args: BaselineConfig) -> dict[str, Any]:
+    """Features (cached in ``args.out``), cross-validated baselines -> results.json / results.md."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()

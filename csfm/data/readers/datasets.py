@@ -3,7 +3,7 @@
 Each class indexes its corpus at construction (CSV tables, file names, HDF5
 ``exam_id`` arrays: no signal is read) and opens signal files only in
 ``__getitem__`` / ``read_window``, so it can be handed to DataLoader workers.
-Common interface (``csfm.data.dataset.WindowSource``):
+Common interface (``csfm.data.record.WindowedSource`` and ``ListedSource``):
 
     len(ds), ds[i] -> Record            the whole record i
     ds.record_ids, ds.patient_ids       [len(ds)] str, for subject-wise splits
@@ -24,9 +24,10 @@ Layouts:
 from __future__ import annotations
 
 import ast
+import csv
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import h5py
 import numpy as np
@@ -119,7 +120,7 @@ class WfdbDirectory(_WfdbFiles):
             raise ValueError(f"{root}: no WFDB records (RECORDS file or pattern {pattern or '**/*.hea'!r})")
         labels = [root / labels_csv] if labels_csv is not None else []
         super().__init__(root, names, names, list(names), mapping, labels)
-        self._labels = _read_labels(labels[0]) if labels else {}
+        self._labels = read_labels(labels[0]) if labels else {}
 
     def _read(self, path: Path, start_s: float, stop_s: float | None) -> Record:
         reader = read_multisegment if isinstance(read_header(path), wfdb.MultiRecord) else read_wfdb
@@ -326,12 +327,29 @@ def _read_csv(path: Path, required: list[str]) -> pd.DataFrame:
     return table
 
 
-def _read_labels(path: Path) -> dict[str, str]:
-    """``record,label`` rows without header (CinC 2017 REFERENCE.csv) -> {record: label}."""
+def read_labels(path: str | Path, allowed: Sequence[str] | None = None) -> dict[str, str]:
+    """``record,label`` rows without header (CinC 2017 REFERENCE.csv) -> {record: label}, in
+    file order; blank lines are skipped. ValueError naming the file (and line and record) when
+    it is missing, on a malformed line, a record listed twice, or a label outside ``allowed``
+    (when given)."""
+    path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: labels file not found")
-    table = pd.read_csv(path, header=None, names=["record", "label"], dtype=str)
-    return dict(zip(table["record"].str.strip(), table["label"].str.strip()))
+    labels: dict[str, str] = {}
+    with path.open(newline="") as f:
+        for line_no, row in enumerate(csv.reader(f), start=1):
+            if not "".join(row).strip():
+                continue
+            if len(row) != 2:
+                raise ValueError(f"{path}:{line_no}: expected 'record,label', got {','.join(row)!r}")
+            record, label = row[0].strip(), row[1].strip()
+            if allowed is not None and label not in allowed:
+                raise ValueError(f"{path}:{line_no}: record {record!r} has unknown label {label!r} "
+                                 f"(expected one of {tuple(allowed)})")
+            if record in labels:
+                raise ValueError(f"{path}:{line_no}: record {record!r} is listed twice")
+            labels[record] = label
+    return labels
 
 
 def _literal(text: str, path: Path, ecg_id: Any) -> dict[str, float]:
