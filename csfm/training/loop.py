@@ -315,6 +315,8 @@ def _usable_split(config: TrainConfig, records: MixedSource) -> tuple[list[int],
     """(training indices, weighted per source; validation indices) of the records the model
     can use: each record is checked once up front (``find_unusable``), so a record without
     usable signal is named here, not met as a crash mid-run."""
+    if not len(records):
+        raise OptionError("--data gives 0 training record(s): its sources hold no records")
     unusable = find_unusable(records, range(len(records)), PreprocessConfig(), workers=config.workers,
                              progress=not config.quiet)
     try:
