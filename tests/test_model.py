@@ -284,3 +284,42 @@ def test_encoder_forward_has_no_host_sync_on_cuda(autocast):
     # equal up to the order of index_add's atomic sums in the token mean
     torch.testing.assert_close(out.cls, expected.cls, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out.mean, expected.mean, atol=1e-5, rtol=1e-5)
+
+
+def test_masked_patches_get_the_mean_of_their_records_kept_patches_at_the_same_time():
+    from csfm.model.config import ModelConfig
+    from csfm.model.pretrain import add_same_time_mean
+    from csfm_kernels import random_masking
+
+    # record 0: 3 channels x 2 positions, record 1: 1 channel x 2 positions (packed channel-major)
+    pos = torch.tensor([0, 1, 0, 1, 0, 1, 0, 1])
+    noise = torch.tensor([[0.1, 0.9, 0.8, 0.2, 0.3, 0.7], [0.9, 0.1, 2.0, 2.0, 2.0, 2.0]])
+    plan = random_masking([6, 2], 0.5, noise=noise)  # keeps rows 0, 3, 4 and row 7 (record 1's second)
+    assert plan.mask.tolist() == [False, True, True, False, False, True, True, False]
+    tokens = torch.arange(16, dtype=torch.float32).reshape(8, 2)
+    out = add_same_time_mean(tokens, plan, pos, n_positions=2)
+    expected = tokens.clone()
+    expected[1] += tokens[3]                    # position 1 of record 0: only row 3 kept
+    expected[5] += tokens[3]
+    expected[2] += (tokens[0] + tokens[4]) / 2  # position 0 of record 0: rows 0 and 4 kept
+    # row 6 (record 1, position 0): no kept row there, nothing added; record 0's rows are not used
+    torch.testing.assert_close(out, expected)
+    with pytest.raises(ValueError, match="decoder_same_time_mean must be a bool"):
+        ModelConfig(decoder_same_time_mean=1)
+
+
+def test_same_time_mean_changes_only_the_decoder_and_is_off_in_the_published_presets():
+    assert not any(preset(name).decoder_same_time_mean for name in ("tiny", "base", "large"))
+    batch = make_batch()
+    plain = MaskedPretrainer(preset("demo", decoder_same_time_mean=False))
+    with_mean = MaskedPretrainer(preset("demo"))
+    with_mean.load_state_dict(plain.state_dict())  # same parameters: only the forward differs
+    def both(ratio):
+        return [model(batch, ratio, generator=torch.Generator().manual_seed(3)) for model in (plain, with_mean)]
+
+    a, b = both(0.0)  # nothing masked: nothing added
+    torch.testing.assert_close(a.text_ce, b.text_ce)
+    a, b = both(0.75)
+    assert not torch.allclose(a.signal_sse, b.signal_sse)
+    b.loss.backward()
+    assert with_mean.encoder.cls_token.grad is not None

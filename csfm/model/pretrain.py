@@ -26,7 +26,8 @@ from torch import nn
 from csfm.model.batch import Batch
 from csfm.model.config import ModelConfig
 from csfm.model.encoder import CSFMEncoder, SequenceLayout, Transformer, positions_within, sincos_table
-from csfm_kernels import PATCH_LEN, MaskPlan, gather_kept, patch_token_ids, random_masking, scatter_with_mask_token
+from csfm_kernels import (PATCH_LEN, MaskPlan, gather_kept, host_segment_positions, patch_token_ids, random_masking,
+                          scatter_with_mask_token)
 
 
 @dataclass
@@ -71,6 +72,20 @@ def normalise_patches(patches: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     mean = patches.mean(-1, keepdim=True)
     var = patches.var(-1, unbiased=False, keepdim=True)
     return (patches - mean) / torch.sqrt(var + eps)
+
+
+def add_same_time_mean(tokens: torch.Tensor, plan: MaskPlan, pos: torch.Tensor, n_positions: int) -> torch.Tensor:
+    """tokens [sum P, d] (kept rows filled, masked rows = mask token) -> [sum P, d] where every
+    masked row also gets the mean of its record's kept rows at the same position ``pos``
+    [sum P] int64 (patch index within the channel, < n_positions); a position with no kept row
+    in its record adds 0."""
+    record = host_segment_positions(plan.n_tokens, tokens.device)[0]
+    group = record * n_positions + pos
+    kept = (~plan.mask).to(tokens.dtype)[:, None]  # weights, not boolean indexing: no device sync
+    n_groups = len(plan.n_tokens) * n_positions
+    sums = tokens.new_zeros(n_groups, tokens.shape[1]).index_add(0, group, tokens * kept)
+    counts = tokens.new_zeros(n_groups, 1).index_add(0, group, kept).clamp(min=1)
+    return tokens + (1 - kept) * (sums / counts)[group]
 
 
 def _token_ids(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,6 +139,8 @@ class MaskedPretrainer(nn.Module):
         # the mask tokens join the decoder's tokens in their dtype (bf16 under autocast)
         full_patch = scatter_with_mask_token(kept_patch, signal_plan, self.signal_mask_token.to(kept_patch.dtype),
                                              backend=masking)
+        if self.config.decoder_same_time_mean:
+            full_patch = add_same_time_mean(full_patch, signal_plan, pos, self.config.n_positions)
         # F.embedding: deterministic CPU backward, unlike indexing
         full_patch = full_patch + F.embedding(chan, self.decoder_channel_embedding) + F.embedding(pos, self.decoder_pos_embedding)
         full_text = scatter_with_mask_token(kept_text, text_plan, self.text_mask_token.to(kept_text.dtype),

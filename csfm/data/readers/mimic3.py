@@ -23,7 +23,7 @@ import numpy as np
 import wfdb
 
 from csfm.data.leads import LeadMapping, record_from_channels, resolve_channels
-from csfm.data.readers.wfdb_record import _GAP, frame_range, parse_comments, read_channels, read_header, record_base
+from csfm.data.readers.wfdb_record import GAP_SEGMENT, frame_range, parse_comments, read_channels, read_header, record_base
 from csfm.data.record import Record
 
 
@@ -107,7 +107,7 @@ class _Segments:
 
     def overlaps_recording(self, sampfrom: int, sampto: int) -> bool:
         """Whether frames [sampfrom, sampto) touch any segment that is not a gap."""
-        return any(self.master.seg_name[k] != _GAP for k in self._overlapping(sampfrom, sampto))
+        return any(self.master.seg_name[k] != GAP_SEGMENT for k in self._overlapping(sampfrom, sampto))
 
     def read(self, sampfrom: int, sampto: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """Frames [sampfrom, sampto) of every kept channel.
@@ -121,7 +121,7 @@ class _Segments:
         read = []
         for k in self._overlapping(sampfrom, sampto):
             name = self.master.seg_name[k]
-            if name == _GAP:
+            if name == GAP_SEGMENT:
                 continue
             header = self._segment_header(k)
             rows = [row for row, channel in enumerate(self.names) if channel in header.sig_name]
@@ -154,9 +154,9 @@ class _Segments:
 
     def _channel_source(self) -> wfdb.Record:
         """The layout header (variable layout) or the first segment's header (fixed layout)."""
-        if self.master.seg_len[0] == 0 and self.master.seg_name[0] != _GAP:
+        if self.master.seg_len[0] == 0 and self.master.seg_name[0] != GAP_SEGMENT:
             return self._segment_header(0)
-        first = next((k for k, name in enumerate(self.master.seg_name) if name != _GAP), None)
+        first = next((k for k, name in enumerate(self.master.seg_name) if name != GAP_SEGMENT), None)
         if first is None:
             raise ValueError(f"{self.hea}: field seg_name lists only gaps")
         return self._segment_header(first)

@@ -38,7 +38,7 @@ _KEY_VALUE = re.compile(r"^([^:<>]+?)\s*:\s*(.*)$")
 _MIMIC_FIELD = re.compile(r"<(\w+)>:\s*(\S*)")
 _MITBIH = re.compile(r"^(\d+)\s+([MF])\b")
 _TEXT_KEY = "reason for admission"
-_GAP = "~"  # segment name of a gap (multi-segment) / file name of a layout header's signals
+GAP_SEGMENT = "~"  # segment name of a gap (multi-segment) / file name of a layout header's signals
 _NUMBER = r"(?:\d+\.?\d*|\.\d+)"
 _RECORD_NAME = re.compile(r"[-\w]+(?:/\d+)?")
 _FS = re.compile(rf"{_NUMBER}(?:/-?{_NUMBER}(?:\(-?{_NUMBER}\))?)?")
@@ -141,12 +141,12 @@ def record_files(path: str | Path) -> list[Path]:
     if isinstance(header, wfdb.MultiRecord):
         for name in dict.fromkeys(header.seg_name):
             segment = record_path.parent / name
-            if name != _GAP and Path(f"{segment}.hea").is_file():
+            if name != GAP_SEGMENT and Path(f"{segment}.hea").is_file():
                 files.extend(record_files(segment))
-            elif name != _GAP:
+            elif name != GAP_SEGMENT:
                 files.append(Path(f"{segment}.hea"))
     else:
-        files.extend(record_path.parent / name for name in dict.fromkeys(header.file_name or []) if name != _GAP)
+        files.extend(record_path.parent / name for name in dict.fromkeys(header.file_name or []) if name != GAP_SEGMENT)
     return files
 
 
