@@ -2,13 +2,21 @@
 from __future__ import annotations
 
 import importlib.util
+import time
+import tracemalloc
+from collections.abc import Callable
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from csfm_kernels import _ext
 from csfm_kernels._triton import triton_runs_on
 from csfm_kernels.patch_embed import PatchEmbedParams, patch_embed_tokens_reference
+
+from csfm.data.readers.safe_io import FileFormatError
+from csfm.data.record import CHANNEL_TYPE_NAMES, Record
 
 FP32_TOL = {"atol": 1e-5, "rtol": 1e-5}
 
@@ -82,3 +90,58 @@ def patch_embed_torch(inputs: dict[str, torch.Tensor], eps: float = 1e-5) -> tor
     """The package's plain-torch reference on a :func:`patch_embed_inputs` dict -> [T, D]."""
     params = PatchEmbedParams(*[inputs[k] for k in PATCH_PARAM_NAMES], eps=eps)
     return patch_embed_tokens_reference(inputs["patches"], inputs["token_chan"], inputs["token_pos"], params)
+
+
+def assert_fails_fast(read: Callable[[Path], object], fmt: str, path: Path, *in_message: str,
+                      field: str = "") -> FileFormatError:
+    """``read(path)`` (a file reader) must raise FileFormatError naming ``path`` and ``fmt``, with
+    ``field`` in its field and each of ``in_message`` in its message, in under a second and with a
+    tracemalloc peak under 100 MB (a hostile file fails before anything big is allocated).
+    Returns the error for further checks."""
+    tracemalloc.start()
+    start = time.perf_counter()
+    try:
+        with pytest.raises(FileFormatError) as info:
+            read(path)
+    finally:
+        elapsed = time.perf_counter() - start
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    error = info.value
+    assert error.path == Path(path) and error.fmt == fmt and str(path) in str(error), (str(error), path, fmt)
+    assert field in error.field, (field, str(error))
+    for fragment in in_message:
+        assert fragment in str(error), (fragment, str(error))
+    assert elapsed < 1.0 and peak < 100 * 2 ** 20, (elapsed, peak)
+    return error
+
+
+def assert_ecg_record(record: Record, fs: float, names: list[str], samples: int) -> None:
+    """The contract's fields of a file reader's Record: fs in Hz, the standard lead ``names`` in
+    this order with their channel types, signal [len(names), samples] float32 (duration
+    samples / fs), every channel an ECG lead in mV."""
+    assert record.fs == fs
+    assert record.channel_names == list(names)
+    assert record.channel_types == [CHANNEL_TYPE_NAMES.index(name) for name in names]
+    assert record.signal.shape == (len(names), samples) and record.signal.dtype == np.float32
+    assert record.duration_s == pytest.approx(samples / fs)
+    assert record.units == ["mV"] * len(names) and record.modalities == ["ECG"] * len(names)
+
+
+def assert_median_beats(record: Record, fs: float, leads: list[str], samples: int) -> np.ndarray:
+    """``record.metadata["median_beats"]`` as the readers give it: {"fs": fs Hz, "leads": leads,
+    "signal": [len(leads), samples] float32 mV}, shorter than the rhythm strip. Returns its signal."""
+    median = record.metadata["median_beats"]
+    assert median["fs"] == fs and median["leads"] == list(leads)
+    assert median["signal"].shape == (len(leads), samples) and median["signal"].dtype == np.float32
+    assert samples < record.signal.shape[1]
+    return median["signal"]
+
+
+def assert_lead_matches(ours: np.ndarray, expected: np.ndarray, label: str = "", atol: float = 1e-6) -> None:
+    """A reader's lead ``ours`` [T] equals an independent decode ``expected`` [T] (same unit, mV)
+    within ``atol`` at every one of at least 100 samples, and correlates with it at >= 0.999."""
+    assert ours.shape == expected.shape and ours.size >= 100, (label, ours.shape, expected.shape)
+    assert np.corrcoef(ours, expected)[0, 1] >= 0.999, label
+    equal = np.isclose(ours, expected, rtol=0, atol=atol)
+    assert equal.all(), (label, int((~equal).sum()), np.abs(ours - expected).max())

@@ -11,7 +11,8 @@ from csfm.data.windows import PretrainWindows, collate
 from csfm.data.demo import RHYTHMS, DemoDataset
 from csfm.model.checkpoint import save_checkpoint
 from csfm.evaluation.embedding import encode_windows
-from csfm.evaluation.finetune import EncoderWithHead, FineTuneConfig, validation_loss, finetune, main
+from csfm.evaluation.finetune import FineTuneConfig, finetune, main, validation_loss
+from csfm.evaluation.finetuned import EncoderWithHead
 from csfm.model.heads import ClassificationHead
 from csfm.model.encoder import CSFMEncoder, EncoderOutput, SequenceLayout, pool_tokens, pooled_width, segment_mean
 from csfm.model.pretrain import MaskedPretrainer

@@ -12,7 +12,7 @@ TYPE = {name: index for index, name in enumerate(CHANNEL_TYPE_NAMES)}
 
 @pytest.mark.parametrize("name, expected", [
     ("i", "I"), ("lead i", "I"), ("I", "I"), ("DI", "I"),
-    ("ii", "II"), ("lead II", "II"), ("ECG II", "II"), ("ecg_ii", "II"), ("Lead-II", "II"), ("DII", "II"),
+    ("ii", "II"), ("lead II", "II"), ("ECG II", "II"), ("EKG II", "II"), ("EKG", "II"), ("ecg_ii", "II"), ("Lead-II", "II"), ("DII", "II"),
     ("iii", "III"), ("DIII", "III"),
     ("avr", "aVR"), ("aVR", "aVR"), ("AVR", "aVR"), ("avl", "aVL"), ("AVF", "aVF"),
     *[(f"V{k}", f"V{k}") for k in range(1, 7)], ("v6", "V6"), ("lead V2", "V2"),

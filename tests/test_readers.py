@@ -13,7 +13,6 @@ import wfdb
 from fixtures import (CHUNKS_S, CINC2017, PHYSIONET, TWELVE, copy_record, need, ptb_chunk, write_code15,
                       write_mimic_iv, write_ptbxl, write_wfdb)
 
-from csfm.data.leads import channel_type
 from csfm.data.readers import (PTBXL, Code15, MimicIVECG, WfdbDirectory, read_multisegment, read_wfdb,
                           stream_windows)
 from csfm.data.record import CHANNEL_TYPE_NAMES

@@ -28,6 +28,7 @@ R peaks inside the record), ``age`` (years), ``sex`` ("M"/"F"), ``qrs_axis`` (de
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -139,7 +140,7 @@ def make_demo_record(index: int, seed: int = 0, duration_s: float = 10.0, fs: fl
         signal=np.vstack([leads, ppg[None]]).astype(np.float32), fs=float(fs),
         channel_names=list(_CHANNEL_NAMES), units=list(_UNITS), channel_types=list(range(PPG_TYPE + 1)),
         modalities=list(_MODALITIES), text=_report(rng, rhythm, heart_rate, axis),
-        patient_id=patient_id, record_id=f"demo{index:06d}", metadata=metadata,
+        patient_id=patient_id, record_id=demo_record_id(index), metadata=metadata,
     )
 
 
@@ -164,6 +165,14 @@ class DemoDataset:
         return self.n
 
     @property
+    def record_ids(self) -> list[str]:
+        return [demo_record_id(i) for i in range(self.n)]
+
+    def record_files(self, i: int) -> list[Path]:
+        """No file: a demo record is generated from its seed and index."""
+        return []
+
+    @property
     def patient_ids(self) -> list[str]:
         """Patient of every record, without generating any (for subject-wise splits)."""
         return [_patient_id(i) for i in range(self.n)]
@@ -172,6 +181,11 @@ class DemoDataset:
         if not -self.n <= i < self.n:
             raise IndexError(f"DemoDataset: index {i} out of range for {self.n} records")
         return make_demo_record(i % self.n, self.seed, **self.kw)
+
+
+def demo_record_id(index: int) -> str:
+    """The record id of demo record ``index``."""
+    return f"demo{index:06d}"
 
 
 def _patient_id(index: int) -> str:

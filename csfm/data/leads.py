@@ -7,9 +7,9 @@ that have a type and lists the others as dropped. It never invents channels: one
 lead stays one channel (no broadcasting of a single lead over twelve).
 
 Names are matched case-insensitively after normalisation: ``_`` and ``-`` count as
-spaces, runs of spaces collapse, a leading ``lead`` or ``ecg`` word is removed when
-something follows it, and the remaining spaces are removed. So ``"Lead II"``,
-``"ECG II"``, ``"ecg_ii"``, ``"II"`` and ``"ii"`` are all lead II.
+spaces, runs of spaces collapse, a leading ``lead``, ``ecg`` or ``ekg`` word (EDF+ type
+words) is removed when something follows it, and the remaining spaces are removed. So
+``"Lead II"``, ``"ECG II"``, ``"EKG II"``, ``"ecg_ii"``, ``"II"`` and ``"ii"`` are all lead II.
 
 ``ALIASES`` (normalised name -> type) holds the standard 12-lead names, the
 Portuguese-style names of CODE (``DI``, ``DII``, ``DIII``) and the PPG names:
@@ -32,7 +32,7 @@ whose electrical axis it approximates. These are modelling choices:
                                      MIMIC and CinC 2015); monitors place it at V1
                                      by default for arrhythmia monitoring, so V1 is
                                      its closest 12-lead type
-    ecg -> II                        a lone "ECG" is a single wearable / handheld
+    ecg, ekg -> II                   a lone "ECG" is a single wearable / handheld
                                      lead (e.g. CinC 2017, AliveCor); docs/design.md, "Model layout"
                                      treats a single wearable lead as lead II
 
@@ -66,10 +66,10 @@ MONITOR_LEADS: dict[str, int] = {
     "mli": _TYPE["i"], "mlii": _TYPE["ii"], "mliii": _TYPE["iii"],
     "mcl1": _TYPE["v1"], "mcl6": _TYPE["v6"], "cm5": _TYPE["v5"],
     "v": _TYPE["v1"],
-    "ecg": _TYPE["ii"],
+    "ecg": _TYPE["ii"], "ekg": _TYPE["ii"],
 }
 
-_PREFIX = re.compile(r"^(lead|ecg) (?=\S)")
+_PREFIX = re.compile(r"^(lead|ecg|ekg) (?=\S)")
 
 LeadMapping = dict[str, str | int | None]
 
@@ -177,3 +177,49 @@ def _type_of(target: str | int | None, field: str) -> int | None:
         return _TYPE[target.strip().lower()]
     raise ValueError(f"{field}: unknown channel type {target!r}, expected one of {list(CHANNEL_TYPE_NAMES)}, "
                      f"an int 0..{PPG_TYPE} or None")
+
+
+# Lead identification codes n of SCP-ECG (EN 1064, section 3) -> lead name. The same numbers
+# are the DICOM SCPECG codes 5.6.3-9-n and the ISO/IEEE 11073 MDC codes 2:n
+# (MDC_ECG_LEAD_* = 131072 + n). Code 65 is -aVR: named so that it is never taken for aVR.
+SCP_LEAD_CODES: dict[int, str] = {
+    1: "I", 2: "II", 3: "V1", 4: "V2", 5: "V3", 6: "V4", 7: "V5", 8: "V6", 9: "V7",
+    10: "V2R", 11: "V3R", 12: "V4R", 13: "V5R", 14: "V6R", 15: "V7R", 16: "X", 17: "Y", 18: "Z",
+    19: "CC5", 20: "CM5", 61: "III", 62: "aVR", 63: "aVL", 64: "aVF", 65: "aVR negated",
+    66: "V8", 67: "V9", 68: "V8R", 69: "V9R",
+}
+
+# Einthoven's law and Goldberger's augmented leads as (weight of I, weight of II)
+_FROM_I_II = {"III": (-1.0, 1.0), "aVR": (-0.5, -0.5), "aVL": (1.0, -0.5), "aVF": (-0.5, 1.0)}
+
+
+def derive_limb_leads(signal: np.ndarray, names: list[str]) -> tuple[np.ndarray, list[str], list[str]]:
+    """Append the limb leads III, aVR, aVL, aVF that ``names`` lacks, computed from I and II:
+    III = II - I, aVR = -(I + II)/2, aVL = I - II/2, aVF = II - I/2.
+
+    signal: [C, T], one row per name, all in one unit (NaN stays NaN). A lead counts as
+    present when a name has its channel type (see channel_type); the first such row is used.
+    Returns (signal [C + k, T] with the k derived rows appended, names with their standard
+    names appended, the k names). Nothing is derived without both I and II.
+    """
+    rows: dict[int, int] = {}
+    for index, name in enumerate(names):
+        ctype = channel_type(name)
+        if ctype is not None:
+            rows.setdefault(ctype, index)
+    if _TYPE["i"] not in rows or _TYPE["ii"] not in rows:
+        return signal, list(names), []
+    lead_i, lead_ii = signal[rows[_TYPE["i"]]], signal[rows[_TYPE["ii"]]]
+    derived = [name for name in _FROM_I_II if _TYPE[name.lower()] not in rows]
+    extra = [_FROM_I_II[name][0] * lead_i + _FROM_I_II[name][1] * lead_ii for name in derived]
+    return np.vstack([signal, *extra]) if extra else signal, list(names) + derived, derived
+
+
+def standard_order(leads: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``leads`` reordered I, II, III, aVR, aVL, aVF, V1..V6, PPG by channel type; names of no
+    channel type keep their order after those."""
+    def rank(name: str) -> int:
+        ctype = channel_type(name)
+        return len(CHANNEL_TYPE_NAMES) if ctype is None else ctype
+
+    return dict(sorted(leads.items(), key=lambda item: rank(item[0])))  # stable: ties keep their order

@@ -2,8 +2,9 @@
 ``demo[:N][@WEIGHT]``.
 
 KIND is wfdb (any folder of WFDB records, e.g. CinC 2017), mimic3 (a MIMIC-III waveform
-folder of multi-segment records), mimic4 (MIMIC-IV-ECG), ptbxl (PTB-XL) or code15 (CODE-15
-HDF5). OPTIONs go to the reader, e.g. ``wfdb:data/cinc2017?labels_csv=REFERENCE.csv`` or
+folder of multi-segment records), mimic4 (MIMIC-IV-ECG), ptbxl (PTB-XL), code15 (CODE-15
+HDF5) or files (a folder, or one file, of recordings in any mix of formats: WFDB, GE MUSE,
+Philips, HL7 aECG, DICOM, SCP-ECG, EDF; ``?strict=1`` makes an unrecognised file an error). OPTIONs go to the reader, e.g. ``wfdb:data/cinc2017?labels_csv=REFERENCE.csv`` or
 ``ptbxl:data/ptbxl?sampling=hr``. WEIGHT (a finite number > 0, default 1) scales how often
 a source's records come up per epoch: 2 repeats each, 0.5 takes a seeded half.
 """
@@ -17,10 +18,11 @@ from typing import Sequence
 import numpy as np
 
 from csfm.data.demo import DemoDataset
-from csfm.data.readers import PTBXL, Code15, MimicIVECG, WfdbDirectory
+from csfm.data.readers import PTBXL, Code15, FileFolder, MimicIVECG, WfdbDirectory
 from csfm.data.record import ListedSource, Record, RecordSource, WindowedSource
 
-READERS = {"wfdb": WfdbDirectory, "mimic3": WfdbDirectory, "mimic4": MimicIVECG, "ptbxl": PTBXL, "code15": Code15}
+READERS = {"wfdb": WfdbDirectory, "mimic3": WfdbDirectory, "mimic4": MimicIVECG, "ptbxl": PTBXL, "code15": Code15,
+           "files": FileFolder}
 
 
 @dataclass(frozen=True)
@@ -99,10 +101,17 @@ class MixedSource:
         return source.duration_s(i) if isinstance(source, WindowedSource) else None
 
     def record_files(self, index: int) -> list[Path]:
-        """The files record ``index`` is built from (its reader's ``record_files``); [] for a
-        source that reads no file (demo records are generated from their seed)."""
+        """The files record ``index`` is built from (its source's ``record_files``; [] for demo
+        records, generated from their seed)."""
         source, i = self._locate(index)
         return source.record_files(i) if isinstance(source, ListedSource) else []
+
+    @property
+    def record_ids(self) -> list[str]:
+        """Each source's record ids as it gives them (``#i`` for a source that lists none)."""
+        return [rid for source in self.sources
+                for rid in (source.record_ids if isinstance(source, ListedSource) else
+                            [f"#{i}" for i in range(len(source))])]
 
     @property
     def patient_ids(self) -> list[str]:

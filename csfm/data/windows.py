@@ -186,7 +186,7 @@ class PretrainWindows(torch.utils.data.Dataset):
         """``_window`` by reading the whole record (part by part: ``record_parts``): one of its
         usable windows drawn uniformly (reservoir sampling, so one window is held at a time),
         or ValueError naming the record and why it has none."""
-        check, name, chosen, seen = RecordCheck(self.preprocess), _record_name(self.records, index), None, 0
+        check, name, chosen, seen = RecordCheck(self.preprocess), record_name(self.records, index), None, 0
         for part, _, skip_s, span_s in record_parts(self.records, index, self.preprocess):
             windows, used = check.windows(part, skip_s, span_s)
             name = part.record_id
@@ -323,7 +323,7 @@ class _UsabilityChecks(torch.utils.data.Dataset):
 
     def __getitem__(self, k: int) -> tuple[int, str, str]:
         index = self.indices[k]
-        check, name = RecordCheck(self.config, self.modality), _record_name(self.records, index)
+        check, name = RecordCheck(self.config, self.modality), record_name(self.records, index)
         try:
             for part, _, skip_s, span_s in record_parts(self.records, index, self.config):
                 name = part.record_id or name
@@ -332,6 +332,20 @@ class _UsabilityChecks(torch.utils.data.Dataset):
         except ValueError as error:  # readers raise ValueError naming the file and what is wrong
             return index, name, f"cannot be read: {error}"
         return index, name, check.problem
+
+
+def all_windows(records: RecordSource, index: int, check: RecordCheck,
+                stride_s: float | None = None) -> RecordWindows:
+    """Every usable window of record ``index`` (``record_windows``' parts joined into one
+    RecordWindows). ValueError naming the record when it has none (``check.problem``)."""
+    parts = list(record_windows(records, index, check, stride_s))
+    if check.problem:
+        name = parts[0].record_id if parts else record_name(records, index)
+        raise ValueError(f"record {name}: {check.problem}")
+    if len(parts) == 1:
+        return parts[0]
+    return RecordWindows(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("x", "valid", "start_s")),
+                         parts[0].channel_types, parts[0].record_id, parts[0].patient_id)
 
 
 def find_unusable(records: RecordSource, indices: Sequence[int], config: PreprocessConfig | None = None,
@@ -376,7 +390,7 @@ def _duration(records: RecordSource, index: int) -> float | None:
     return records.duration_s(index) if isinstance(records, WindowedSource) else None
 
 
-def _record_name(records: RecordSource, index: int) -> str:
+def record_name(records: RecordSource, index: int) -> str:
     """Record ``index``'s id where the source lists ids, else ``#index``."""
     return records.record_ids[index] if isinstance(records, ListedSource) else f"#{index}"
 

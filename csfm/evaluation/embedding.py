@@ -161,12 +161,8 @@ def encode_windows(encoder: CSFMEncoder, signals: Sequence[np.ndarray], channel_
     rows, n_kept = batch.valid_patches()
     if not all(n_kept):
         raise ValueError(f"windows {[b for b, n in enumerate(n_kept) if not n]} of the batch have no valid sample")
-    batch = batch.to(device)
     with autocast():
-        patch_rows, _ = encoder.embed_signals(batch)
-        text_rows, n_text = encoder.embed_text(batch)
-        out = encoder.encode(patch_rows.index_select(0, rows.to(device, non_blocking=True)), n_kept, text_rows,
-                             n_text)
+        out = encoder.encode_valid(batch.to(device), rows, n_kept)
     return pool_tokens(out, pooling).cpu().numpy()
 
 

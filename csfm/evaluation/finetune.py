@@ -1,8 +1,10 @@
 """Full fine-tuning of the encoder with a task head (docs/design.md): ``python -m csfm.finetune``.
 
 The command line takes a checkpoint, ``--data`` specs and a record-metadata label, makes
-(or reuses) a patient-level stratified split in ``--out-dir/split.json``, fine-tunes, and
-writes test metrics with bootstrap 95 % CIs (by patient) to results.json / results.md.
+(or reuses) a patient-level stratified split in ``--out-dir/split.json``, fine-tunes on every
+10 s window of the training records, and writes test metrics with bootstrap 95 % CIs (by
+patient; a record's prediction is the mean of its windows') to results.json / results.md,
+and the self-describing model directory ``--out-dir/model`` that ``csfm.predict`` applies.
 
 AdamW with layer-wise lr decay (0.75 per layer from the head down), no weight decay on
 norms, biases, embeddings and the CLS token, 10 % linear warmup then linear decay, and
@@ -11,7 +13,7 @@ early stopping on the validation loss (the best weights are restored at the end)
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -20,16 +22,17 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from csfm.model.batch import Batch
 from csfm.files import atomic_write
-from csfm.model.checkpoint import save_checkpoint
 from csfm.cli import NON_NEGATIVE, OptionError, at_least, check_fields, in_range, run_command
-from csfm.data.windows import PretrainWindows, Sample, collate
+from csfm.data.preprocess import MODALITIES, PreprocessConfig, RecordCheck
+from csfm.data.windows import Sample, all_windows, collate
 from csfm.evaluation.embedding import load_encoder
-from csfm.model.heads import ClassificationHead, RegressionHead, head_loss
+from csfm.evaluation.finetuned import EncoderWithHead, ModelCard, make_head, predict_records, save_model_dir
+from csfm.evaluation.predict import prediction_table
+from csfm.model.heads import head_loss
 from csfm.evaluation.metrics import evaluate, reliability_plot, results_markdown, save_results
 from csfm.model.config import PRESETS
-from csfm.model.encoder import TOKEN_POOLINGS, CSFMEncoder, check_token_pooling, pool_tokens, pooled_width
+from csfm.model.encoder import TOKEN_POOLINGS, CSFMEncoder, pooled_width
 from csfm.training.optim import layerwise_param_groups, warmup_linear
 from csfm.data.sources import open_sources
 from csfm.data.splits import assert_no_patient_leakage, split_or_load
@@ -74,6 +77,9 @@ class FineTuneRunConfig(FineTuneConfig):
     preset: str = field(default="", metadata={"help": "model preset of a .pth checkpoint", "choices": ("", *PRESETS)})
     out_dir: str = field(default="runs/finetune", metadata={"help": "split file, results and weights go here"})
     n_boot: int = field(default=1000, metadata={"help": "bootstrap resamples for the 95 % CIs", "valid": at_least(1)})
+    modality: str = field(default="both", metadata={"help": "channels to train on: both, ecg or ppg",
+                                                    "choices": MODALITIES})
+    quiet: bool = field(default=False, metadata={"help": "no progress bars"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -89,19 +95,6 @@ class FineTuneResult:
     best_val_loss: float
     train_loss: list[float] = field(default_factory=list)
     val_loss: list[float] = field(default_factory=list)
-
-
-class EncoderWithHead(nn.Module):
-    """Encoder -> pooled embedding (:func:`csfm.model.encoder.pool_tokens`: cls, mean or mean+std, the
-    head's input width from :func:`csfm.model.encoder.pooled_width`) -> head: Batch -> head output."""
-
-    def __init__(self, encoder: CSFMEncoder, head: nn.Module, pooling: str = "cls") -> None:
-        super().__init__()
-        check_token_pooling(pooling)
-        self.encoder, self.head, self.pooling = encoder, head, pooling
-
-    def forward(self, batch: Batch) -> torch.Tensor:
-        return self.head(pool_tokens(self.encoder(batch), self.pooling))
 
 
 def _batches(samples: Sequence[Sample], batch_size: int, rng: np.random.Generator | None) -> list[list[int]]:
@@ -171,61 +164,56 @@ def validation_loss(model: EncoderWithHead, samples: Sequence[Sample], batch_siz
 
 # ----------------------------------------------------------------------------- command line
 
-def _labels(source, key: str) -> list:
-    """metadata[key] of every record; a clear error naming the records that lack it."""
-    values, missing = [], []
+def _labels(source, key: str) -> tuple[list, list[str]]:
+    """(metadata[key], record id) of every record; a clear error naming the records that lack it."""
+    values, ids, missing = [], [], []
     for i in range(len(source)):
         record = source[i]
         value = record.metadata.get(key)
         if value is None or (isinstance(value, float) and np.isnan(value)):
             missing.append(record.record_id)
         values.append(value)
+        ids.append(record.record_id)
     if missing:
         raise ValueError(f"{len(missing)} record(s) have no label '{key}' in their metadata: {missing[:10]}")
-    return values
+    return values, ids
 
 
 def _task_setup(task: str, labels: list, d: int) -> tuple[nn.Module, np.ndarray, list]:
     """(head, targets [N], classes) for a task over the raw labels."""
     if task == "regression":
-        return RegressionHead(d), np.asarray(labels, dtype=np.float32), []
+        return make_head(task, 0, d), np.asarray(labels, dtype=np.float32), []
     classes = sorted(set(labels), key=str)
     if task == "binary" and len(classes) != 2:
         raise ValueError(f"task 'binary' needs 2 label values, found {len(classes)}: {classes[:10]}")
     targets = np.array([classes.index(v) for v in labels])
-    return ClassificationHead(d, 1 if task == "binary" else len(classes)), targets, classes
-
-
-@torch.no_grad()
-def predict(model: EncoderWithHead, samples: Sequence[Sample], task: str, batch_size: int = 32) -> np.ndarray:
-    """P(class 1) [N] (binary), class probabilities [N, K] (multiclass) or values [N] (regression)."""
-    model.eval()
-    outputs = [model(collate(samples[i:i + batch_size])) for i in range(0, len(samples), batch_size)]
-    out = torch.cat(outputs)
-    if task == "binary":
-        return torch.sigmoid(out.reshape(-1)).numpy()
-    return torch.softmax(out, -1).numpy() if task == "multiclass" else out.reshape(-1).numpy()
+    return make_head(task, len(classes), d), targets, classes
 
 
 def run(config: FineTuneRunConfig) -> dict:
-    """Patient-level split (saved, reused), fine-tuning, test metrics with CIs -> results.json/.md."""
+    """Patient-level split (saved, reused), fine-tuning on every 10 s window of the training
+    records, test metrics (each record: the mean of its windows' predictions) with CIs ->
+    results.json/.md, the test records' predictions (test_predictions.csv, as csfm.predict
+    writes them) and the model directory ``model/`` that ``csfm.predict`` applies."""
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     source = open_sources(config.data, seed=config.seed)
-    labels = _labels(source, config.label)
+    labels, record_ids = _labels(source, config.label)
     encoder = load_encoder(config.checkpoint, config.preset)
     head, targets, classes = _task_setup(config.task, labels, pooled_width(encoder.config.dim, config.pooling))
-    record_ids = [source[i].record_id for i in range(len(source))]
     split = split_or_load(out_dir / "split.json", source.patient_ids, record_ids, seed=config.seed,
                           labels=None if config.task == "regression" else targets)
     assert_no_patient_leakage(split, source.patient_ids)
-    windows = PretrainWindows(source, None, subset_prob=0.0, seed=config.seed)
-    samples = {part: [windows[int(i)] for i in rows] for part, rows in split.items()}
+    preprocess = PreprocessConfig()
+    windows = [all_windows(source, i, RecordCheck(preprocess, config.modality))
+               for i in tqdm(range(len(source)), disable=config.quiet, desc="reading records", unit="record")]
+    samples = {part: [s for i in rows for s in windows[int(i)].samples()] for part, rows in split.items()}
     target_of = _target_fn(config.task, dict(zip(record_ids, targets)))
-    model, history = finetune(encoder, head, config.task, samples["train"], samples["val"], target_of, config)
+    model, history = finetune(encoder, head, config.task, samples["train"], samples["val"], target_of, config,
+                              progress=not config.quiet)
     y_true = np.asarray([targets[int(i)] for i in split["test"]])
     groups = np.asarray(source.patient_ids)[split["test"]]
-    predictions = predict(model, samples["test"], config.task)
+    predictions = predict_records(model, [windows[int(i)] for i in split["test"]], config.task)
     results = evaluate(config.task, y_true, predictions, groups=groups, n_boot=config.n_boot, seed=config.seed)
     results.update({"classes": [str(c) for c in classes], "best_epoch": history.best_epoch,
                     "val_loss": history.val_loss, "train_loss": history.train_loss})
@@ -233,7 +221,13 @@ def run(config: FineTuneRunConfig) -> dict:
         reliability_plot(y_true, predictions, out_dir / "reliability.png")
     save_results(results, out_dir / "results.json")
     atomic_write(out_dir / "results.md", lambda tmp: tmp.write_text(results_markdown(results)))
-    save_checkpoint(out_dir / "model", model, encoder.config)
+    seen = sorted({t for i in split["train"] for t in windows[int(i)].channel_types})
+    card = ModelCard(config.task, [str(c) for c in classes], config.pooling, config.label, seen, config.modality,
+                     asdict(preprocess))
+    table = prediction_table(card, [record_ids[int(i)] for i in split["test"]], predictions,
+                             [len(windows[int(i)].x) for i in split["test"]])
+    atomic_write(out_dir / "test_predictions.csv", lambda tmp: table.to_csv(tmp, index=False))
+    save_model_dir(out_dir / "model", model, card)
     print(results_markdown(results))
     return results
 

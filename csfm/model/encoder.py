@@ -281,6 +281,20 @@ class CSFMEncoder(nn.Module):
                                   backend=self.backends["varlen_attention"], seqlens_host=layout.seqlens)
         return EncoderOutput(states, layout, states[layout.cls_rows], segment_mean(states, layout.cu_seqlens))
 
+    def encode_valid(self, batch: Batch, rows: torch.Tensor | None = None,
+                     n_kept: Sequence[int] | None = None) -> EncoderOutput:
+        """Encodes a batch of windows (each at most 10 s) leaving out the patches without a
+        valid sample; the others keep their channel type and position, so a gap is encoded
+        as if those patches had not been given, never as zeros. rows, n_kept: the batch's
+        ``valid_patches()``, computed before it moved to a device (else computed here, which
+        reads the masks back from the device)."""
+        if rows is None or n_kept is None:
+            rows, n_kept = batch.valid_patches()
+        patch_rows, _ = self.embed_signals(batch)
+        text_rows, n_text = self.embed_text(batch)
+        kept = patch_rows.index_select(0, rows.to(patch_rows.device, non_blocking=True))
+        return self.encode(kept, n_kept, text_rows, n_text)
+
     def forward(self, batch: Batch) -> EncoderOutput:
         window = self.config.n_positions * PATCH_LEN
         if max(x.shape[1] for x in batch.signals) <= window:

@@ -41,9 +41,10 @@ from csfm.files import atomic_write
 from csfm.benchmarks.cinc2017.scoring import (LABELS, MODELS, feature_probabilities, labelled_records, load_features,
                                                results_table, score_predictions)
 from csfm.data.splits import folds_or_load
-from csfm.data.windows import RecordWindows, Sample, record_windows
+from csfm.data.windows import RecordWindows, Sample, all_windows
 from csfm.evaluation.embedding import embed_windows, load_encoder
-from csfm.evaluation.finetune import FineTuneConfig, finetune, predict
+from csfm.evaluation.finetune import FineTuneConfig, finetune
+from csfm.evaluation.finetuned import predict_records
 from csfm.model.heads import ClassificationHead
 from csfm.evaluation.metrics import reliability_plot, save_results
 from csfm.model.encoder import RECORD_POOLINGS, TOKEN_POOLINGS, CSFMEncoder, pool_by_owner, pooled_width
@@ -148,13 +149,10 @@ def load_windows(data_dir: str | Path, stride_s: float, limit: int | None = None
     index = {r: i for i, r in enumerate(reader.record_ids)}
     windows = []
     for record_id in tqdm(ids, disable=not progress, desc="reading records", unit="record"):
-        check = RecordCheck(preprocess)
-        parts = list(record_windows(reader, index[record_id], check, stride_s))
-        if check.problem:
-            raise ValueError(f"{Path(data_dir) / record_id}: {check.problem}")
-        windows.append(parts[0] if len(parts) == 1 else RecordWindows(  # parts: records over 10 min
-            *(np.concatenate([getattr(p, f) for p in parts]) for f in ("x", "valid", "start_s")),
-            parts[0].channel_types, parts[0].record_id, parts[0].patient_id))
+        try:
+            windows.append(all_windows(reader, index[record_id], RecordCheck(preprocess), stride_s))
+        except ValueError as error:
+            raise ValueError(f"{Path(data_dir)}: {error}") from error
     return LabelledWindows(ids, codes, windows)
 
 
@@ -234,11 +232,7 @@ def finetune_probabilities(row: dict[str, Any], data: LabelledWindows, fold: np.
         model, history = finetune(copy.deepcopy(base), head, "multiclass", _samples(data, fit_rows, every),
                                   _samples(data, val_rows, every), target_of, config, progress=progress, **loss_kw)
         test_rows = np.flatnonzero(fold == k)
-        test = _samples(data, test_rows)
-        window_prob = predict(model, test, "multiclass", batch_size=64)
-        position = {data.record_ids[i]: k for k, i in enumerate(test_rows)}
-        owner = torch.tensor([position[s.record_id] for s in test])
-        prob[test_rows] = pool_by_owner(torch.from_numpy(window_prob).double(), owner, len(test_rows)).numpy()
+        prob[test_rows] = predict_records(model, [data.windows[i] for i in test_rows], "multiclass", batch_size=64)
         if progress:
             tqdm.write(f"fold {k}: best epoch {history.best_epoch}, validation loss {history.best_val_loss:.4f}")
     return prob

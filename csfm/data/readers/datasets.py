@@ -45,6 +45,15 @@ CODE15_LEADS = ("DI", "DII", "DIII", "AVR", "AVL", "AVF", "V1", "V2", "V3", "V4"
 CODE15_FS = 400.0
 
 
+def read_wfdb_record(path: str | Path, mapping: LeadMapping | None = None, start_s: float = 0.0,
+                     stop_s: float | None = None) -> Record:
+    """A WFDB record's [start_s, stop_s) seconds, single-segment (read_wfdb) or multi-segment
+    (read_multisegment), as its header says."""
+    path = record_base(path)
+    reader = read_multisegment if isinstance(read_header(path), wfdb.MultiRecord) else read_wfdb
+    return reader(path, mapping, start_s, stop_s)
+
+
 class _WfdbFiles:
     """Records stored as WFDB headers under a root: the shared part of the WFDB datasets."""
 
@@ -123,8 +132,7 @@ class WfdbDirectory(_WfdbFiles):
         self._labels = read_labels(labels[0]) if labels else {}
 
     def _read(self, path: Path, start_s: float, stop_s: float | None) -> Record:
-        reader = read_multisegment if isinstance(read_header(path), wfdb.MultiRecord) else read_wfdb
-        return reader(path, self.mapping, start_s, stop_s)
+        return read_wfdb_record(path, self.mapping, start_s, stop_s)
 
     def _annotate(self, i: int, record: Record) -> None:
         name = self.record_ids[i]
