@@ -36,7 +36,7 @@ from tqdm import tqdm
 from csfm.model.batch import make_batch
 from csfm.files import atomic_write
 from csfm.model.checkpoint import WEIGHTS, latest_checkpoint, load_pretrained, read_config
-from csfm.cli import OptionError, check_fields, parse_config
+from csfm.cli import OptionError, check_fields, run_command
 from csfm.model.config import PRESETS, ModelConfig, preset
 from csfm.data.record import RecordSource
 from csfm.data.windows import (RecordWindows, UnusableRecordsError, check_usable, find_unusable,
@@ -339,11 +339,7 @@ def run(config: EmbedConfig) -> Embeddings:
 def main(argv: Sequence[str] | None = None) -> None:
     """Runs the CLI; a bad option (exit status 2) or unusable records (exit status 1) end
     with an error message naming them, without a traceback."""
-    try:
-        run(parse_config(EmbedConfig, argv, "python -m csfm.embed", __doc__))
-    except (OptionError, UnusableRecordsError) as error:
-        print(f"csfm.embed: error: {error}", file=sys.stderr)
-        raise SystemExit(2 if isinstance(error, OptionError) else 1) from None
+    run_command(run, EmbedConfig, argv, "python -m csfm.embed", __doc__, failures=(UnusableRecordsError,))
 
 
 if __name__ == "__main__":

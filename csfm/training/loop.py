@@ -778,11 +778,8 @@ def train(config: TrainConfig) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    try:
-        train(parse_config(argv))
-    except OptionError as exc:
-        print(f"csfm.train: error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+    """Runs the CLI; a bad option ends with exit status 2 and a message naming it."""
+    cli.run_command(train, TrainConfig, argv, "python -m csfm.train", __doc__)
 
 
 if __name__ == "__main__":
