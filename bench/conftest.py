@@ -19,6 +19,7 @@ a run cut short keeps what it finished; bench/report.py turns the file into Mark
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import statistics
@@ -86,11 +87,21 @@ def _time_once(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - start
 
 
+MIN_TIMED_S = 0.25  # each variant is timed for at least this long in all (fast cases: more rounds)
+MAX_CASE_S = 4.0  # ... unless that would take a case longer than this
+
+
 def time_variants(variants: dict[str, Callable[[], Any]], rounds: int, warmup: int) -> dict[str, float]:
-    """CPU: median seconds per variant over ``rounds`` interleaved rounds after ``warmup`` calls each."""
+    """CPU: median seconds per variant over interleaved rounds after ``warmup`` calls each:
+    at least ``rounds``, more for millisecond cases (until the fastest variant has run for
+    MIN_TIMED_S, within MAX_CASE_S per case), so a single slow call does not decide a median."""
     for fn in variants.values():
         for _ in range(warmup):
             fn()
+    estimate = {name: _time_once(fn) for name, fn in variants.items()}
+    wanted = math.ceil(MIN_TIMED_S / max(min(estimate.values()), 1e-6))
+    affordable = int(MAX_CASE_S / max(sum(estimate.values()), 1e-6))
+    rounds = max(rounds, min(wanted, affordable))
     samples: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(rounds):
         for name, fn in variants.items():
