@@ -58,6 +58,8 @@ def test_pool_records_mean_and_mean_max():
     ("rows: [{name: a, kind: finetune, checkpoint: c, token_pooling: max}]\n", "token_pooling must be one of"),
     ("rows: [{name: a, kind: probe, checkpoint: c, pooling: max}]\n", "pooling must be one of"),
     ("rows: [{name: a, kind: finetune, checkpoint: c, class_weight: inverse}]\n", "class_weight must be one of"),
+    ("rows: [{name: a, kind: random_cnn, width: 0}]\n", "width must be an integer >= 1, got 0"),
+    ("rows: [{name: a, kind: random_cnn, checkpoint: c}]\n", "unknown keys \\['checkpoint'\\] for kind random_cnn"),
 ])
 def test_config_errors_name_the_file_and_key(tmp_path, text, message):
     path = tmp_path / "bad.yaml"
@@ -71,7 +73,7 @@ def test_shipped_config_parses():
 
     config = BenchmarkConfig.from_file(Path(__file__).resolve().parents[1] / "configs" / "cinc2017_af.yaml")
     kinds = {row["kind"] for row in config.rows}
-    assert kinds == {"handcrafted", "probe", "finetune"} and config.n_folds == 5
+    assert kinds == {"handcrafted", "probe", "random_cnn", "finetune"} and config.n_folds == 5
     assert any(row.get("random_init") for row in config.rows)  # the random-weight floor
 
 
@@ -91,6 +93,7 @@ n_boot: 50
 rows:
   - {{name: hand, kind: handcrafted, model: logistic}}
   - {{name: floor, kind: probe, checkpoint: {checkpoint}, random_init: true, pooling: mean+max}}
+  - {{name: cnn, kind: random_cnn, width: 8, depth: 2}}
   - {{name: tuned, kind: finetune, checkpoint: {checkpoint}, stride_s: 10.0, epochs: 1, batch_size: 16,
       class_weight: balanced}}
 """)
@@ -98,23 +101,45 @@ rows:
     out = tmp_path / "out"
     saved = json.loads((out / "results.json").read_text())
     assert saved["n_records"] == 40 and sum(saved["fold_sizes"]) == 40
-    assert list(saved["rows"]) == ["hand", "floor", "tuned"]
+    assert list(saved["rows"]) == ["hand", "floor", "cnn", "tuned"]
     for name, row in saved["rows"].items():
         assert 0.0 <= row["cinc_score"]["low"] <= row["cinc_score"]["value"] <= row["cinc_score"]["high"] <= 1.0
         assert np.asarray(row["confusion"]).sum() == 40 and set(row["per_class_f1"]) == set(LABELS)
         assert (out / row["reliability_png"].split("/")[-1]).is_file() and row["seconds"] >= 0
         assert f"| {name} |" in (out / "results.md").read_text()
     assert saved["rows"]["floor"]["n_features"] == 2 * 128  # mean and max side by side
+    assert saved["rows"]["cnn"]["n_features"] == 2 * 8  # mean and std of 8 channels
     # a rerun of one row reuses the saved folds, replaces that row and keeps the others
     folds = json.loads((out / "folds.json").read_text())["fold"]
     # an earlier file with the rows out of config order and "hand" to be replaced
     (out / "results.json").write_text(json.dumps({**saved, "rows": {"tuned": saved["rows"]["tuned"], "hand": {},
-                                                                     "floor": saved["rows"]["floor"]}}))
+                                                                     "floor": saved["rows"]["floor"],
+                                                                     "cnn": saved["rows"]["cnn"]}}))
     again = main(["--config", str(config), "--limit", "40", "--quiet", "--only", "hand"])
     assert json.loads((out / "folds.json").read_text())["fold"] == folds
-    assert list(again["rows"]) == ["hand", "floor", "tuned"] and again["rows"]["tuned"] == saved["rows"]["tuned"]
+    assert list(again["rows"]) == ["hand", "floor", "cnn", "tuned"] and again["rows"]["tuned"] == saved["rows"]["tuned"]
     assert again["rows"]["hand"]["cinc_score"] == summary["rows"]["hand"]["cinc_score"]
     assert "| tuned |" in (out / "results.md").read_text()
     with pytest.raises(SystemExit) as exit_info:
         main(["--config", str(config), "--only", "nope"])
     assert exit_info.value.code == 2 and "--only: ['nope'] are not rows of" in capsys.readouterr().err
+
+
+def test_random_cnn_features_are_seeded_and_need_one_channel_count():
+    from csfm.benchmarks.cinc2017.random_cnn import random_cnn_features
+    from csfm.data.windows import RecordWindows
+
+    g = np.random.default_rng(0)
+
+    def part(n_windows, channels=1):
+        x = g.standard_normal((n_windows, channels, 2500)).astype(np.float32)
+        return RecordWindows(x, np.ones_like(x, bool), np.arange(n_windows) * 10.0, [1] * channels, "r", "p")
+
+    parts = [part(2), part(3)]
+    features, owner = random_cnn_features(parts, width=8, depth=3, seed=1)
+    again, _ = random_cnn_features(parts, width=8, depth=3, seed=1, batch_windows=2)
+    assert features.shape == (5, 16) and owner.tolist() == [0, 0, 1, 1, 1]
+    np.testing.assert_allclose(features, again, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(features, random_cnn_features(parts, width=8, depth=3, seed=2)[0])
+    with pytest.raises(ValueError, match=r"one channel count, got records with \[1, 2\]"):
+        random_cnn_features([part(1), part(1, channels=2)])

@@ -323,3 +323,42 @@ def test_same_time_mean_changes_only_the_decoder_and_is_off_in_the_published_pre
     assert not torch.allclose(a.signal_sse, b.signal_sse)
     b.loss.backward()
     assert with_mean.encoder.cls_token.grad is not None
+
+
+def test_span_noise_masks_whole_runs_of_a_channel_at_the_same_ratio():
+    from csfm.model.pretrain import span_noise
+    from csfm_kernels import random_masking
+
+    shapes = [(3, 100), (1, 37)]  # 3 channels x 10 s, and one channel of 3.7 s
+    n = [c * p for c, p in shapes]
+    noise = span_noise(torch.rand(2, 300, generator=torch.Generator().manual_seed(0)), shapes, span=10)
+    plan = random_masking(n, 0.75, noise=noise)
+    assert [int(m.sum()) for m in plan.mask.split(n)] == [n[0] - int(n[0] * 0.25), n[1] - int(n[1] * 0.25)]
+    for mask, (channels, positions) in zip(plan.mask.split(n), shapes):
+        runs = [mask.reshape(channels, positions)[c, a:a + 10] for c in range(channels)
+                for a in range(0, positions, 10)]
+        mixed = sum(1 for run in runs if 0 < int(run.sum()) < len(run))
+        assert mixed <= 1  # every run is kept or masked whole, but the one at the cut
+    with pytest.raises(ValueError, match=r"noise must be \[B=2, >= 300\]"):
+        span_noise(torch.rand(2, 100), shapes, 10)
+
+
+def test_span_masking_in_the_pretrainer_follows_the_generator_and_the_given_noise():
+    from csfm.model.pretrain import span_noise
+    from csfm_kernels import random_masking
+
+    batch = make_batch()
+    spans = MaskedPretrainer(preset("demo", depth=1), mask_span=5).eval()
+    a = spans(batch, generator=torch.Generator().manual_seed(1))
+    b = spans(batch, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(a.signal_sse, b.signal_sse)
+    mask = a.patch_mask[:100]  # the 1-lead record's 100 patches
+    assert sum(len(set(mask[i:i + 5].tolist())) > 1 for i in range(0, 100, 5)) <= 1
+    # noise given (as the training loop draws it for a global batch): the spans still apply
+    noise = torch.rand(3, 1300, generator=torch.Generator().manual_seed(2))
+    given = spans(batch, signal_noise=noise, text_noise=torch.rand(3, 64))
+    shapes = [(x.shape[0], x.shape[1] // 25) for x in batch.signals]
+    expected = random_masking([c * p for c, p in shapes], 0.75, noise=span_noise(noise, shapes, 5))
+    assert torch.equal(given.patch_mask, expected.mask)
+    with pytest.raises(ValueError, match="mask_span must be a whole number of patches >= 1"):
+        MaskedPretrainer(preset("demo", depth=1), mask_span=0)

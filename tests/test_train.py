@@ -68,6 +68,7 @@ BAD_FLAGS = [
     (["--min-lr-ratio", "2"], r"--min-lr-ratio must be a number in \[0, 1\]"),
     (["--weight-decay", "-0.1"], "--weight-decay must be a finite number >= 0"),
     (["--grad-clip", "inf"], "--grad-clip must be a finite number >= 0"),
+    (["--mask-span-s", "-1"], "--mask-span-s must be a finite number >= 0"),
     (["--threads", "-1"], "--threads must be an integer >= 0"),
     (["--workers", "-2"], "--workers must be an integer >= 0"),
     (["--cache-mb", "-1"], "--cache-mb must be a finite number >= 0"),
@@ -145,6 +146,7 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
     (["--preset", "tiny"], "--preset 'demo' -> 'tiny'"),
     (["--data", "demo:21"], r"--data \['demo:15'\] -> \['demo:21'\]"),
     (["--signal-mask-ratio", "0.5"], "--signal-mask-ratio 0.75 -> 0.5"),
+    (["--mask-span-s", "1"], "--mask-span-s 0.0 -> 1.0"),
 ])
 def test_resume_refuses_changed_schedule_options(finished_run, tmp_path, change, match):
     source, options = finished_run
@@ -155,6 +157,19 @@ def test_resume_refuses_changed_schedule_options(finished_run, tmp_path, change,
         train(parse_config([*options, "--out-dir", str(run), "--resume", "auto", *change]))
     assert len(str(info.value).splitlines()) == 1
     assert _snapshot(run) == before
+
+
+def test_a_run_of_a_csfm_without_an_option_resumes_with_its_default(finished_run, tmp_path):
+    source, options = finished_run
+    run = tmp_path / "run"
+    shutil.copytree(source, run)
+    for config in (run / "checkpoints").glob("step_*/config.json"):  # as an older csfm wrote them
+        payload = json.loads(config.read_text())
+        del payload["train"]["mask_span_s"]
+        config.write_text(json.dumps(payload))
+    with pytest.raises(OptionError, match=r"--mask-span-s 0.0 -> 0.5"):
+        train(parse_config([*options, "--out-dir", str(run), "--resume", "auto", "--mask-span-s", "0.5"]))
+    assert train(parse_config([*options, "--out-dir", str(run), "--resume", "auto"])).name == "step_00000004"
 
 
 def test_resume_may_change_run_time_options(finished_run, tmp_path):

@@ -17,7 +17,7 @@ scored signal samples (``n_signal``), which depends on the validity masks.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -74,6 +74,22 @@ def normalise_patches(patches: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return (patches - mean) / torch.sqrt(var + eps)
 
 
+def span_noise(noise: torch.Tensor, shapes: Sequence[tuple[int, int]], span: int) -> torch.Tensor:
+    """Masking noise whose values are shared by runs of ``span`` consecutive patches of a channel:
+    noise [B, >= N_b] (N_b = C_b * P_b patches of sample b, packed channel by channel), shapes
+    [(C_b, P_b)] -> [B, max N_b], where patch p of channel c takes the value of the run's first
+    patch, c * P_b + (p // span) * span. ``random_masking`` keeps the lowest-noise patches, so
+    whole runs are kept or masked together (but the one at the cut), at the same overall ratio."""
+    width = max(c * p for c, p in shapes)
+    if noise.dim() != 2 or noise.shape[0] != len(shapes) or noise.shape[1] < width:
+        raise ValueError(f"noise must be [B={len(shapes)}, >= {width}], got {tuple(noise.shape)}")
+    index = torch.zeros(len(shapes), width, dtype=torch.int64)
+    for b, (channels, positions) in enumerate(shapes):
+        starts = (torch.arange(positions) // span) * span
+        index[b, :channels * positions] = (torch.arange(channels)[:, None] * positions + starts).reshape(-1)
+    return noise.gather(1, index.to(noise.device, non_blocking=True))
+
+
 def add_same_time_mean(tokens: torch.Tensor, plan: MaskPlan, pos: torch.Tensor, n_positions: int) -> torch.Tensor:
     """tokens [sum P, d] (kept rows filled, masked rows = mask token) -> [sum P, d] where every
     masked row also gets the mean of its record's kept rows at the same position ``pos``
@@ -99,10 +115,14 @@ class MaskedPretrainer(nn.Module):
     """The encoder plus the pretraining decoder and its heads."""
 
     def __init__(self, config: ModelConfig, backend: str | Mapping[str, str] = "auto", signal_weight: float = 1.0,
-                 text_weight: float = 0.5, norm_patch_targets: bool = False) -> None:
+                 text_weight: float = 0.5, norm_patch_targets: bool = False, mask_span: int = 1) -> None:
+        """mask_span: masked signal patches come in runs of this many consecutive patches of a
+        channel (``span_noise``; 1: each patch on its own, the published recipe)."""
         super().__init__()
+        if not isinstance(mask_span, int) or mask_span < 1:
+            raise ValueError(f"mask_span must be a whole number of patches >= 1, got {mask_span!r}")
         self.config, self.signal_weight, self.text_weight = config, signal_weight, text_weight
-        self.norm_patch_targets = norm_patch_targets
+        self.norm_patch_targets, self.mask_span = norm_patch_targets, mask_span
         self.encoder = CSFMEncoder(config, backend)
         dd = config.decoder_dim
         self.decoder_embed = nn.Linear(config.dim, dd)
@@ -126,6 +146,12 @@ class MaskedPretrainer(nn.Module):
         masking, attention = enc.backends["masking"], enc.backends["varlen_attention"]
         patch_rows, n_patch = enc.embed_signals(batch)
         text_rows, n_text = enc.embed_text(batch)
+        if self.mask_span > 1:
+            if signal_noise is None:  # the draw random_masking would make
+                signal_noise = torch.rand(len(n_patch), max(n_patch), generator=generator,
+                                          device=generator.device if generator is not None else "cpu")
+            shapes = [(x.shape[0], x.shape[1] // PATCH_LEN) for x in batch.signals]
+            signal_noise = span_noise(signal_noise, shapes, self.mask_span)
         signal_plan = random_masking(n_patch, signal_ratio, generator, device=patch_rows.device,
                                      noise=signal_noise)
         text_plan = random_masking(n_text, text_ratio, generator, device=patch_rows.device,

@@ -83,6 +83,9 @@ class TrainConfig:
     grad_clip: float = field(default=1.0, metadata={"help": "max global grad norm (0 = off)", "valid": NON_NEGATIVE})
     signal_mask_ratio: float = field(default=0.75, metadata={"help": "share of signal patches masked",
                                                              "valid": in_range(0, 1, True, True)})
+    mask_span_s: float = field(default=0.0, metadata={
+        "help": "masked patches come in runs of this many seconds per channel (0 = each 0.1 s patch on its own, "
+                "the published recipe)", "valid": NON_NEGATIVE})
     text_mask_ratio: float = field(default=0.5, metadata={"help": "share of text tokens masked",
                                                           "valid": in_range(0, 1)})
     lead_subset_prob: float = field(default=0.5, metadata={
@@ -189,6 +192,11 @@ def _resume_from(config: TrainConfig, out_dir: Path) -> Path | None:
     return directory
 
 
+def mask_span_patches(config: TrainConfig) -> int:
+    """--mask-span-s in patches of the model input (25 samples at 250 Hz: 0.1 s), at least 1."""
+    return max(1, round(config.mask_span_s * PreprocessConfig().target_fs / PATCH_LEN))
+
+
 def _check_stored_options(directory: Path, config: TrainConfig) -> None:
     """OptionError listing each option (old -> new) that differs from the checkpoint's run
     and may not change on resume."""
@@ -198,9 +206,11 @@ def _check_stored_options(directory: Path, config: TrainConfig) -> None:
         raise OptionError(f"--resume: {exc}") from None
     if not isinstance(stored, dict):
         raise OptionError(f"--resume: {directory / CONFIG} has no \"train\" options: not a csfm.training.loop checkpoint")
-    changed = [f"{flag(name)} {repr(stored[name]) if name in stored else '(not set)'} -> {value!r}"
+    # an option the run's csfm did not have yet ran with its default
+    defaults = dataclasses.asdict(TrainConfig())
+    changed = [f"{flag(name)} {stored.get(name, defaults[name])!r} -> {value!r}"
                for name, value in dataclasses.asdict(config).items()
-               if name not in RESUME_MAY_CHANGE and (name not in stored or stored[name] != value)]
+               if name not in RESUME_MAY_CHANGE and stored.get(name, defaults[name]) != value]
     if changed:
         raise OptionError(
             f"--resume {directory}: these options differ from the run's and set its data order or schedule: "
@@ -414,7 +424,7 @@ def _set_up(plan: _Plan, run: _Run) -> _Session:
     run folder's files (the first writes of the run)."""
     config = plan.config
     torch.manual_seed(config.seed)
-    model = MaskedPretrainer(plan.model_config).to(run.device)
+    model = MaskedPretrainer(plan.model_config, mask_span=mask_span_patches(config)).to(run.device)
     optimizer = make_optimizer(model, config.lr, config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(
         s, plan.total_steps, max(1, int(config.warmup_fraction * plan.total_steps)), config.min_lr_ratio))

@@ -11,6 +11,10 @@ Rows (each a ``rows`` entry of the config, run in order):
   window's tokens); a record is the mean
   of its windows (``pooling: mean``) or their mean and max side by side (``mean+max``);
   then a standardised logistic regression with C chosen by inner CV;
+- ``random_cnn``: the floor of random features: an untrained 1-D CNN (``depth`` strided
+  convolutions of ``width`` channels, :mod:`csfm.benchmarks.cinc2017.random_cnn`) gives each
+  window the mean and standard deviation of its last layer; records pooled as for ``probe``,
+  then the same logistic regression;
 - ``finetune``: the encoder of ``checkpoint`` plus a linear head, trained on every window of
   the training records (layer-wise lr decay, early stopping on an inner validation tenth of
   them; ``stride_s``, a multiple of the benchmark's, spaces the training windows further
@@ -38,6 +42,7 @@ from tqdm import tqdm
 
 from csfm.cli import POSITIVE, OptionError, at_least, check_fields, read_config_file, run_command
 from csfm.files import atomic_write
+from csfm.benchmarks.cinc2017.random_cnn import random_cnn_features
 from csfm.benchmarks.cinc2017.scoring import (LABELS, MODELS, feature_probabilities, labelled_records, load_features,
                                                results_table, score_predictions)
 from csfm.data.splits import folds_or_load
@@ -50,10 +55,11 @@ from csfm.evaluation.metrics import reliability_plot, save_results
 from csfm.model.encoder import RECORD_POOLINGS, TOKEN_POOLINGS, CSFMEncoder, pool_by_owner, pooled_width
 from csfm.data.preprocess import PreprocessConfig, RecordCheck
 
-ROW_KINDS = ("handcrafted", "probe", "finetune")
+ROW_KINDS = ("handcrafted", "probe", "random_cnn", "finetune")
 _ROW_KEYS = {
     "handcrafted": {"name", "kind", "model"},
     "probe": {"name", "kind", "checkpoint", "random_init", "token_pooling", "pooling"},
+    "random_cnn": {"name", "kind", "width", "depth", "pooling"},
     "finetune": {"name", "kind", "checkpoint", "random_init", "token_pooling", "epochs", "batch_size", "lr",
                  "layer_decay", "weight_decay", "patience", "stride_s", "class_weight"},
 }
@@ -78,7 +84,7 @@ class BenchmarkConfig:
     limit: int | None = field(default=None, metadata={
         "help": "only the first LIMIT records of REFERENCE.csv (quick runs; default: all)", "valid": at_least(1)})
     rows: list[dict[str, Any]] = field(default_factory=list, metadata={
-        "help": "the models, run in order: mappings with a name, a kind (handcrafted, probe, finetune) and "
+        "help": "the models, run in order: mappings with a name, a kind (handcrafted, probe, random_cnn, finetune) and "
                 "its settings (see python -m csfm.benchmarks.cinc2017.harness's docstring)", "file_only": True})
     only: list[str] = field(default_factory=list, metadata={
         "help": "run only the rows with these names (the others' earlier results are kept)"})
@@ -117,8 +123,11 @@ def _check_row(i: int, row: dict[str, Any]) -> None:
     bad = sorted(set(row) - _ROW_KEYS[kind])
     if bad:
         raise OptionError(f"rows[{i}] ({row['name']}): unknown keys {bad} for kind {kind}")
-    if kind != "handcrafted" and "checkpoint" not in row:
+    if kind in ("probe", "finetune") and "checkpoint" not in row:
         raise OptionError(f"rows[{i}] ({row['name']}): a {kind} row needs a checkpoint")
+    for key in ("width", "depth"):
+        if key in row and not (isinstance(row[key], int) and row[key] >= 1):
+            raise OptionError(f"rows[{i}] ({row['name']}): {key} must be an integer >= 1, got {row[key]!r}")
     for key, allowed in _ROW_CHOICES.items():
         if key in row and row[key] not in allowed:
             raise OptionError(f"rows[{i}] ({row['name']}): {key} must be one of {allowed}, got {row[key]!r}")
@@ -326,6 +335,9 @@ def _row_probabilities(row: dict[str, Any], config: BenchmarkConfig, data: Label
         if key not in embedded:
             embedded[key] = window_embeddings(_encoder(row, config.seed), data, key[2], progress=progress)
         X, model = pool_records(embedded[key], len(data.codes), row.get("pooling", "mean")), "logistic"
+    elif row["kind"] == "random_cnn":
+        features = random_cnn_features(data.windows, row.get("width", 64), row.get("depth", 4), config.seed)
+        X, model = pool_records(features, len(data.codes), row.get("pooling", "mean")), "logistic"
     else:
         return finetune_probabilities(row, data, fold, config.seed, config.stride_s, progress), {}
     features_s = round(time.perf_counter() - started, 1)  # 0 where an earlier row made them
