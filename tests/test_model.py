@@ -362,3 +362,36 @@ def test_span_masking_in_the_pretrainer_follows_the_generator_and_the_given_nois
     assert torch.equal(given.patch_mask, expected.mask)
     with pytest.raises(ValueError, match="mask_span must be a whole number of patches >= 1"):
         MaskedPretrainer(preset("demo", depth=1), mask_span=0)
+
+
+def test_paired_info_nce_prefers_each_views_partner():
+    import math
+
+    from csfm.model.pretrain import paired_info_nce
+
+    z = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])  # pairs agree, records orthogonal
+    # row 0: positive logit 1/t, negatives 0 and 0 -> -log(e^(1/t) / (e^(1/t) + 2)), the same for every row
+    t = 0.5
+    expected = 4 * -math.log(math.exp(1 / t) / (math.exp(1 / t) + 2))
+    assert float(paired_info_nce(z, t)) == pytest.approx(expected, rel=1e-6)
+    swapped = z[[0, 2, 1, 3]]  # pairs now disagree: a higher loss
+    assert float(paired_info_nce(swapped, t)) > expected
+    with pytest.raises(ValueError, match="even number >= 2"):
+        paired_info_nce(z[:3], t)
+
+
+def test_contrastive_pretrainer_scores_pairs_and_trains_the_encoder():
+    batch = make_batch()
+    pairs = Batch([s for s in batch.signals[:2] for _ in range(2)], [c for c in batch.channel_ids[:2] for _ in range(2)],
+                  [t for t in batch.text_ids[:2] for _ in range(2)], [v for v in batch.valid[:2] for _ in range(2)])
+    model = MaskedPretrainer(preset("demo", depth=1), contrastive_weight=0.5)
+    g = torch.Generator().manual_seed(0)
+    plain = model(pairs, generator=torch.Generator().manual_seed(0))
+    out = model(pairs, generator=g, paired=True)
+    assert plain.n_contrast == 0 and out.n_contrast == 4 and out.contrast_ce.item() > 0
+    torch.testing.assert_close(out.loss, plain.loss + 0.5 * out.contrast_ce / 4)
+    out.contrast_ce.backward()  # the contrastive loss alone reaches the encoder and the projection
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.encoder.transformer.parameters())
+    assert all(p.grad is not None for p in model.projection.parameters())
+    with pytest.raises(ValueError, match="contrastive_weight must be >= 0"):
+        MaskedPretrainer(preset("demo", depth=1), contrastive_weight=-1)

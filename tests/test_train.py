@@ -12,9 +12,11 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from csfm.cli import OptionError
+from csfm.model.checkpoint import load_weights
 from csfm.training.loop import LOG_COLUMNS, TrainConfig, parse_config, train
 
 SMALL = ["--demo-records", "24", "--batch-size", "4", "--precision", "fp32", "--quiet", "--workers", "0",
@@ -282,3 +284,25 @@ def test_two_process_run_matches_one_process(tmp_path):
 def test_shipped_cinc2017_config_parses():
     config = parse_config(["--config", str(Path(__file__).resolve().parents[1] / "configs" / "cinc2017_pretrain.yaml")])
     assert config.preset == "demo" and config.threads == 1 and config.data == ["wfdb:../shared/data/cinc2017"]
+
+
+def test_contrastive_run_pairs_two_windows_of_each_record(tmp_path, monkeypatch):
+    from csfm.data.demo import DemoDataset
+    from csfm.data.windows import PretrainWindows, collate_views
+
+    long = DemoDataset(2, duration_s=30.0)
+    views = PretrainWindows(long, None, subset_prob=0.0, views=2, cache_mb=64)  # cached: crops at any offset
+    first, second = views[0]
+    assert first.record_id == second.record_id and not np.array_equal(first.x, second.x)  # two crops of one record
+    assert len(collate_views([views[0], views[1]])) == 4
+    out = tmp_path / "run"
+    final = train(parse_config([*SMALL, "--data", "demo:12", "--epochs", "1", "--out-dir", str(out),
+                                "--contrastive-weight", "0.5"]))
+    weights = load_weights(final)
+    assert any(name.startswith("projection.") for name in weights)
+    rows = [row for row in _rows(out / "log.csv") if row["loss"]]
+    signal, text = float(rows[0]["signal_loss"]), float(rows[0]["text_loss"])
+    assert float(rows[0]["loss"]) > signal + 0.5 * text  # the contrastive term is in the logged loss
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(OptionError, match="--contrastive-weight runs in one process for now"):
+        train(parse_config([*SMALL, "--out-dir", str(tmp_path / "two"), "--contrastive-weight", "0.5"]))

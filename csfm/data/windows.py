@@ -95,13 +95,17 @@ class PretrainWindows(torch.utils.data.Dataset):
     cache_mb: memory (MiB) for preprocessed records of up to CACHE_MAX_RECORD_S seconds (or
     of unknown duration: sources without ``duration_s``, which are read whole anyway); 0
     reads and preprocesses every sample's record anew.
+    views: 1, or the number of independent random windows (and lead subsets) item i gives of
+    its record, as a list of Samples (``collate_views`` puts them side by side in a batch).
     """
 
     def __init__(self, records: RecordSource, tokenizer: ReportTokenizer | None,
                  preprocess: PreprocessConfig | None = None, subset_prob: float = 0.5,
                  max_text_tokens: int = 64, seed: int = 0, indices: Sequence[int] | None = None,
-                 cache_mb: float = 0.0) -> None:
-        self.records, self.tokenizer = records, tokenizer
+                 cache_mb: float = 0.0, views: int = 1) -> None:
+        if not isinstance(views, int) or views < 1:
+            raise ValueError(f"views must be a whole number >= 1, got {views!r}")
+        self.records, self.tokenizer, self.views = records, tokenizer, views
         self.preprocess = preprocess or PreprocessConfig()
         self.subset_prob, self.max_text_tokens, self.seed = subset_prob, max_text_tokens, seed
         self.indices = list(range(len(records))) if indices is None else list(indices)
@@ -117,9 +121,15 @@ class PretrainWindows(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, i: int) -> Sample:
+    def __getitem__(self, i: int) -> Sample | list[Sample]:
         index = self.indices[i]
-        rng = np.random.default_rng([self.seed, self.epoch, index, i])
+        if self.views == 1:
+            return self._sample(index, np.random.default_rng([self.seed, self.epoch, index, i]))
+        return [self._sample(index, np.random.default_rng([self.seed, self.epoch, index, i, v]))
+                for v in range(self.views)]
+
+    def _sample(self, index: int, rng: np.random.Generator) -> Sample:
+        """One random window (and lead subset) of record ``index`` drawn with ``rng``."""
         record, x, valid = self._window(index, rng)
         keep = list(range(len(record.channel_types)))
         if rng.random() < self.subset_prob:
@@ -393,6 +403,12 @@ def _duration(records: RecordSource, index: int) -> float | None:
 def record_name(records: RecordSource, index: int) -> str:
     """Record ``index``'s id where the source lists ids, else ``#index``."""
     return records.record_ids[index] if isinstance(records, ListedSource) else f"#{index}"
+
+
+def collate_views(items: Sequence[Sequence[Sample]]) -> Batch:
+    """Items of several views each (``PretrainWindows(views=V)``) -> one Batch of N * V
+    samples, the views of an item side by side (rows i * V .. i * V + V - 1)."""
+    return collate([sample for views in items for sample in views])
 
 
 def collate(samples: Sequence[Sample]) -> Batch:

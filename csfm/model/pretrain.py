@@ -25,7 +25,8 @@ from torch import nn
 
 from csfm.model.batch import Batch
 from csfm.model.config import ModelConfig
-from csfm.model.encoder import CSFMEncoder, SequenceLayout, Transformer, positions_within, sincos_table
+from csfm.model.encoder import (CSFMEncoder, SequenceLayout, Transformer, pool_by_owner, positions_within,
+                                sincos_table)
 from csfm_kernels import (PATCH_LEN, MaskPlan, gather_kept, host_segment_positions, patch_token_ids, random_masking,
                           scatter_with_mask_token)
 
@@ -48,11 +49,19 @@ class PretrainOutput:
     pred_patches: torch.Tensor
     patch_mask: torch.Tensor
     n_patch: list[int]
+    contrast_ce: torch.Tensor | float = 0.0
+    n_contrast: int = 0
+    contrast_weight: float = 0.0
 
     def weighted_loss(self, n_signal: int, n_text: int) -> torch.Tensor:
-        """signal_weight * SSE / n_signal + text_weight * CE / n_text (a zero count adds 0)."""
+        """signal_weight * SSE / n_signal + text_weight * CE / n_text (a zero count adds 0),
+        plus contrast_weight * the mean contrastive cross-entropy of this batch."""
         return (self.signal_weight * self.signal_sse / max(1, n_signal)
-                + self.text_weight * self.text_ce / max(1, n_text))
+                + self.text_weight * self.text_ce / max(1, n_text) + self.contrast_weight * self.contrast_loss)
+
+    @property
+    def contrast_loss(self) -> torch.Tensor | float:
+        return self.contrast_ce / max(1, self.n_contrast)
 
     @property
     def signal_loss(self) -> torch.Tensor:
@@ -72,6 +81,19 @@ def normalise_patches(patches: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     mean = patches.mean(-1, keepdim=True)
     var = patches.var(-1, unbiased=False, keepdim=True)
     return (patches - mean) / torch.sqrt(var + eps)
+
+
+def paired_info_nce(z: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Summed InfoNCE (NT-Xent) cross-entropy of 2 P embeddings z [2 P, k] whose rows 2 i and
+    2 i + 1 are two views of one record: each row's positive is its pair, the other 2 P - 2 rows
+    are its negatives; cosine similarity over ``temperature``."""
+    if z.shape[0] % 2 or z.shape[0] < 2:
+        raise ValueError(f"paired_info_nce needs an even number >= 2 of rows (pairs side by side), got {z.shape[0]}")
+    z = F.normalize(z.float(), dim=-1)
+    eye = torch.eye(z.shape[0], dtype=torch.bool, device=z.device)
+    logits = (z @ z.T / temperature).masked_fill(eye, float("-inf"))
+    partner = torch.arange(z.shape[0], device=z.device) ^ 1
+    return F.cross_entropy(logits, partner, reduction="sum")
 
 
 def span_noise(noise: torch.Tensor, shapes: Sequence[tuple[int, int]], span: int) -> torch.Tensor:
@@ -115,14 +137,24 @@ class MaskedPretrainer(nn.Module):
     """The encoder plus the pretraining decoder and its heads."""
 
     def __init__(self, config: ModelConfig, backend: str | Mapping[str, str] = "auto", signal_weight: float = 1.0,
-                 text_weight: float = 0.5, norm_patch_targets: bool = False, mask_span: int = 1) -> None:
+                 text_weight: float = 0.5, norm_patch_targets: bool = False, mask_span: int = 1,
+                 contrastive_weight: float = 0.0, temperature: float = 0.1) -> None:
         """mask_span: masked signal patches come in runs of this many consecutive patches of a
-        channel (``span_noise``; 1: each patch on its own, the published recipe)."""
+        channel (``span_noise``; 1: each patch on its own, the published recipe).
+        contrastive_weight > 0 adds, for batches of pairs (``forward(paired=True)``), an
+        InfoNCE loss (``paired_info_nce``, ``temperature``) on a projection of each sample's
+        mean encoded patch token: two views of a record should agree, other records not."""
         super().__init__()
         if not isinstance(mask_span, int) or mask_span < 1:
             raise ValueError(f"mask_span must be a whole number of patches >= 1, got {mask_span!r}")
+        if not contrastive_weight >= 0 or not temperature > 0:
+            raise ValueError(f"contrastive_weight must be >= 0 and temperature > 0, got {contrastive_weight} "
+                             f"and {temperature}")
         self.config, self.signal_weight, self.text_weight = config, signal_weight, text_weight
         self.norm_patch_targets, self.mask_span = norm_patch_targets, mask_span
+        self.contrastive_weight, self.temperature = contrastive_weight, temperature
+        if contrastive_weight > 0:
+            self.projection = nn.Sequential(nn.Linear(config.dim, config.dim), nn.GELU(), nn.Linear(config.dim, 128))
         self.encoder = CSFMEncoder(config, backend)
         dd = config.decoder_dim
         self.decoder_embed = nn.Linear(config.dim, dd)
@@ -138,10 +170,11 @@ class MaskedPretrainer(nn.Module):
 
     def forward(self, batch: Batch, signal_ratio: float = 0.75, text_ratio: float = 0.5,
                 generator: torch.Generator | None = None, signal_noise: torch.Tensor | None = None,
-                text_noise: torch.Tensor | None = None) -> PretrainOutput:
+                text_noise: torch.Tensor | None = None, paired: bool = False) -> PretrainOutput:
         """Masks, encodes, decodes and scores one batch. signal_noise [B, >= max patches] and
         text_noise [B, >= max text tokens] fix the masks (see random_masking); else they come
-        from ``generator``."""
+        from ``generator``. paired: samples 2 i and 2 i + 1 are views of one record (the
+        contrastive loss is scored when contrastive_weight > 0)."""
         enc = self.encoder
         masking, attention = enc.backends["masking"], enc.backends["varlen_attention"]
         patch_rows, n_patch = enc.embed_signals(batch)
@@ -180,8 +213,15 @@ class MaskedPretrainer(nn.Module):
         pred = self.patch_head(patch_states)
         signal_sse, n_signal = self._signal_sse(batch, pred, signal_plan)
         text_ce, n_text_scored = self._text_ce(batch, text_states, text_plan)
-        return PretrainOutput(signal_sse, n_signal, text_ce, n_text_scored, self.signal_weight,
-                              self.text_weight, pred, signal_plan.mask, n_patch)
+        out = PretrainOutput(signal_sse, n_signal, text_ce, n_text_scored, self.signal_weight,
+                             self.text_weight, pred, signal_plan.mask, n_patch)
+        if paired and self.contrastive_weight > 0:
+            _, patch_tokens, _ = encoded.layout.split(encoded.tokens)
+            owner = host_segment_positions(signal_plan.n_kept, "cpu")[0]
+            pooled = pool_by_owner(patch_tokens, owner, len(n_patch))
+            out.contrast_ce = paired_info_nce(self.projection(pooled), self.temperature)
+            out.n_contrast, out.contrast_weight = len(n_patch), self.contrastive_weight
+        return out
 
     def _signal_sse(self, batch: Batch, pred: torch.Tensor, plan: MaskPlan) -> tuple[torch.Tensor, int]:
         """Squared error summed over the samples of masked, mostly valid patches, and their count

@@ -45,7 +45,8 @@ from csfm.model.checkpoint import (CONFIG, STATE, WEIGHTS, latest_checkpoint, lo
 from csfm.cli import NON_NEGATIVE, POSITIVE, OptionError, at_least, flag, in_range
 from csfm.model.config import PRESETS, ModelConfig, preset
 from csfm.data.splits import split_by_patient
-from csfm.data.windows import PretrainWindows, UnusableRecordsError, check_usable, collate, find_unusable
+from csfm.data.windows import (PretrainWindows, UnusableRecordsError, check_usable, collate, collate_views,
+                               find_unusable)
 from csfm.training.optim import make_optimizer, warmup_cosine
 from csfm.training.precision import PRECISIONS, Precision, choose_precision
 from csfm.data.preprocess import PreprocessConfig
@@ -83,6 +84,10 @@ class TrainConfig:
     grad_clip: float = field(default=1.0, metadata={"help": "max global grad norm (0 = off)", "valid": NON_NEGATIVE})
     signal_mask_ratio: float = field(default=0.75, metadata={"help": "share of signal patches masked",
                                                              "valid": in_range(0, 1, True, True)})
+    contrastive_weight: float = field(default=0.0, metadata={
+        "help": "weight of a contrastive loss between two random 10 s windows of each record (InfoNCE over the "
+                "batch on the mean encoded patch token; each step then encodes both); 0 = off, the published "
+                "recipe; one process only", "valid": NON_NEGATIVE})
     mask_span_s: float = field(default=0.0, metadata={
         "help": "masked patches come in runs of this many seconds per channel (0 = each 0.1 s patch on its own, "
                 "the published recipe)", "valid": NON_NEGATIVE})
@@ -285,9 +290,9 @@ def _epoch_batches(n: int, batch_size: int, seed: int, epoch: int, world: int = 
     return [order[i:i + batch_size] for i in range(0, n, batch_size) if len(order[i:i + batch_size]) >= world]
 
 
-def _loader(dataset, batches: list[list[int]], workers: int) -> torch.utils.data.DataLoader:
-    return torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=workers,
-                                       persistent_workers=False)
+def _loader(dataset: PretrainWindows, batches: list[list[int]], workers: int) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers, persistent_workers=False,
+                                       collate_fn=collate if dataset.views == 1 else collate_views)
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -353,6 +358,9 @@ def _plan(config: TrainConfig) -> _Plan:
     if config.vocab and not Path(config.vocab).is_file():
         raise OptionError(f"--vocab {config.vocab}: no such file")
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if config.contrastive_weight and world > 1:
+        raise OptionError(f"--contrastive-weight runs in one process for now (its negatives would be each "
+                          f"process's own share of the batch), got {world} processes")
     try:
         records = _open_sources(config)
     except (OSError, ValueError) as exc:  # the readers name the folder or file and what is wrong
@@ -424,7 +432,8 @@ def _set_up(plan: _Plan, run: _Run) -> _Session:
     run folder's files (the first writes of the run)."""
     config = plan.config
     torch.manual_seed(config.seed)
-    model = MaskedPretrainer(plan.model_config, mask_span=mask_span_patches(config)).to(run.device)
+    model = MaskedPretrainer(plan.model_config, mask_span=mask_span_patches(config),
+                             contrastive_weight=config.contrastive_weight).to(run.device)
     optimizer = make_optimizer(model, config.lr, config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(
         s, plan.total_steps, max(1, int(config.warmup_fraction * plan.total_steps)), config.min_lr_ratio))
@@ -436,7 +445,8 @@ def _set_up(plan: _Plan, run: _Run) -> _Session:
         position, history = dict(plan.resume_state["position"]), dict(plan.resume_state["history"])
     preprocess = PreprocessConfig()
     train_set = PretrainWindows(plan.records, plan.tokenizer, preprocess, config.lead_subset_prob,
-                                plan.model_config.max_text_tokens, config.seed, plan.train_idx, config.cache_mb)
+                                plan.model_config.max_text_tokens, config.seed, plan.train_idx, config.cache_mb,
+                                views=2 if config.contrastive_weight else 1)
     val_set = PretrainWindows(plan.records, plan.tokenizer, preprocess, 0.0, plan.model_config.max_text_tokens,
                               config.seed, plan.val_idx, config.cache_mb)
     val_loader = _loader(val_set, [list(range(i, min(i + config.batch_size, len(val_set))))
@@ -558,8 +568,10 @@ def _n_tokens(batch) -> int:
 
 
 def _losses(out: PretrainOutput, signal_loss: float, text_loss: float) -> np.ndarray:
-    """[weighted loss, signal MSE, text cross-entropy] from the two mean losses."""
-    return np.array([out.signal_weight * signal_loss + out.text_weight * text_loss, signal_loss, text_loss])
+    """[weighted loss, signal MSE, text cross-entropy] from the two mean losses (the weighted
+    loss includes the batch's contrastive loss, where there is one)."""
+    return np.array([out.signal_weight * signal_loss + out.text_weight * text_loss
+                     + out.contrast_weight * float(torch.as_tensor(out.contrast_loss).detach()), signal_loss, text_loss])
 
 
 @torch.no_grad()
@@ -607,14 +619,15 @@ def _train_step(s: _Session, loader) -> tuple[np.ndarray, int, int]:
     sums, tokens = np.zeros(3), 0
     for micro, (global_size, batch) in enumerate(micro_batches):
         generator = _step_generator(config.seed, step, micro)
-        signal_noise = torch.rand(global_size, max_patches, generator=generator)[run.rank::run.world]
-        text_noise = torch.rand(global_size, s.plan.model_config.max_text_tokens,
-                                generator=generator)[run.rank::run.world]
+        views = s.train_set.views  # each record gives this many samples, side by side
+        signal_noise = _noise_of_share(torch.rand(global_size * views, max_patches, generator=generator), run, views)
+        text_noise = _noise_of_share(torch.rand(global_size * views, s.plan.model_config.max_text_tokens,
+                                                generator=generator), run, views)
         last = micro == len(micro_batches) - 1
         with contextlib.nullcontext() if last or run.world == 1 else s.trained.no_sync():
             with s.plan.precision.autocast():
                 out = s.trained(batch.to(run.device), config.signal_mask_ratio, config.text_mask_ratio,
-                                signal_noise=signal_noise, text_noise=text_noise)
+                                signal_noise=signal_noise, text_noise=text_noise, paired=views == 2)
             n_signal, n_text = _all_sum(run, [out.n_signal, out.n_text])
             # DDP averages gradients over processes: scale by the world size to get the global sum.
             s.scaler.scale(out.weighted_loss(n_signal, n_text) * run.world / config.accum_steps).backward()
@@ -627,6 +640,12 @@ def _train_step(s: _Session, loader) -> tuple[np.ndarray, int, int]:
     s.scaler.step(s.optimizer)
     s.scaler.update()
     return sums / max(1, len(micro_batches)), tokens, len(micro_batches)
+
+
+def _noise_of_share(noise: torch.Tensor, run: _Run, views: int) -> torch.Tensor:
+    """The rows of this process's records (every ``run.world``-th, from ``run.rank``) of the
+    masking noise drawn for a global batch of records with ``views`` samples each."""
+    return noise.unflatten(0, (-1, views))[run.rank::run.world].flatten(0, 1)
 
 
 def _shard_loader(dataset, batches: list[list[int]], run: _Run, workers: int):
