@@ -99,3 +99,17 @@ def test_mean_std_of_identical_tokens_is_floored_with_a_finite_gradient():
     torch.testing.assert_close(pooled.detach(), torch.cat([torch.ones(2, 4), torch.full((2, 4), 1e-6)], 1))
     pooled.sum().backward()
     assert torch.isfinite(tokens.grad).all()
+
+
+def test_head_epochs_train_the_head_alone_first(windows):
+    train, val = windows
+    torch.manual_seed(0)
+    encoder = CSFMEncoder(preset("demo", depth=1))
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    head = ClassificationHead(128, len(RHYTHMS))
+    head_before = {k: v.clone() for k, v in head.state_dict().items()}
+    config = FineTuneConfig(epochs=2, head_epochs=2, batch_size=12, lr=1e-2, patience=5)
+    model, _ = finetune(encoder, head, "multiclass", train[:12], val[:6], rhythm_targets, config, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.encoder.state_dict().items())  # frozen throughout
+    assert any(not torch.equal(head_before[k], v) for k, v in model.head.state_dict().items())
+    assert all(p.requires_grad for p in model.encoder.parameters())  # handed back trainable

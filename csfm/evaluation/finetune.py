@@ -42,7 +42,8 @@ from csfm.tasks import ONE_LABEL_TASKS
 @dataclass
 class FineTuneConfig:
     """epochs: at most this many passes; patience: epochs without a better validation loss
-    before stopping; layer_decay: lr factor per encoder layer below the head."""
+    before stopping; layer_decay: lr factor per encoder layer below the head; head_epochs: the
+    first epochs train the head alone (linear probing, then fine-tuning)."""
 
     epochs: int = field(default=20, metadata={"help": "at most this many passes over the training windows",
                                               "valid": at_least(1)})
@@ -59,6 +60,9 @@ class FineTuneConfig:
                                                "valid": at_least(1)})
     pooling: str = field(default="cls", metadata={"help": "token pooling into the head: cls, mean or mean+std (2 d wide)",
                                                   "choices": TOKEN_POOLINGS})
+    head_epochs: int = field(default=0, metadata={
+        "help": "first epochs that train the head alone, the encoder frozen (a probe, then fine-tuning)",
+        "valid": at_least(0)})
     seed: int = field(default=0, metadata={"help": "seed of the split, data order and head init"})
 
     def __post_init__(self) -> None:
@@ -129,7 +133,10 @@ def finetune(encoder: CSFMEncoder, head: nn.Module, task: str, train: Sequence[S
         optimizer, lambda s: warmup_linear(s, total, max(1, int(config.warmup_fraction * total))))
     result, best_state, stale = FineTuneResult(-1, float("inf")), None, 0
     for epoch in tqdm(range(config.epochs), disable=not progress, desc="fine-tuning", unit="epoch"):
+        frozen = epoch < config.head_epochs  # the encoder gets no gradient, so AdamW leaves it as it is
+        encoder.requires_grad_(not frozen)
         model.train()
+        encoder.train(not frozen)
         losses = []
         for rows in _batches(train, config.batch_size, rng):
             loss = _loss_of(model, train, rows, task, target_of, **loss_kw)
@@ -148,6 +155,7 @@ def finetune(encoder: CSFMEncoder, head: nn.Module, task: str, train: Sequence[S
             if stale >= config.patience:
                 break
     model.load_state_dict(best_state)
+    encoder.requires_grad_(True)
     return model, result
 
 

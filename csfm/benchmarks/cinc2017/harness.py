@@ -18,7 +18,8 @@ Rows (each a ``rows`` entry of the config, run in order):
 - ``finetune``: the encoder of ``checkpoint`` plus a linear head, trained on every window of
   the training records (layer-wise lr decay, early stopping on an inner validation tenth of
   them; ``stride_s``, a multiple of the benchmark's, spaces the training windows further
-  apart; ``class_weight: balanced`` weights the cross-entropy by inverse class frequency);
+  apart; ``class_weight: balanced`` weights the cross-entropy by inverse class frequency;
+  ``head_epochs`` first trains the head alone on the frozen encoder);
   a record's class probabilities are the mean over all its windows.
 
 Stratified ``n_folds``-fold cross-validation over records, the fold of each record saved to
@@ -61,7 +62,7 @@ _ROW_KEYS = {
     "probe": {"name", "kind", "checkpoint", "random_init", "token_pooling", "pooling"},
     "random_cnn": {"name", "kind", "width", "depth", "pooling"},
     "finetune": {"name", "kind", "checkpoint", "random_init", "token_pooling", "epochs", "batch_size", "lr",
-                 "layer_decay", "weight_decay", "patience", "stride_s", "class_weight"},
+                 "layer_decay", "weight_decay", "patience", "stride_s", "class_weight", "head_epochs"},
 }
 
 
@@ -217,8 +218,8 @@ def finetune_probabilities(row: dict[str, Any], data: LabelledWindows, fold: np.
         raise ValueError(f"row {row['name']!r}: stride_s must be a multiple of the benchmark's {stride_s} s, "
                          f"got {row['stride_s']}")
 
-    settings = {k: row[k] for k in ("epochs", "batch_size", "lr", "layer_decay", "weight_decay", "patience")
-                if k in row}
+    settings = {k: row[k] for k in ("epochs", "batch_size", "lr", "layer_decay", "weight_decay", "patience",
+                                    "head_epochs") if k in row}
     config = FineTuneConfig(pooling=row.get("token_pooling", "mean"), seed=seed, **settings)
     base = _encoder(row, seed)
     by_record = dict(zip(data.record_ids, data.codes.tolist()))
