@@ -89,6 +89,7 @@ def test_a_single_file_and_an_empty_folder(tmp_path):
     single = FileFolder(f"{path}.hea")
     assert single.record_ids == ["rec"] and single.duration_s(0) == 10.0
     assert read_record(path).channel_names == ["II"]  # a WFDB record by its name, without .hea
+    assert FileFolder(tmp_path / "one", strict=True).record_ids == ["rec"]  # rec.dat is the record's, not unknown
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match=r"no recording found"):
         FileFolder(tmp_path / "empty")

@@ -111,10 +111,12 @@ class FileFolder:
                 found.append((path, fmt))
             elif path.suffix.lower() not in NOT_RECORDINGS:
                 self.unrecognised[path] = "not a recording any reader recognises"
-                if strict:
-                    raise FileFormatError(path, "unknown format", "content", self.unrecognised[path])
+        # a WFDB record's signal files are known only once its header is read: judged after the listing
         found = [(p, f) for p, f in found if p.resolve() not in companions]
         self.unrecognised = {p: why for p, why in self.unrecognised.items() if p.resolve() not in companions}
+        if strict and self.unrecognised:
+            path, why = next(iter(self.unrecognised.items()))
+            raise FileFormatError(path, "unknown format", "content", why)
         if not found:
             raise ValueError(f"files:{root}: no recording found ({len(self.unrecognised)} unrecognised files)")
         if self.unrecognised:
