@@ -274,7 +274,7 @@ def record_parts(records: RecordSource, index: int,
 class RecordWindows:
     """The windows of one record (or of one part of a long record) as the encoder takes them:
     x, valid [W, C, window] (float32 preprocessed, bool), start_s [W] seconds from the
-    record's start, channel_types [C] of the channels used, and the record's ids."""
+    record's start, channel_types [C] of the channels used, the record's ids and metadata."""
 
     x: np.ndarray
     valid: np.ndarray
@@ -282,6 +282,7 @@ class RecordWindows:
     channel_types: list[int]
     record_id: str
     patient_id: str
+    metadata: dict = field(default_factory=dict)
 
     def samples(self, every: int = 1) -> list[Sample]:
         """One Sample (no text) per ``every``-th window."""
@@ -304,7 +305,7 @@ def record_windows(records: RecordSource, index: int, check: RecordCheck,
     for part, start_s, skip_s, span_s in record_parts(records, index, config):
         windows, used = check.windows(part, skip_s, span_s, stride)
         yield RecordWindows(windows.x, windows.valid, start_s + windows.start_s,
-                            [part.channel_types[c] for c in used], part.record_id, part.patient_id)
+                            [part.channel_types[c] for c in used], part.record_id, part.patient_id, part.metadata)
         if span_s is not None:
             _return_freed_memory()
 
@@ -355,7 +356,7 @@ def all_windows(records: RecordSource, index: int, check: RecordCheck,
     if len(parts) == 1:
         return parts[0]
     return RecordWindows(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("x", "valid", "start_s")),
-                         parts[0].channel_types, parts[0].record_id, parts[0].patient_id)
+                         parts[0].channel_types, parts[0].record_id, parts[0].patient_id, parts[0].metadata)
 
 
 def find_unusable(records: RecordSource, indices: Sequence[int], config: PreprocessConfig | None = None,

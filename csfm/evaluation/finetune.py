@@ -25,7 +25,7 @@ from tqdm import tqdm
 from csfm.files import atomic_write
 from csfm.cli import NON_NEGATIVE, OptionError, at_least, check_fields, in_range, run_command
 from csfm.data.preprocess import MODALITIES, PreprocessConfig, RecordCheck
-from csfm.data.windows import Sample, all_windows, collate
+from csfm.data.windows import RecordWindows, Sample, all_windows, collate
 from csfm.evaluation.embedding import load_encoder
 from csfm.evaluation.finetuned import EncoderWithHead, ModelCard, make_head, predict_records, save_model_dir
 from csfm.evaluation.predict import prediction_table
@@ -172,19 +172,14 @@ def validation_loss(model: EncoderWithHead, samples: Sequence[Sample], batch_siz
 
 # ----------------------------------------------------------------------------- command line
 
-def _labels(source, key: str) -> tuple[list, list[str]]:
+def _labels(windows: Sequence[RecordWindows], key: str) -> tuple[list, list[str]]:
     """(metadata[key], record id) of every record; a clear error naming the records that lack it."""
-    values, ids, missing = [], [], []
-    for i in range(len(source)):
-        record = source[i]
-        value = record.metadata.get(key)
-        if value is None or (isinstance(value, float) and np.isnan(value)):
-            missing.append(record.record_id)
-        values.append(value)
-        ids.append(record.record_id)
+    values = [part.metadata.get(key) for part in windows]
+    missing = [part.record_id for part, value in zip(windows, values)
+               if value is None or (isinstance(value, float) and np.isnan(value))]
     if missing:
         raise ValueError(f"{len(missing)} record(s) have no label '{key}' in their metadata: {missing[:10]}")
-    return values, ids
+    return values, [part.record_id for part in windows]
 
 
 def _task_setup(task: str, labels: list, d: int) -> tuple[nn.Module, np.ndarray, list]:
@@ -206,15 +201,15 @@ def run(config: FineTuneRunConfig) -> dict:
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     source = open_sources(config.data, seed=config.seed)
-    labels, record_ids = _labels(source, config.label)
+    preprocess = PreprocessConfig()
+    windows = [all_windows(source, i, RecordCheck(preprocess, config.modality))  # each record read once
+               for i in tqdm(range(len(source)), disable=config.quiet, desc="reading records", unit="record")]
+    labels, record_ids = _labels(windows, config.label)
     encoder = load_encoder(config.checkpoint, config.preset)
     head, targets, classes = _task_setup(config.task, labels, pooled_width(encoder.config.dim, config.pooling))
     split = split_or_load(out_dir / "split.json", source.patient_ids, record_ids, seed=config.seed,
                           labels=None if config.task == "regression" else targets)
     assert_no_patient_leakage(split, source.patient_ids)
-    preprocess = PreprocessConfig()
-    windows = [all_windows(source, i, RecordCheck(preprocess, config.modality))
-               for i in tqdm(range(len(source)), disable=config.quiet, desc="reading records", unit="record")]
     samples = {part: [s for i in rows for s in windows[int(i)].samples()] for part, rows in split.items()}
     target_of = _target_fn(config.task, dict(zip(record_ids, targets)))
     model, history = finetune(encoder, head, config.task, samples["train"], samples["val"], target_of, config,
