@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import importlib.util
-import time
 import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
@@ -92,19 +91,17 @@ def patch_embed_torch(inputs: dict[str, torch.Tensor], eps: float = 1e-5) -> tor
     return patch_embed_tokens_reference(inputs["patches"], inputs["token_chan"], inputs["token_pos"], params)
 
 
-def assert_fails_fast(read: Callable[[Path], object], fmt: str, path: Path, *in_message: str,
+def assert_refused_early(read: Callable[[Path], object], fmt: str, path: Path, *in_message: str,
                       field: str = "") -> FileFormatError:
     """``read(path)`` (a file reader) must raise FileFormatError naming ``path`` and ``fmt``, with
-    ``field`` in its field and each of ``in_message`` in its message, in under a second and with a
-    tracemalloc peak under 100 MB (a hostile file fails before anything big is allocated).
-    Returns the error for further checks."""
+    ``field`` in its field and each of ``in_message`` in its message, with a tracemalloc peak under
+    100 MB (a hostile file fails before anything big is allocated; how fast is measured in
+    bench/test_readers.py). Returns the error for further checks."""
     tracemalloc.start()
-    start = time.perf_counter()
     try:
         with pytest.raises(FileFormatError) as info:
             read(path)
     finally:
-        elapsed = time.perf_counter() - start
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
     error = info.value
@@ -112,7 +109,7 @@ def assert_fails_fast(read: Callable[[Path], object], fmt: str, path: Path, *in_
     assert field in error.field, (field, str(error))
     for fragment in in_message:
         assert fragment in str(error), (fragment, str(error))
-    assert elapsed < 1.0 and peak < 100 * 2 ** 20, (elapsed, peak)
+    assert peak < 100 * 2 ** 20, peak
     return error
 
 

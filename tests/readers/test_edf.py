@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import wfdb
 from fixtures import PHYSIONET, SHARED, need
-from helpers import assert_fails_fast
+from helpers import assert_refused_early
 
 from csfm.data.readers.edf import FORMAT, read_edf, sniff
 from csfm.data.readers.safe_io import FileFormatError
@@ -361,45 +361,45 @@ HOSTILE = [  # id, signal edit, header overrides, truncate bytes, expected field
 
 
 @pytest.mark.parametrize("edit, header, cut, expected", [h[1:] for h in HOSTILE], ids=[h[0] for h in HOSTILE])
-def test_hostile_header_fails_fast_naming_the_field(tmp_path, edit, header, cut, expected):
+def test_hostile_header_is_refused_naming_the_field(tmp_path, edit, header, cut, expected):
     signals = _valid()
     if edit:
         edit(signals)
     path = write_edf(tmp_path / "hostile.edf", signals, **header)
     if cut:
         path.write_bytes(path.read_bytes()[:-cut])
-    _assert_fails_fast(path, expected)
+    _assert_refused_early(path, expected)
 
 
 def test_hostile_bdf_names_bdf(tmp_path):
     ecg = Sig("ECG II", random_digital(2, 64, 8, -2 ** 23, 2 ** 23 - 1), dmin="-8388609", dmax="8388607")
-    _assert_fails_fast(write_edf(tmp_path / "range.bdf", [ecg], bdf=True), "signal 1 ('ECG II') digital minimum")
+    _assert_refused_early(write_edf(tmp_path / "range.bdf", [ecg], bdf=True), "signal 1 ('ECG II') digital minimum")
     ecg.dmin = "-8388608"
     path = write_edf(tmp_path / "cut.bdf", [ecg], bdf=True)
     path.write_bytes(path.read_bytes()[:-2])
-    error = _assert_fails_fast(path, "number of data records")
+    error = _assert_refused_early(path, "number of data records")
     assert error.fmt == "BDF"
 
 
 def test_huge_discontinuous_onset_fails_fast(tmp_path):
     path, _ = _discontinuous(tmp_path, ["+0", "+1", "+100000000000"])
-    _assert_fails_fast(path, "EDF Annotations time-keeping onset of data record 3")
+    _assert_refused_early(path, "EDF Annotations time-keeping onset of data record 3")
 
 
 def test_discontinuous_without_timekeeping_fails(tmp_path):
     path = write_edf(tmp_path / "d.edf", [Sig("ECG II", sine_digital(2, 10))], reserved="EDF+D")
-    _assert_fails_fast(path, "reserved")
+    _assert_refused_early(path, "reserved")
     ecg = Sig("ECG II", sine_digital(2, 10))
     broken = Sig("EDF Annotations", annotations=[tal("+0"), b"garbage\x00"], dimension="")
     path = write_edf(tmp_path / "t.edf", [ecg, broken], reserved="EDF+D")
-    _assert_fails_fast(path, "EDF Annotations time-keeping onset of data record 2")
+    _assert_refused_early(path, "EDF Annotations time-keeping onset of data record 2")
 
 
 def test_missing_and_short_files(tmp_path):
-    _assert_fails_fast(tmp_path / "absent.edf", "file")
+    _assert_refused_early(tmp_path / "absent.edf", "file")
     short = tmp_path / "short.edf"
     short.write_bytes(b"0       " + b" " * 100)
-    _assert_fails_fast(short, "header")
+    _assert_refused_early(short, "header")
 
 
 def test_number_of_records_minus_one_is_derived_from_the_file_size(tmp_path):
@@ -409,10 +409,10 @@ def test_number_of_records_minus_one_is_derived_from_the_file_size(tmp_path):
     np.testing.assert_allclose(record.signal[0], physical(signals[0]), rtol=1e-6, atol=1e-6)
 
 
-def _assert_fails_fast(path: Path, expected_field: str) -> FileFormatError:
-    """read_edf(path) fails fast (``assert_fails_fast``) naming ``expected_field``; the format
+def _assert_refused_early(path: Path, expected_field: str) -> FileFormatError:
+    """read_edf(path) fails fast (``assert_refused_early``) naming ``expected_field``; the format
     named is the one the file is written in (BDF for a .bdf here)."""
-    return assert_fails_fast(read_edf, "BDF" if path.suffix == ".bdf" else "EDF", path, field=expected_field)
+    return assert_refused_early(read_edf, "BDF" if path.suffix == ".bdf" else "EDF", path, field=expected_field)
 
 
 # ---------------------------------------------------------------- sniff

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fixtures import SHARED, need
-from helpers import assert_ecg_record, assert_fails_fast, assert_lead_matches, assert_median_beats
+from helpers import assert_ecg_record, assert_refused_early, assert_lead_matches, assert_median_beats
 
 from csfm.data.leads import derive_limb_leads, standard_order
 from csfm.data.readers.ge_muse import FORMAT, read_ge_muse, sniff
@@ -220,7 +220,7 @@ def test_limb_lead_helpers():
 # ---------------------------------------------------------------- hostile files
 
 # _hostile(path, *fragments): reading path fails fast with a FileFormatError naming it and the fragments
-_hostile = partial(assert_fails_fast, read_ge_muse, FORMAT)
+_hostile = partial(assert_refused_early, read_ge_muse, FORMAT)
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fixtures import SHARED, need
-from helpers import assert_ecg_record, assert_fails_fast, assert_lead_matches, assert_median_beats
+from helpers import assert_ecg_record, assert_refused_early, assert_lead_matches, assert_median_beats
 
 from csfm.data.readers.hl7_aecg import FORMAT, MAX_DIGITS_CHARS, read_hl7_aecg, sniff
 
@@ -201,7 +201,7 @@ def test_median_beat_series(tmp_path):
 # ---------------------------------------------------------------- hostile files
 
 # _hostile(path, *fragments): reading path fails fast with a FileFormatError naming it and the fragments
-_hostile = partial(assert_fails_fast, read_hl7_aecg, FORMAT)
+_hostile = partial(assert_refused_early, read_hl7_aecg, FORMAT)
 
 
 @pytest.fixture

