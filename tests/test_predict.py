@@ -88,6 +88,13 @@ def test_predict_on_a_wfdb_folder_names_unusable_records_and_unseen_leads(tmp_pa
     with pytest.raises(SystemExit):
         predict_main(["--model", str(model), "--data", f"wfdb:{tmp_path / 'data'}", "--out", str(out), "--strict",
                       "--quiet"])
+    (tmp_path / "only_empty").mkdir()
+    for name in ("empty.hea", "empty.dat"):
+        (tmp_path / "only_empty" / name).write_bytes((tmp_path / "data" / name).read_bytes())
+    with pytest.raises(SystemExit) as exit_info:  # nothing predicted: exit status 1, not a crash
+        predict_main(["--model", str(model), "--data", f"wfdb:{tmp_path / 'only_empty'}", "--out", str(out),
+                      "--quiet"])
+    assert exit_info.value.code == 1
 
 
 def test_binary_and_regression_tables():

@@ -125,7 +125,8 @@ def predict_source(model: EncoderWithHead, card: ModelCard, source: RecordSource
         listing = "\n".join(f"  {name}: {', '.join(leads)}" for name, leads in unseen.items())
         warnings.warn(f"{len(unseen)} record(s) have leads the model was not trained on (it saw "
                       f"{', '.join(card.lead_names)}):\n{listing}", stacklevel=2)
-    table = pd.concat(chunks, ignore_index=True) if chunks else prediction_table(card, [], np.zeros(0), [])
+    empty = np.zeros((0, len(card.labels)) if card.task == "multiclass" else 0)
+    table = pd.concat(chunks, ignore_index=True) if chunks else prediction_table(card, [], empty, [])
     return Predictions(table, unusable, unseen)
 
 
