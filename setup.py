@@ -1,4 +1,4 @@
-"""Builds the C++ CPU kernels of ``csrc/`` as ``csfm_kernels._C`` (pybind11, no torch headers).
+"""Builds the C++ CPU kernels of ``csrc/`` as ``csfm_kernels._C`` (pybind11 and OpenMP, no torch headers).
 
 The extension is optional at run time: where it cannot be compiled the install still
 succeeds and ``csfm_kernels`` falls back to its reference path with one warning.
@@ -29,14 +29,23 @@ class OptionalBuildExt(build_ext):
     def run(self) -> None:
         try:
             super().run()
-        except Exception as exc:  # compiler missing or failing: install the pure-python path
+        except Exception as exc:  # no OpenMP: retry with std::threads; no compiler: python path
+            if OPENMP in ext.extra_compile_args:
+                print(f"WARNING: building csfm_kernels._C with {OPENMP} failed ({exc}); "
+                      "retrying without it (kernels then start their own threads)", file=sys.stderr)
+                ext.extra_compile_args.remove(OPENMP)
+                ext.extra_link_args.remove(OPENMP)
+                self.run()
+                return
             if os.environ.get("CSFM_REQUIRE_EXT") == "1":
                 raise
             print(f"WARNING: csfm_kernels._C was not built ({exc}); the reference path will be used",
                   file=sys.stderr)
 
 
-compile_args = ["-O3", "-std=c++17", "-ffp-contract=fast"]
+# OpenMP: the kernels then run on torch's own worker threads (csrc/parallel.h).
+OPENMP = "-fopenmp"
+compile_args = ["-O3", "-std=c++17", "-ffp-contract=fast", OPENMP]
 if os.environ.get("CSFM_NATIVE", "1") == "1":
     compile_args.append("-march=native")
 
@@ -44,6 +53,7 @@ ext = Pybind11Extension(
     "csfm_kernels._C",
     SOURCES,
     extra_compile_args=compile_args,
+    extra_link_args=[OPENMP],
     define_macros=[("CSFM_SOURCE_HASH", f'"{_source_hash()}"')],
     cxx_std=17,
 )

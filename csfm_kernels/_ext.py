@@ -6,6 +6,8 @@ import os
 import warnings
 from types import ModuleType
 
+import torch  # first: its libgomp.so.1 is the one the extension's OpenMP then binds to
+
 cpp: ModuleType | None
 cpp_error: str | None
 
@@ -26,6 +28,4 @@ except ImportError as exc:  # not built: the reference / torch paths still work
 
 def cpu_threads() -> int:
     """Threads the C++ kernels use: torch's intra-op count, so they share its setting."""
-    import torch
-
     return max(1, int(os.environ.get("CSFM_CPU_THREADS", torch.get_num_threads())))

@@ -8,6 +8,7 @@
 #include "kernels.h"
 #include "memory.h"
 #include "parallel.h"
+#include "simd.h"
 
 namespace csfm {
 namespace {
@@ -19,6 +20,16 @@ int copy_threads(int n_threads, int64_t rows, int64_t d) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({n_threads, by_size, rows})));
 }
 
+// Copies one row of d floats; with `stream`, by non-temporal stores (dst vector-aligned and
+// d a multiple of VW: see use_streaming_stores).
+inline void copy_row(float* dst, const float* src, int64_t d, bool stream) {
+  if (!stream) {
+    std::memcpy(dst, src, static_cast<size_t>(d) * sizeof(float));
+    return;
+  }
+  for (int64_t j = 0; j < d; j += VW) vstream(dst + j, vload(src + j));
+}
+
 }  // namespace
 
 void gather_rows(const float* src, const int64_t* rows, int64_t K, int64_t D, float* out,
@@ -26,8 +37,10 @@ void gather_rows(const float* src, const int64_t* rows, int64_t K, int64_t D, fl
   if (K <= 0 || D <= 0) return;
   const size_t row_bytes = static_cast<size_t>(D) * sizeof(float);
   advise_huge_pages(out, static_cast<size_t>(K) * row_bytes);
+  const bool stream = use_streaming_stores(out, K, D);
   parallel_chunks(K, copy_threads(n_threads, K, D), [&](int64_t b, int64_t e, int) {
-    for (int64_t i = b; i < e; ++i) std::memcpy(out + i * D, src + rows[i] * D, row_bytes);
+    for (int64_t i = b; i < e; ++i) copy_row(out + i * D, src + rows[i] * D, D, stream);
+    if (stream) stream_fence();
   });
 }
 
@@ -36,11 +49,13 @@ void scatter_rows_fill(const float* src, const int64_t* source_rows, const float
   if (M <= 0 || D <= 0) return;
   const size_t row_bytes = static_cast<size_t>(D) * sizeof(float);
   advise_huge_pages(out, static_cast<size_t>(M) * row_bytes);
+  const bool stream = use_streaming_stores(out, M, D);
   parallel_chunks(M, copy_threads(n_threads, M, D), [&](int64_t b, int64_t e, int) {
     for (int64_t i = b; i < e; ++i) {
       const int64_t r = source_rows[i];
-      std::memcpy(out + i * D, r >= 0 ? src + r * D : fill, row_bytes);
+      copy_row(out + i * D, r >= 0 ? src + r * D : fill, D, stream);
     }
+    if (stream) stream_fence();
   });
 }
 

@@ -41,29 +41,10 @@
 #include "kernels.h"
 #include "memory.h"
 #include "parallel.h"
-
-#if defined(__AVX__)
-#include <immintrin.h>
-#endif
-#if defined(__AVX512F__)
-#define CSFM_VW 16
-#elif defined(__AVX__)
-#define CSFM_VW 8
-#else
-#define CSFM_VW 4
-#endif
-
-#if defined(__GNUC__) && !defined(__clang__)
-// 64-byte vector types passed between internal (inlined) helpers: no ABI is involved, so
-// GCC's note about their ABI on targets without AVX-512 does not apply.
-#pragma GCC diagnostic ignored "-Wpsabi"
-#endif
+#include "simd.h"
 
 namespace csfm {
 namespace {
-
-constexpr int VW = CSFM_VW;  // floats per vector register
-typedef float vf __attribute__((vector_size(CSFM_VW * sizeof(float))));
 
 #if CSFM_VW == 16
 constexpr int JR = 4;  // vectors along D per register tile (32 registers with AVX-512)
@@ -73,19 +54,12 @@ constexpr int JR = 2;  // 16 registers
 constexpr int TR = 4;            // tokens per register tile
 constexpr int KR = 4;            // rows of Wt per register tile
 constexpr int TB = 32;           // tokens per block (buffers stay in L1/L2)
-constexpr int64_t kStreamBytes = int64_t{8} << 20;  // outputs this large use streaming stores
 constexpr int64_t DALIGN = 64;   // Dp is a multiple of this (and of JR * VW)
 static_assert(DALIGN % (JR * VW) == 0, "padding must cover a whole register tile");
 static_assert(TB % TR == 0, "block must hold whole token tiles");
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-inline vf vload(const float* p) {
-  vf v;
-  std::memcpy(&v, p, sizeof(vf));
-  return v;
-}
-inline void vstore(float* p, vf v) { std::memcpy(p, &v, sizeof(vf)); }
 inline vf vload_part(const float* p, int64_t n) {  // n < VW floats, rest zero
   vf v = {};
   std::memcpy(&v, p, static_cast<size_t>(n) * sizeof(float));
@@ -93,22 +67,6 @@ inline vf vload_part(const float* p, int64_t n) {  // n < VW floats, rest zero
 }
 inline void vstore_part(float* p, vf v, int64_t n) {
   std::memcpy(p, &v, static_cast<size_t>(n) * sizeof(float));
-}
-// Non-temporal store of a whole vector to a vector-aligned address (falls back to a plain
-// store without AVX); stream_fence() makes them visible before the kernel returns.
-inline void vstream(float* p, vf v) {
-#if CSFM_VW == 16
-  _mm512_stream_ps(p, reinterpret_cast<__m512>(v));
-#elif CSFM_VW == 8
-  _mm256_stream_ps(p, reinterpret_cast<__m256>(v));
-#else
-  vstore(p, v);
-#endif
-}
-inline void stream_fence() {
-#if CSFM_VW >= 8
-  _mm_sfence();
-#endif
 }
 // Pins a loaded vector in a register: without it GCC re-reads the operand from memory for
 // every FMA of a register tile (folding the load into the FMA), doubling the loads.
@@ -640,8 +598,7 @@ void patch_embed_forward(const PatchEmbedInputs& in, float* out, int n_threads) 
   const float* wct = pp.wct.get();
   // A large output (beyond what the caches keep anyway) is written with non-temporal stores:
   // it saves reading every line of `out` before overwriting it. Needs vector-aligned rows.
-  const bool stream = in.T * D * static_cast<int64_t>(sizeof(float)) >= kStreamBytes &&
-                      D % VW == 0 && reinterpret_cast<uintptr_t>(out) % (VW * sizeof(float)) == 0;
+  const bool stream = use_streaming_stores(out, in.T, D);
 
   // Blocks of TB tokens are handed out dynamically (a thread slowed down by other load on
   // its core just takes fewer); every output element is written by exactly one block.

@@ -58,3 +58,18 @@ print("WARNING:", mine[0].message)
     assert done.returncode == 0, done.stderr
     assert "C++ CPU kernels are not built" in done.stdout
     assert "cpp_cpu" in done.stdout and "blocked for the test" in done.stdout
+
+
+@pytest.mark.skipif(_ext.cpp is None or not Path("/proc/self/maps").exists(),
+                    reason="needs the built extension and Linux's /proc/self/maps")
+def test_extension_runs_on_torchs_openmp_runtime():
+    """Built with OpenMP, the extension must bind to the libgomp torch loaded (one pool of worker
+    threads in the process), not load a second OpenMP runtime beside it."""
+    script = """
+import torch, csfm_kernels._C
+from pathlib import Path
+maps = {line.split()[-1] for line in open('/proc/self/maps') if 'libgomp' in line}
+print(sorted(Path(p).resolve() for p in maps))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert out.count("libgomp") <= 1, f"more than one OpenMP runtime loaded: {out}"
