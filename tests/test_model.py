@@ -380,6 +380,75 @@ def test_paired_info_nce_prefers_each_views_partner():
         paired_info_nce(z[:3], t)
 
 
+def _beats(times_s: list[float], length: int = 2500, fs: float = 250.0) -> torch.Tensor:
+    """[1, length] zeros with a unit spike at each time (s): a QRS-like train of beats."""
+    x = torch.zeros(1, length)
+    x[0, [round(t * fs) for t in times_s if t * fs < length]] = 5.0
+    return x
+
+
+def test_envelope_autocorrelation_peaks_at_a_steady_beat_interval_only():
+    from csfm.model.pretrain import envelope_autocorrelation, rhythm_lags
+
+    lags = rhythm_lags(250.0)
+    assert lags[0] == 50 and lags[-1] == 500 and len(lags) == 46  # 0.2-2.0 s every 0.04 s
+    regular = _beats([0.3 + 0.8 * k for k in range(13)])
+    gen = torch.Generator().manual_seed(0)
+    irregular = _beats(torch.cumsum(0.4 + 0.8 * torch.rand(20, generator=gen), 0).tolist())
+    flat = torch.zeros(1, 2500)
+    x = torch.cat([regular, irregular, flat])
+    valid = torch.ones_like(x, dtype=torch.bool)
+    acf, used = envelope_autocorrelation(x, valid, lags, 10)
+    assert used.tolist() == [True, True, False] and acf[2].abs().sum() == 0  # a flat channel is left out
+    assert lags[acf[0].argmax()] == 200 and acf[0].max() > 0.8  # the 0.8 s beat interval
+    assert acf[1].max() < 0.5  # irregular beats: no lag lines them up
+    # invalid samples count as absent: the same beats with garbage where valid is False
+    noisy, mask = regular.clone(), valid[:1].clone()
+    noisy[0, 2000:], mask[0, 2000:] = 100.0, False
+    part, _ = envelope_autocorrelation(noisy, mask, lags, 10)
+    clean, _ = envelope_autocorrelation(regular[:, :2000], valid[:1, :2000], lags, 10)
+    torch.testing.assert_close(part, clean)
+    # lags beyond a short window read 0
+    short, _ = envelope_autocorrelation(regular[:, :300], valid[:1, :300], lags, 10)
+    assert short[0, lags >= 300].abs().sum() == 0
+
+
+def test_rhythm_targets_average_used_channels_and_group_lengths():
+    from csfm.model.pretrain import envelope_autocorrelation, rhythm_lags, rhythm_targets
+
+    lags = rhythm_lags(250.0)
+    gen = torch.Generator().manual_seed(1)
+    signals = [torch.randn(2, 2500, generator=gen), torch.randn(1, 1250, generator=gen),
+               torch.cat([torch.randn(1, 2500, generator=gen), torch.zeros(1, 2500)])]
+    valid = [torch.ones_like(x, dtype=torch.bool) for x in signals]
+    batch = Batch(signals, [torch.tensor([1, 7]), torch.tensor([1]), torch.tensor([1, 2])],
+                  [torch.zeros(0, dtype=torch.int64)] * 3, valid)
+    targets = rhythm_targets(batch, lags, 10)
+    assert targets.shape == (3, 46)
+    for b in range(3):
+        acf, used = envelope_autocorrelation(signals[b], valid[b], lags, 10)
+        torch.testing.assert_close(targets[b], acf[used].mean(0))  # the flat channel of sample 2 is left out
+
+
+def test_rhythm_pretrainer_adds_its_loss_and_trains_the_encoder():
+    batch = make_batch()
+    model = MaskedPretrainer(preset("demo", depth=1), rhythm_weight=2.0)
+    plain = MaskedPretrainer(preset("demo", depth=1))
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("rhythm_head.")})
+    out = model(batch, generator=torch.Generator().manual_seed(0))
+    base = plain(batch, generator=torch.Generator().manual_seed(0))
+    assert out.n_rhythm == len(batch) and base.n_rhythm == 0 and out.rhythm_sse.item() > 0
+    torch.testing.assert_close(out.loss, base.loss + 2.0 * out.rhythm_sse / len(batch))
+    torch.testing.assert_close(out.weighted_loss(out.n_signal, out.n_text, 2 * len(batch)),
+                               base.loss + 2.0 * out.rhythm_sse / (2 * len(batch)))  # a global count divides
+    out.rhythm_sse.backward()  # the rhythm loss alone reaches the encoder and its head
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.encoder.transformer.parameters())
+    assert all(p.grad is not None for p in model.rhythm_head.parameters())
+    assert not any(k.startswith("rhythm_lags") for k in model.state_dict())  # derived, not stored
+    with pytest.raises(ValueError, match="rhythm_weight must be >= 0"):
+        MaskedPretrainer(preset("demo", depth=1), rhythm_weight=-1.0)
+
+
 def test_contrastive_pretrainer_scores_pairs_and_trains_the_encoder():
     batch = make_batch()
     pairs = Batch([s for s in batch.signals[:2] for _ in range(2)], [c for c in batch.channel_ids[:2] for _ in range(2)],

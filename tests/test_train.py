@@ -286,6 +286,18 @@ def test_shipped_cinc2017_config_parses():
     assert config.preset == "demo" and config.threads == 1 and config.data == ["wfdb:../shared/data/cinc2017"]
 
 
+def test_rhythm_run_trains_the_head_and_logs_its_loss(tmp_path):
+    out = tmp_path / "run"
+    final = train(parse_config([*SMALL, "--data", "demo:12", "--epochs", "1", "--out-dir", str(out),
+                                "--rhythm-weight", "5"]))
+    assert any(name.startswith("rhythm_head.") for name in load_weights(final))
+    rows = [row for row in _rows(out / "log.csv") if row["loss"]]
+    signal, text = float(rows[0]["signal_loss"]), float(rows[0]["text_loss"])
+    assert float(rows[0]["loss"]) > signal + 0.5 * text  # the rhythm term is in the logged loss
+    with pytest.raises(OptionError, match="rhythm-weight"):
+        parse_config([*SMALL, "--rhythm-weight", "-1"])
+
+
 def test_contrastive_run_pairs_two_windows_of_each_record(tmp_path, monkeypatch):
     from csfm.data.demo import DemoDataset
     from csfm.data.windows import PretrainWindows, collate_views

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from csfm.data.preprocess import PreprocessConfig
 from csfm.model.batch import Batch
 from csfm.model.config import ModelConfig
 from csfm.model.encoder import (CSFMEncoder, SequenceLayout, Transformer, pool_by_owner, positions_within,
@@ -52,12 +53,23 @@ class PretrainOutput:
     contrast_ce: torch.Tensor | float = 0.0
     n_contrast: int = 0
     contrast_weight: float = 0.0
+    rhythm_sse: torch.Tensor | float = 0.0
+    n_rhythm: int = 0
+    rhythm_weight: float = 0.0
 
-    def weighted_loss(self, n_signal: int, n_text: int) -> torch.Tensor:
-        """signal_weight * SSE / n_signal + text_weight * CE / n_text (a zero count adds 0),
-        plus contrast_weight * the mean contrastive cross-entropy of this batch."""
+    def weighted_loss(self, n_signal: int, n_text: int, n_rhythm: int | None = None) -> torch.Tensor:
+        """signal_weight * SSE / n_signal + text_weight * CE / n_text + rhythm_weight *
+        rhythm SSE / n_rhythm (a zero count adds 0; n_rhythm defaults to this batch's), plus
+        contrast_weight * the mean contrastive cross-entropy of this batch."""
+        n_rhythm = self.n_rhythm if n_rhythm is None else n_rhythm
         return (self.signal_weight * self.signal_sse / max(1, n_signal)
-                + self.text_weight * self.text_ce / max(1, n_text) + self.contrast_weight * self.contrast_loss)
+                + self.text_weight * self.text_ce / max(1, n_text) + self.contrast_weight * self.contrast_loss
+                + self.rhythm_weight * self.rhythm_sse / max(1, n_rhythm))
+
+    @property
+    def rhythm_loss(self) -> torch.Tensor | float:
+        """Mean over samples of the rhythm head's mean squared error over lags (0 when off)."""
+        return self.rhythm_sse / max(1, self.n_rhythm)
 
     @property
     def contrast_loss(self) -> torch.Tensor | float:
@@ -94,6 +106,63 @@ def paired_info_nce(z: torch.Tensor, temperature: float) -> torch.Tensor:
     logits = (z @ z.T / temperature).masked_fill(eye, float("-inf"))
     partner = torch.arange(z.shape[0], device=z.device) ^ 1
     return F.cross_entropy(logits, partner, reduction="sum")
+
+
+INPUT_FS = PreprocessConfig().target_fs  # Hz of every Batch signal (the preprocessing's output)
+RHYTHM_LAGS_S = (0.2, 2.0, 0.04)
+"""Lags of the rhythm target (``envelope_autocorrelation``): first, last, step, in seconds
+(beat-to-beat intervals of 30-300 bpm)."""
+ENVELOPE_SMOOTH_S = 0.04
+"""Moving-average width of the signal envelope (about one QRS), seconds."""
+
+
+def rhythm_lags(fs: float) -> torch.Tensor:
+    """The lags of RHYTHM_LAGS_S in samples at ``fs`` Hz: [n_lags] int64."""
+    first, last, step = RHYTHM_LAGS_S
+    return torch.round(torch.arange(first, last + step / 2, step, dtype=torch.float64) * fs).to(torch.int64)
+
+
+def envelope_autocorrelation(x: torch.Tensor, valid: torch.Tensor, lags: torch.Tensor,
+                             smooth: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rhythm descriptor of channels: x, valid [C, L] (z-scored samples, bool) ->
+    (acf [C, n_lags], used [C] bool).
+
+    Per channel, the envelope |x[t] - x[t-1]| (beats stand out: QRS complexes, pulse upstrokes)
+    is smoothed over ``smooth`` samples, centred over its valid samples and zeroed elsewhere;
+    its autocorrelation at ``lags`` (samples, >= 1) over the one at lag 0 is high at multiples
+    of a steady beat interval and flat for an irregular rhythm; lags >= L read 0. ``used`` is
+    False (and acf 0) for a channel without valid samples or with a flat envelope."""
+    x = torch.where(valid, x.float(), 0.0)
+    envelope = torch.diff(x, dim=1, prepend=x[:, :1]).abs()
+    if smooth > 1:
+        envelope = F.avg_pool1d(envelope[:, None], smooth, 1, padding=smooth // 2,
+                                count_include_pad=False)[:, 0, :x.shape[1]]
+    n_valid = valid.sum(1, keepdim=True)
+    centred = torch.where(valid, envelope - (envelope * valid).sum(1, keepdim=True) / n_valid.clamp(min=1), 0.0)
+    length = x.shape[1]
+    spectrum = torch.fft.rfft(centred, n=2 * length)
+    acf = torch.fft.irfft(spectrum * spectrum.conj(), n=2 * length)[:, :length]
+    acf = F.pad(acf, (0, max(0, int(lags.max()) + 1 - length)))[:, lags.to(acf.device)]
+    zero_lag = (centred ** 2).sum(1)
+    used = (n_valid[:, 0] > 0) & (zero_lag > 0)
+    return torch.where(used[:, None], acf / zero_lag.clamp(min=1e-12)[:, None], 0.0), used
+
+
+def rhythm_targets(batch: Batch, lags: torch.Tensor, smooth: int) -> torch.Tensor:
+    """Each sample's mean over its used channels of ``envelope_autocorrelation`` -> [B, n_lags]
+    float32 (zeros for a sample with no used channel); samples of one length share one FFT."""
+    targets = torch.zeros(len(batch), len(lags))
+    by_length: dict[int, list[int]] = {}
+    for b, x in enumerate(batch.signals):
+        by_length.setdefault(x.shape[1], []).append(b)
+    for members in by_length.values():
+        acf, used = envelope_autocorrelation(torch.cat([batch.signals[b] for b in members]).cpu(),
+                                             torch.cat([batch.valid[b] for b in members]).cpu(), lags.cpu(), smooth)
+        owner = torch.cat([torch.full((batch.signals[b].shape[0],), k) for k, b in enumerate(members)])
+        sums = torch.zeros(len(members), len(lags)).index_add_(0, owner, acf)
+        counts = torch.zeros(len(members)).index_add_(0, owner, used.float()).clamp(min=1)
+        targets[members] = sums / counts[:, None]
+    return targets
 
 
 def span_noise(noise: torch.Tensor, shapes: Sequence[tuple[int, int]], span: int) -> torch.Tensor:
@@ -138,21 +207,30 @@ class MaskedPretrainer(nn.Module):
 
     def __init__(self, config: ModelConfig, backend: str | Mapping[str, str] = "auto", signal_weight: float = 1.0,
                  text_weight: float = 0.5, norm_patch_targets: bool = False, mask_span: int = 1,
-                 contrastive_weight: float = 0.0, temperature: float = 0.1) -> None:
+                 contrastive_weight: float = 0.0, temperature: float = 0.1, rhythm_weight: float = 0.0) -> None:
         """mask_span: masked signal patches come in runs of this many consecutive patches of a
         channel (``span_noise``; 1: each patch on its own, the published recipe).
         contrastive_weight > 0 adds, for batches of pairs (``forward(paired=True)``), an
         InfoNCE loss (``paired_info_nce``, ``temperature``) on a projection of each sample's
-        mean encoded patch token: two views of a record should agree, other records not."""
+        mean encoded patch token: two views of a record should agree, other records not.
+        rhythm_weight > 0 adds the MSE of a linear head on that same mean token predicting the
+        window's ``envelope_autocorrelation`` at ``rhythm_lags`` (beat timing over seconds, which
+        reconstructing 0.1 s patches from their neighbours never needs)."""
         super().__init__()
         if not isinstance(mask_span, int) or mask_span < 1:
             raise ValueError(f"mask_span must be a whole number of patches >= 1, got {mask_span!r}")
+        if not rhythm_weight >= 0:
+            raise ValueError(f"rhythm_weight must be >= 0, got {rhythm_weight}")
         if not contrastive_weight >= 0 or not temperature > 0:
             raise ValueError(f"contrastive_weight must be >= 0 and temperature > 0, got {contrastive_weight} "
                              f"and {temperature}")
         self.config, self.signal_weight, self.text_weight = config, signal_weight, text_weight
         self.norm_patch_targets, self.mask_span = norm_patch_targets, mask_span
         self.contrastive_weight, self.temperature = contrastive_weight, temperature
+        self.rhythm_weight = rhythm_weight
+        if rhythm_weight > 0:
+            self.register_buffer("rhythm_lags", rhythm_lags(INPUT_FS), persistent=False)
+            self.rhythm_head = nn.Linear(config.dim, len(self.rhythm_lags))
         if contrastive_weight > 0:
             self.projection = nn.Sequential(nn.Linear(config.dim, config.dim), nn.GELU(), nn.Linear(config.dim, 128))
         self.encoder = CSFMEncoder(config, backend)
@@ -215,13 +293,25 @@ class MaskedPretrainer(nn.Module):
         text_ce, n_text_scored = self._text_ce(batch, text_states, text_plan)
         out = PretrainOutput(signal_sse, n_signal, text_ce, n_text_scored, self.signal_weight,
                              self.text_weight, pred, signal_plan.mask, n_patch)
-        if paired and self.contrastive_weight > 0:
+        if (paired and self.contrastive_weight > 0) or self.rhythm_weight > 0:
             _, patch_tokens, _ = encoded.layout.split(encoded.tokens)
             owner = host_segment_positions(signal_plan.n_kept, "cpu")[0]
             pooled = pool_by_owner(patch_tokens, owner, len(n_patch))
-            out.contrast_ce = paired_info_nce(self.projection(pooled), self.temperature)
-            out.n_contrast, out.contrast_weight = len(n_patch), self.contrastive_weight
+            if paired and self.contrastive_weight > 0:
+                out.contrast_ce = paired_info_nce(self.projection(pooled), self.temperature)
+                out.n_contrast, out.contrast_weight = len(n_patch), self.contrastive_weight
+            if self.rhythm_weight > 0:
+                out.rhythm_sse = self._rhythm_sse(batch, pooled)
+                out.n_rhythm, out.rhythm_weight = len(n_patch), self.rhythm_weight
         return out
+
+    def _rhythm_sse(self, batch: Batch, pooled: torch.Tensor) -> torch.Tensor:
+        """Over samples, the summed mean squared error (over lags) of the rhythm head on the
+        pooled tokens [B, d] against each window's ``envelope_autocorrelation``."""
+        smooth = max(1, round(ENVELOPE_SMOOTH_S * INPUT_FS))
+        with torch.no_grad():
+            target = rhythm_targets(batch, self.rhythm_lags, smooth).to(pooled.device, non_blocking=True)
+        return ((self.rhythm_head(pooled).float() - target) ** 2).mean(1).sum()
 
     def _signal_sse(self, batch: Batch, pred: torch.Tensor, plan: MaskPlan) -> tuple[torch.Tensor, int]:
         """Squared error summed over the samples of masked, mostly valid patches, and their count

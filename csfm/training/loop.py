@@ -88,6 +88,11 @@ class TrainConfig:
         "help": "weight of a contrastive loss between two random 10 s windows of each record (InfoNCE over the "
                 "batch on the mean encoded patch token; each step then encodes both); 0 = off, the published "
                 "recipe; one process only", "valid": NON_NEGATIVE})
+    rhythm_weight: float = field(default=0.0, metadata={
+        "help": "weight of an auxiliary loss: a linear head on the mean encoded patch token predicts the "
+                "autocorrelation of each window's signal envelope at lags 0.2-2 s (beat timing and its "
+                "regularity, which masked-patch reconstruction alone never needs); 0 = off, the published recipe",
+        "valid": NON_NEGATIVE})
     mask_span_s: float = field(default=0.0, metadata={
         "help": "masked patches come in runs of this many seconds per channel (0 = each 0.1 s patch on its own, "
                 "the published recipe)", "valid": NON_NEGATIVE})
@@ -433,7 +438,8 @@ def _set_up(plan: _Plan, run: _Run) -> _Session:
     config = plan.config
     torch.manual_seed(config.seed)
     model = MaskedPretrainer(plan.model_config, mask_span=mask_span_patches(config),
-                             contrastive_weight=config.contrastive_weight).to(run.device)
+                             contrastive_weight=config.contrastive_weight,
+                             rhythm_weight=config.rhythm_weight).to(run.device)
     optimizer = make_optimizer(model, config.lr, config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(
         s, plan.total_steps, max(1, int(config.warmup_fraction * plan.total_steps)), config.min_lr_ratio))
@@ -569,9 +575,10 @@ def _n_tokens(batch) -> int:
 
 def _losses(out: PretrainOutput, signal_loss: float, text_loss: float) -> np.ndarray:
     """[weighted loss, signal MSE, text cross-entropy] from the two mean losses (the weighted
-    loss includes the batch's contrastive loss, where there is one)."""
-    return np.array([out.signal_weight * signal_loss + out.text_weight * text_loss
-                     + out.contrast_weight * float(torch.as_tensor(out.contrast_loss).detach()), signal_loss, text_loss])
+    loss includes the batch's contrastive and rhythm losses, where there are)."""
+    extra = sum(weight * float(torch.as_tensor(loss).detach()) for weight, loss in
+                ((out.contrast_weight, out.contrast_loss), (out.rhythm_weight, out.rhythm_loss)))
+    return np.array([out.signal_weight * signal_loss + out.text_weight * text_loss + extra, signal_loss, text_loss])
 
 
 @torch.no_grad()
@@ -628,9 +635,9 @@ def _train_step(s: _Session, loader) -> tuple[np.ndarray, int, int]:
             with s.plan.precision.autocast():
                 out = s.trained(batch.to(run.device), config.signal_mask_ratio, config.text_mask_ratio,
                                 signal_noise=signal_noise, text_noise=text_noise, paired=views == 2)
-            n_signal, n_text = _all_sum(run, [out.n_signal, out.n_text])
+            n_signal, n_text, n_rhythm = _all_sum(run, [out.n_signal, out.n_text, out.n_rhythm])
             # DDP averages gradients over processes: scale by the world size to get the global sum.
-            s.scaler.scale(out.weighted_loss(n_signal, n_text) * run.world / config.accum_steps).backward()
+            s.scaler.scale(out.weighted_loss(n_signal, n_text, n_rhythm) * run.world / config.accum_steps).backward()
         sse, ce, n_tok = _all_sum(run, [out.signal_sse.item(), out.text_ce.item(), _n_tokens(batch)])
         sums += _losses(out, sse / max(1, n_signal), ce / max(1, n_text))
         tokens += int(n_tok)
