@@ -196,16 +196,16 @@ class RecordCheck:
                 used.append(c)
         return used
 
-    def windows(self, part: Record, skip_s: float = 0.0, span_s: float | None = None,
-                stride: int | None = None) -> tuple[Windows, list[int]]:
-        """(windows of ``part``'s usable channels, indices of those channels in ``part``).
+    def span(self, part: Record, skip_s: float = 0.0,
+             span_s: float | None = None) -> tuple[np.ndarray, np.ndarray, list[int]]:
+        """(x, valid [C', T'] of the span of ``part``'s usable channels preprocessed, at
+        config.target_fs; indices of those channels in ``part``); x and valid are [0, 0] when
+        no channel is usable.
 
         part: the whole record, or a stretch of it read with ``skip_s`` seconds before the
         span of interest of ``span_s`` seconds (None: to the end of ``part``), so that the
-        filters settle before the span: windows are cut from the span only, their start_s
-        counted from its start. The channels are preprocessed together (``preprocess_signal``:
-        z-scored over the whole of ``part``). stride: samples between window starts
-        (``make_windows``; default the window, no overlap).
+        filters settle before the span. The channels are preprocessed together
+        (``preprocess_signal``: z-scored over the whole of ``part``).
         """
         config = self.config
         first = int(round(skip_s * config.target_fs))
@@ -214,12 +214,23 @@ class RecordCheck:
         self.seconds += max(0, last - first) / config.target_fs
         used = self.usable_channels(part)
         if not used:
-            none = np.zeros((0, 0, config.window), np.float32)
-            return Windows(none, none.astype(bool), np.zeros(0)), used
+            return np.zeros((0, 0), np.float32), np.zeros((0, 0), bool), used
         x, valid = preprocess_signal(part.signal[used], part.fs, [part.channel_types[c] for c in used], config)
         x, valid = x[:, first:last], valid[:, first:last]
         self.valid_seconds += int(valid.any(axis=0).sum()) / config.target_fs
-        windows = make_windows(x, valid, config, stride=stride)
+        return x, valid, used
+
+    def windows(self, part: Record, skip_s: float = 0.0, span_s: float | None = None,
+                stride: int | None = None) -> tuple[Windows, list[int]]:
+        """(windows of ``part``'s usable channels, indices of those channels in ``part``): the
+        ``span`` cut into windows, their start_s counted from the span's start. stride: samples
+        between window starts (``make_windows``; default the window, no overlap).
+        """
+        x, valid, used = self.span(part, skip_s, span_s)
+        if not used:
+            none = np.zeros((0, 0, self.config.window), np.float32)
+            return Windows(none, none.astype(bool), np.zeros(0)), used
+        windows = make_windows(x, valid, self.config, stride=stride)
         self.n_windows += len(windows.x)
         return windows, used
 

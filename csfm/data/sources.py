@@ -4,7 +4,9 @@
 KIND is wfdb (any folder of WFDB records, e.g. CinC 2017), mimic3 (a MIMIC-III waveform
 folder of multi-segment records), mimic4 (MIMIC-IV-ECG), ptbxl (PTB-XL), code15 (CODE-15
 HDF5) or files (a folder, or one file, of recordings in any mix of formats: WFDB, GE MUSE,
-Philips, HL7 aECG, DICOM, SCP-ECG, EDF; ``?strict=1`` makes an unrecognised file an error). OPTIONs go to the reader, e.g. ``wfdb:data/cinc2017?labels_csv=REFERENCE.csv`` or
+Philips, HL7 aECG, DICOM, SCP-ECG, EDF; ``?strict=1`` makes an unrecognised file an error) or
+shards (a folder ``python -m csfm.prepare`` wrote: records already preprocessed, read as they
+are stored). OPTIONs go to the reader, e.g. ``wfdb:data/cinc2017?labels_csv=REFERENCE.csv`` or
 ``ptbxl:data/ptbxl?sampling=hr``. WEIGHT (a finite number > 0, default 1) scales how often
 a source's records come up per epoch: 2 repeats each, 0.5 takes a seeded half.
 """
@@ -20,9 +22,10 @@ import numpy as np
 from csfm.data.demo import DemoDataset
 from csfm.data.readers import PTBXL, Code15, FileFolder, MimicIVECG, WfdbDirectory
 from csfm.data.record import ListedSource, Record, RecordSource, WindowedSource
+from csfm.data.shards import PreparedRecord, ShardSource
 
 READERS = {"wfdb": WfdbDirectory, "mimic3": WfdbDirectory, "mimic4": MimicIVECG, "ptbxl": PTBXL, "code15": Code15,
-           "files": FileFolder}
+           "files": FileFolder, "shards": ShardSource}
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,18 @@ class MixedSource:
     def __getitem__(self, index: int) -> Record:
         source, i = self._locate(index)
         return source[i]
+
+    def is_prepared(self, index: int) -> bool:
+        """Whether record ``index`` comes from a shards source (stored preprocessed)."""
+        return isinstance(self._locate(index)[0], ShardSource)
+
+    def prepared(self, index: int) -> PreparedRecord:
+        """Record ``index`` as stored preprocessed (``ShardSource.prepared``); ValueError for a
+        record of a raw source (see ``is_prepared``)."""
+        source, i = self._locate(index)
+        if not isinstance(source, ShardSource):
+            raise ValueError(f"record {index} comes from a source of raw recordings, not from shards")
+        return source.prepared(i)
 
     def read_window(self, index: int, start_s: float, window_s: float) -> Record:
         """Only ``window_s`` seconds from ``start_s`` where the source can read part of a

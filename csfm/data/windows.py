@@ -34,6 +34,7 @@ from csfm.model.batch import Batch, make_batch
 from csfm.data.preprocess import PreprocessConfig, RecordCheck, keep_channels, preprocess_signal
 from csfm.data.readers.mimic3 import NoSignalError
 from csfm.data.record import PPG_TYPE, ListedSource, Record, RecordSource, WindowedSource
+from csfm.data.shards import header_record, is_prepared, prepared_row
 from csfm.data.tokenizer import ReportTokenizer
 
 LIMB_LEADS = (0, 1, 2, 3, 4, 5)  # I, II, III, aVR, aVL, aVF
@@ -143,6 +144,10 @@ class PretrainWindows(torch.utils.data.Dataset):
     def _window(self, index: int, rng: np.random.Generator) -> tuple[Record, np.ndarray, np.ndarray]:
         """(record reduced to its usable channels, x [C, window], valid [C, window]) of one
         random window of record ``index``; ValueError naming the record when it has none."""
+        prepared = prepared_row(self.records, index)
+        if prepared is not None:  # stored preprocessed (float16, NaN where invalid): crop, then fill
+            x, valid = random_crop(prepared.x, prepared.valid, self.preprocess, rng, prepared.record_id)
+            return header_record(prepared), np.nan_to_num(x, copy=False), valid
         cached = self._preprocessed(index)
         if cached is not None:
             record, x, valid = cached
@@ -334,6 +339,8 @@ class _UsabilityChecks(torch.utils.data.Dataset):
 
     def __getitem__(self, k: int) -> tuple[int, str, str]:
         index = self.indices[k]
+        if self.modality == "both" and is_prepared(self.records, index):  # csfm.prepare kept only usable records
+            return index, record_name(self.records, index), ""
         check, name = RecordCheck(self.config, self.modality), record_name(self.records, index)
         try:
             for part, _, skip_s, span_s in record_parts(self.records, index, self.config):

@@ -1,0 +1,184 @@
+"""Prepared shards: ``python -m csfm.prepare`` and ``--data shards:DIR``."""
+from __future__ import annotations
+
+import json
+import multiprocessing
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from csfm.cli import OptionError
+from csfm.data.demo import DemoDataset
+from csfm.data.prepare_shards import PrepareConfig, prepare, prepare_shard
+from csfm.data.preprocess import PreprocessConfig, RecordCheck
+from csfm.data.shards import INDEX, FLOAT16_MAX, ShardFormatError, ShardSource, shard_name
+from csfm.data.sources import open_sources
+from csfm.data.windows import PretrainWindows
+from csfm.training.loop import main as train_main
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_embed_faults import four_records  # noqa: E402
+from test_train_faults import _latest_step, _rows, _wait  # noqa: E402
+
+
+def _prepare(out: Path, *data: str, per_shard: int = 5, workers: int = 0) -> Path:
+    return prepare(PrepareConfig(data=list(data), out=str(out), records_per_shard=per_shard, workers=workers,
+                                 quiet=True))
+
+
+def test_rows_hold_the_preprocessed_records(tmp_path):
+    index = _prepare(tmp_path / "shards", "demo:12")
+    shards = ShardSource(index.parent)
+    demo = DemoDataset(12)
+    assert len(shards) == 12 and len(list(index.parent.glob("shard-*.arrow"))) == 3
+    for i in (0, 7, 11):
+        record = demo[i]
+        x, valid, used = RecordCheck(PreprocessConfig()).span(record)
+        row = shards.prepared(i)
+        assert row.x.dtype == np.float16 and row.x.shape == x.shape
+        assert row.record_id == record.record_id and row.channel_types == [record.channel_types[c] for c in used]
+        assert row.text == record.text and row.start_s == 0.0
+        np.testing.assert_array_equal(row.valid, valid)
+        # float16 keeps ~3 decimal digits of the z-scored samples
+        np.testing.assert_allclose(row.x[valid].astype(np.float32), x[valid], rtol=1e-3, atol=1e-3)
+    assert shards.record_ids == [demo.record_ids[i] for i in range(12)]
+    assert shards.patient_ids == open_sources(["demo:12"]).patient_ids
+    assert shards[3].fs == 250.0 and shards[3].signal.dtype == np.float32
+
+
+def test_storage_is_the_float16_bytes_and_invalid_samples_stay_invalid(tmp_path):
+    from csfm.data.shards import PreparedRecord, write_shard
+
+    x = np.random.default_rng(0).standard_normal((3, 5000)).astype(np.float32)
+    x[0, 10] = 1e6  # beyond float16: clipped, not inf
+    valid = np.ones_like(x, dtype=bool)
+    valid[1, 100:300] = False
+    rows = [PreparedRecord(f"r{i}", "p", 0.0, [0, 1, 12], x, valid, "report", {"age": 50}) for i in range(8)]
+    size = write_shard(tmp_path / shard_name(0), rows)
+    assert size <= 1.01 * 8 * x.size * 2
+    (tmp_path / INDEX).write_text(json.dumps({"layout": 1, "fs": 250.0, "shards": [
+        {"file": shard_name(0), "rows": 8, "record_ids": [r.record_id for r in rows], "patient_ids": ["p"] * 8}]}))
+    row = ShardSource(tmp_path).prepared(5)
+    np.testing.assert_array_equal(row.valid, valid)
+    assert row.x[0, 10] == FLOAT16_MAX and row.metadata == {"age": 50} and row.record_id == "r5"
+
+
+def test_pretraining_windows_from_shards_match_the_cached_path(tmp_path):
+    """A shard-backed PretrainWindows draws the same crops (same rng) as the in-memory cache of
+    the raw records, to float16 precision."""
+    _prepare(tmp_path / "shards", "demo:6")
+    raw = PretrainWindows(open_sources(["demo:6"]), None, subset_prob=0.5, cache_mb=64, seed=3)
+    stored = PretrainWindows(open_sources([f"shards:{tmp_path / 'shards'}"]), None, subset_prob=0.5, seed=3)
+    for epoch in (0, 1):
+        raw.set_epoch(epoch), stored.set_epoch(epoch)
+        for i in range(6):
+            a, b = raw[i], stored[i]
+            assert a.record_id == b.record_id and a.channel_types == b.channel_types
+            np.testing.assert_array_equal(a.valid, b.valid)
+            assert b.x.dtype == np.float32 and np.isfinite(b.x).all()
+            np.testing.assert_allclose(b.x, a.x, rtol=1e-3, atol=2e-3)
+
+
+def test_unusable_records_are_listed_not_fatal(tmp_path):
+    folder = four_records(tmp_path / "data")
+    index = _prepare(tmp_path / "shards", f"wfdb:{folder}", per_shard=3)
+    shards = ShardSource(index.parent)
+    assert shards.record_ids == ["good"]
+    listed = (index.parent / "unusable.csv").read_text().splitlines()
+    assert listed[0] == "record_id,why" and sorted(line.split(",")[0] for line in listed[1:]) == \
+        ["all_nan", "gappy", "short"]
+    assert "no valid sample" in next(line for line in listed if line.startswith("all_nan"))
+
+
+def test_a_stopped_prepare_continues_and_ends_as_one_run(tmp_path):
+    straight = _prepare(tmp_path / "straight", "demo:11", per_shard=4)
+    stopped = tmp_path / "stopped"
+    config = PrepareConfig(data=["demo:11"], out=str(stopped), records_per_shard=4, quiet=True)
+    with pytest.raises(KeyboardInterrupt):  # stopped after its first shard
+        import csfm.data.prepare_shards as module
+        original = module.prepare_shard
+
+        def first_then_stop(cfg, number, out):
+            if number > 0:
+                raise KeyboardInterrupt
+            return original(cfg, number, out)
+        module.prepare_shard = first_then_stop
+        try:
+            prepare(config)
+        finally:
+            module.prepare_shard = original
+    assert (stopped / shard_name(0)).is_file() and not (stopped / INDEX).exists()
+    with pytest.raises(ShardFormatError, match="continues when run again"):
+        ShardSource(stopped)
+    (stopped / f".{shard_name(1)}.123.tmp").write_bytes(b"half a shard")  # what a killed write leaves
+    prepare(config)
+    assert json.loads((stopped / INDEX).read_text()) == json.loads(straight.read_text())
+    assert (stopped / shard_name(0)).read_bytes() == (straight.parent / shard_name(0)).read_bytes()
+    with pytest.raises(OptionError, match="other settings \\(records_per_shard\\)"):
+        prepare(PrepareConfig(data=["demo:11"], out=str(stopped), records_per_shard=5, quiet=True))
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(OptionError, match="not a csfm.prepare folder"):
+        _prepare(tmp_path / "other", "demo:3")
+
+
+def test_workers_write_the_same_shards(tmp_path):
+    one = _prepare(tmp_path / "one", "demo:9", per_shard=3)
+    two = _prepare(tmp_path / "two", "demo:9", per_shard=3, workers=2)
+    for k in range(3):
+        assert (one.parent / shard_name(k)).read_bytes() == (two.parent / shard_name(k)).read_bytes()
+
+
+def test_bad_folders_are_named(tmp_path):
+    index = _prepare(tmp_path / "shards", "demo:4", per_shard=2)
+    folder = index.parent
+    settings = json.loads(index.read_text())
+    index.write_text(json.dumps({**settings, "layout": 99}))
+    with pytest.raises(ShardFormatError, match="field 'layout' is 99"):
+        ShardSource(folder)
+    settings["shards"][1]["rows"] = 3
+    index.write_text(json.dumps(settings))
+    with pytest.raises(ShardFormatError, match="record_ids' and 'patient_ids' must list every row"):
+        ShardSource(folder)
+    settings["shards"][1]["record_ids"].append("x")
+    settings["shards"][1]["patient_ids"].append("x")
+    index.write_text(json.dumps(settings))
+    with pytest.raises(ShardFormatError, match=f"{shard_name(1)}: 2 rows, index.json says 3"):
+        ShardSource(folder).prepared(2)
+    (folder / shard_name(0)).write_bytes(b"not arrow")
+    with pytest.raises(ShardFormatError, match="not a readable Arrow IPC shard"):
+        ShardSource(folder).prepared(0)
+    with pytest.raises(OptionError, match="give at least one source"):
+        PrepareConfig(out=str(folder))
+
+
+def test_training_on_shards_resumes_after_sigkill_with_the_same_losses(tmp_path):
+    """A run on shards SIGKILLed mid-epoch and resumed ends with the weights and log rows of an
+    uninterrupted one."""
+    _prepare(tmp_path / "shards", "demo:24", per_shard=10)
+    argv = ["--data", f"shards:{tmp_path / 'shards'}", "--batch-size", "4", "--epochs", "2", "--save-every", "1",
+            "--val-fraction", "0.25", "--threads", "1", "--precision", "fp32", "--quiet", "--workers", "0",
+            "--resume", "auto"]
+    context = multiprocessing.get_context("forkserver")
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    for out in (straight, killed):
+        if out == killed:
+            child = context.Process(target=train_main, args=([*argv, "--out-dir", str(out)],))
+            child.start()
+            _wait(child, lambda: _latest_step(out) >= 2)
+            assert child.is_alive()
+            child.kill()
+            child.join()
+        child = context.Process(target=train_main, args=([*argv, "--out-dir", str(out)],))
+        child.start()
+        child.join(300)
+        assert child.exitcode == 0
+    last = sorted((straight / "checkpoints").glob("step_*"))[-1].name
+    ours = load_file(killed / "checkpoints" / last / "model.safetensors")
+    theirs = load_file(straight / "checkpoints" / last / "model.safetensors")
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    assert _rows(killed / "log.csv") == _rows(straight / "log.csv")
