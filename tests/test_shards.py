@@ -182,3 +182,19 @@ def test_training_on_shards_resumes_after_sigkill_with_the_same_losses(tmp_path)
     theirs = load_file(straight / "checkpoints" / last / "model.safetensors")
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
     assert _rows(killed / "log.csv") == _rows(straight / "log.csv")
+
+
+def test_embedding_windows_of_a_row_are_the_stored_samples_cut(tmp_path):
+    """embed / finetune take a prepared row's windows as stored (no second filtering): those of
+    the raw record, to float16 precision; a modality without channels in the row is its problem."""
+    from csfm.data.windows import all_windows
+
+    _prepare(tmp_path / "shards", "demo:3")
+    shards, raw = open_sources([f"shards:{tmp_path / 'shards'}"]), open_sources(["demo:3"])
+    for modality in ("both", "ecg", "ppg"):
+        ours = all_windows(shards, 1, RecordCheck(PreprocessConfig(), modality), stride_s=5.0)
+        theirs = all_windows(raw, 1, RecordCheck(PreprocessConfig(), modality), stride_s=5.0)
+        assert ours.channel_types == theirs.channel_types and ours.record_id == theirs.record_id
+        np.testing.assert_array_equal(ours.start_s, theirs.start_s)
+        np.testing.assert_array_equal(ours.valid, theirs.valid)
+        np.testing.assert_allclose(ours.x, theirs.x, rtol=1e-3, atol=2e-3)

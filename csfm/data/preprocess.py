@@ -81,6 +81,12 @@ class Windows:
     start_s: np.ndarray
     n_dropped: int = 0
 
+    @classmethod
+    def none(cls, config: "PreprocessConfig") -> "Windows":
+        """No window (of no channel): x, valid [0, 0, window]."""
+        empty = np.zeros((0, 0, config.window), np.float32)
+        return cls(empty, empty.astype(bool), np.zeros(0))
+
 
 def preprocess_signal(signal: np.ndarray, fs: float, channel_types: Sequence[int],
                       config: PreprocessConfig | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -228,8 +234,7 @@ class RecordCheck:
         """
         x, valid, used = self.span(part, skip_s, span_s)
         if not used:
-            none = np.zeros((0, 0, self.config.window), np.float32)
-            return Windows(none, none.astype(bool), np.zeros(0)), used
+            return Windows.none(self.config), used
         windows = make_windows(x, valid, self.config, stride=stride)
         self.n_windows += len(windows.x)
         return windows, used

@@ -31,10 +31,11 @@ import torch
 from tqdm import tqdm
 
 from csfm.model.batch import Batch, make_batch
-from csfm.data.preprocess import PreprocessConfig, RecordCheck, keep_channels, preprocess_signal
+from csfm.data.preprocess import (PreprocessConfig, RecordCheck, Windows, keep_channels, make_windows,
+                                  preprocess_signal, select_channels)
 from csfm.data.readers.mimic3 import NoSignalError
-from csfm.data.record import PPG_TYPE, ListedSource, Record, RecordSource, WindowedSource
-from csfm.data.shards import header_record, is_prepared, prepared_row
+from csfm.data.record import CHANNEL_TYPE_NAMES, PPG_TYPE, ListedSource, Record, RecordSource, WindowedSource
+from csfm.data.shards import PreparedRecord, header_record, is_prepared, prepared_row
 from csfm.data.tokenizer import ReportTokenizer
 
 LIMB_LEADS = (0, 1, 2, 3, 4, 5)  # I, II, III, aVR, aVL, aVF
@@ -307,12 +308,30 @@ def record_windows(records: RecordSource, index: int, check: RecordCheck,
     """
     config = check.config
     stride = None if stride_s is None else max(1, int(round(stride_s * config.target_fs)))
+    if is_prepared(records, index):
+        yield _prepared_windows(records.prepared(index), check, stride)
+        return
     for part, start_s, skip_s, span_s in record_parts(records, index, config):
         windows, used = check.windows(part, skip_s, span_s, stride)
         yield RecordWindows(windows.x, windows.valid, start_s + windows.start_s,
                             [part.channel_types[c] for c in used], part.record_id, part.patient_id, part.metadata)
         if span_s is not None:
             _return_freed_memory()
+
+
+def _prepared_windows(row: PreparedRecord, check: RecordCheck, stride: int | None) -> RecordWindows:
+    """A prepared row's windows, of its channels of ``check.modality``, cut and counted as
+    ``check.windows`` does (the row is already preprocessed: nothing is filtered again)."""
+    config = check.config
+    used = list(select_channels(row.channel_types, check.modality))
+    check.channels.update({CHANNEL_TYPE_NAMES[row.channel_types[c]]: True for c in used})
+    check.seconds += row.x.shape[1] / config.target_fs
+    x, valid = np.nan_to_num(row.x[used].astype(np.float32)), row.valid[used]
+    check.valid_seconds += int(valid.any(axis=0).sum()) / config.target_fs if used else 0.0
+    windows = make_windows(x, valid, config, stride=stride) if used else Windows.none(config)
+    check.n_windows += len(windows.x)
+    return RecordWindows(windows.x, windows.valid, row.start_s + windows.start_s,
+                         [row.channel_types[c] for c in used], row.record_id, row.patient_id, row.metadata or {})
 
 
 def _return_freed_memory() -> None:
