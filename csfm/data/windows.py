@@ -139,16 +139,17 @@ class PretrainWindows(torch.utils.data.Dataset):
         text = np.zeros(0, dtype=np.int64)
         if self.tokenizer is not None and record.text:
             text = np.asarray(self.tokenizer.encode(record.text, self.max_text_tokens).ids, dtype=np.int64)
-        return Sample(x[keep], valid[keep], [record.channel_types[c] for c in keep],
+        if len(keep) < len(record.channel_types):
+            x, valid = x[keep], valid[keep]
+        return Sample(x, valid, [record.channel_types[c] for c in keep],
                       text, record.record_id, record.patient_id, dict(record.metadata))
 
     def _window(self, index: int, rng: np.random.Generator) -> tuple[Record, np.ndarray, np.ndarray]:
         """(record reduced to its usable channels, x [C, window], valid [C, window]) of one
         random window of record ``index``; ValueError naming the record when it has none."""
         prepared = prepared_row(self.records, index)
-        if prepared is not None:  # stored preprocessed (float16, NaN where invalid): crop, then fill
-            x, valid = random_crop(prepared.x, prepared.valid, self.preprocess, rng, prepared.record_id)
-            return header_record(prepared), np.nan_to_num(x, copy=False), valid
+        if prepared is not None:  # stored preprocessed
+            return header_record(prepared), *prepared_crop(prepared, self.preprocess, rng)
         cached = self._preprocessed(index)
         if cached is not None:
             record, x, valid = cached
@@ -225,18 +226,40 @@ def random_crop(x: np.ndarray, valid: np.ndarray, config: PreprocessConfig, rng:
     (valid False there). ValueError naming ``record_id`` when no start qualifies.
     Returns (x [C, window] float32, valid [C, window] bool), copies.
     """
-    window, (channels, n) = config.window, x.shape
-    if n < window:
-        x = np.pad(x.astype(np.float32, copy=False), ((0, 0), (0, window - n)))
-        valid = np.pad(valid, ((0, 0), (0, window - n)))
-    before = np.concatenate([[0], np.cumsum(valid.sum(axis=0))])  # valid samples before each column
-    fractions = (before[window:] - before[:-window]) / max(1, channels * window)
+    x, valid, s = _padded(x, 0.0), _padded(valid, False), crop_start(valid, config, rng, record_id)
+    return x[:, s:s + config.window].astype(np.float32), valid[:, s:s + config.window].copy()
+
+
+def _padded(a: np.ndarray, fill: float | bool, window: int = PreprocessConfig().window) -> np.ndarray:
+    """a [C, T] padded with ``fill`` to at least ``window`` columns (itself when long enough)."""
+    return a if a.shape[1] >= window else np.pad(a, ((0, 0), (0, window - a.shape[1])), constant_values=fill)
+
+
+def crop_start(valid: np.ndarray, config: PreprocessConfig, rng: np.random.Generator, record_id: str = "") -> int:
+    """``random_crop``'s start (samples) for valid [C, T]: uniform among the starts whose window
+    (a record shorter than it padded with invalid samples) has enough valid samples."""
+    window, (channels, _) = config.window, valid.shape
+    valid = _padded(valid, False, window)
+    if valid.shape[1] == window:  # one start (most records of 10 s): no running sum needed
+        fractions = np.array([np.count_nonzero(valid) / max(1, channels * window)])
+    else:
+        before = np.concatenate([[0], np.cumsum(valid.sum(axis=0))])  # valid samples before each column
+        fractions = (before[window:] - before[:-window]) / max(1, channels * window)
     starts = np.flatnonzero(fractions >= config.min_valid_fraction)
     if not len(starts):
         raise ValueError(f"record {record_id}: no {window}-sample window with at least "
                          f"{config.min_valid_fraction:.0%} valid samples (best {fractions.max():.0%})")
-    s = int(rng.choice(starts))
-    return x[:, s:s + window].astype(np.float32), valid[:, s:s + window].copy()
+    return int(rng.choice(starts))
+
+
+def prepared_crop(row: PreparedRecord, config: PreprocessConfig,
+                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """``random_crop`` of a prepared row as stored (float16, NaN where invalid): the same start
+    for the same ``rng``; the window alone is converted (x [C, window] float32, 0 where invalid)."""
+    s = crop_start(row.valid, config, rng, row.record_id)
+    x16, valid = _padded(row.x, np.nan, config.window), _padded(row.valid, False, config.window)
+    window = torch.from_numpy(np.ascontiguousarray(x16[:, s:s + config.window])).float()  # vectorised fp16 -> fp32
+    return window.nan_to_num_(0.0).numpy(), valid[:, s:s + config.window].copy()
 
 
 def read_part(records: WindowedSource, index: int, start_s: float, span_s: float) -> tuple[Record, float] | None:
