@@ -65,7 +65,7 @@ class TrainConfig:
     preset: str = field(default="demo", metadata={"help": "model size", "choices": tuple(PRESETS)})
     data: list[str] = field(default_factory=list, metadata={
         "help": "data sources, mixed: 'demo[:N][@WEIGHT]' or 'KIND:PATH[@WEIGHT]' with KIND "
-                "wfdb|mimic3|mimic4|ptbxl|code15; empty = demo"})
+                "wfdb|mimic3|mimic4|ptbxl|code15|files|shards (a csfm.prepare folder); empty = demo"})
     demo_records: int = field(default=600, metadata={"help": "demo records to generate (3 per patient)",
                                                      "valid": at_least(1)})
     out_dir: str = field(default="runs/demo", metadata={
