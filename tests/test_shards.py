@@ -198,3 +198,43 @@ def test_embedding_windows_of_a_row_are_the_stored_samples_cut(tmp_path):
         np.testing.assert_array_equal(ours.start_s, theirs.start_s)
         np.testing.assert_array_equal(ours.valid, theirs.valid)
         np.testing.assert_allclose(ours.x, theirs.x, rtol=1e-3, atol=2e-3)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_nodes_on_shards_give_the_losses_of_one_process(tmp_path):
+    """Two torchrun "nodes" (--nnodes 2, one process each, c10d rendezvous on localhost, gloo)
+    training from shards log the losses of one process with the same global batch."""
+    import os
+    import subprocess
+
+    _prepare(tmp_path / "shards", "demo:24", per_shard=10)
+    common = ["--data", f"shards:{tmp_path / 'shards'}", "--batch-size", "4", "--epochs", "1", "--max-steps", "3",
+              "--val-fraction", "0.25", "--precision", "fp32", "--quiet", "--workers", "0"]
+    from csfm.training.loop import parse_config, train
+
+    train(parse_config([*common, "--out-dir", str(tmp_path / "one")]))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    port = _free_port()
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                               f"--node_rank={rank}", "--rdzv_backend=c10d", f"--rdzv_endpoint=localhost:{port}",
+                               "--rdzv_id=csfm-two-nodes", "-m", "csfm.train", *common,
+                               "--out-dir", str(tmp_path / "two")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for rank in (0, 1)]
+    for node in nodes:
+        _, err = node.communicate(timeout=600)
+        assert node.returncode == 0, err[-3000:]
+    one, two = _rows(tmp_path / "one" / "log.csv"), _rows(tmp_path / "two" / "log.csv")
+    assert [r["step"] for r in one] == [r["step"] for r in two] and len(one) >= 3
+    for a, b in zip(one, two):
+        for column in ("loss", "signal_loss", "text_loss", "val_loss"):
+            if a[column]:
+                assert float(b[column]) == pytest.approx(float(a[column]), rel=1e-4), (a["step"], column)
