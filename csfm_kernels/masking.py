@@ -314,21 +314,17 @@ def _triton_scatter_backward(
 
 # ----------------------------------------------------------------------------- CPU kernel
 
-def _f32_numpy(t: torch.Tensor):
-    return t.detach().to(torch.float32).contiguous().numpy()
-
-
 def _cpu_gather(src: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """src [M, d], rows [K] -> src[rows] [K, d] (C++ row copies)."""
     out = torch.empty(len(rows), src.shape[1], dtype=torch.float32)
-    _ext.cpp.gather_rows(_f32_numpy(src), rows.numpy(), out.numpy(), _ext.cpu_threads())
+    _ext.cpp.gather_rows(_ext.as_float32_array(src), rows.numpy(), out.numpy(), _ext.cpu_threads())
     return out.to(src.dtype)
 
 
 def _cpu_scatter(src: torch.Tensor, source_rows: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
     """out[i] = src[source_rows[i]], or ``fill`` where source_rows[i] == -1. -> [M, d]."""
     out = torch.empty(len(source_rows), src.shape[1], dtype=torch.float32)
-    _ext.cpp.scatter_rows_fill(_f32_numpy(src), source_rows.numpy(), _f32_numpy(fill), out.numpy(),
+    _ext.cpp.scatter_rows_fill(_ext.as_float32_array(src), source_rows.numpy(), _ext.as_float32_array(fill), out.numpy(),
                                _ext.cpu_threads())
     return out.to(src.dtype)
 
@@ -338,7 +334,7 @@ def _cpu_scatter_backward(grad_out: torch.Tensor, source_rows: torch.Tensor,
     """-> (grad_src [n_src, d], grad_fill [d]), one pass over grad_out."""
     grad_src = torch.empty(n_src, grad_out.shape[1], dtype=torch.float32)
     grad_fill = torch.empty(grad_out.shape[1], dtype=torch.float32)
-    _ext.cpp.scatter_rows_fill_backward(_f32_numpy(grad_out), source_rows.numpy(), grad_src.numpy(),
+    _ext.cpp.scatter_rows_fill_backward(_ext.as_float32_array(grad_out), source_rows.numpy(), grad_src.numpy(),
                                         grad_fill.numpy(), _ext.cpu_threads())
     return grad_src.to(grad_out.dtype), grad_fill.to(grad_out.dtype)
 

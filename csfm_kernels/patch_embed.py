@@ -389,18 +389,14 @@ def _triton_backward(grad_out: torch.Tensor, patches: torch.Tensor, token_chan: 
 
 # ----------------------------------------------------------------------------- CPU kernel
 
-def _as_f32(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().to(torch.float32).contiguous()
-
-
 def _cpu_forward(patches: torch.Tensor, token_chan: torch.Tensor, token_pos: torch.Tensor,
                  tensors: Sequence[torch.Tensor], eps: float) -> torch.Tensor:
     """C++ kernel, fp32 inside; output in ``patches.dtype``. patches [T, 25] -> [T, d]."""
     d = tensors[2].shape[0]
     out = torch.empty(patches.shape[0], d, dtype=torch.float32)
     _ext.cpp.patch_embed_forward(
-        _as_f32(patches).numpy(), token_chan.numpy(), token_pos.numpy(),
-        *(_as_f32(t).numpy() for t in tensors), float(eps), out.numpy(), _ext.cpu_threads())
+        _ext.as_float32_array(patches), token_chan.numpy(), token_pos.numpy(),
+        *(_ext.as_float32_array(t) for t in tensors), float(eps), out.numpy(), _ext.cpu_threads())
     return out.to(patches.dtype)
 
 
@@ -411,8 +407,8 @@ def _cpu_backward(grad_out: torch.Tensor, patches: torch.Tensor, token_chan: tor
     inputs = (patches, *tensors)
     grads = [torch.empty(t.shape, dtype=torch.float32) for t in inputs]
     _ext.cpp.patch_embed_backward(
-        _as_f32(grad_out).numpy(), _as_f32(patches).numpy(), token_chan.numpy(), token_pos.numpy(),
-        *(_as_f32(t).numpy() for t in tensors), float(eps),
+        _ext.as_float32_array(grad_out), _ext.as_float32_array(patches), token_chan.numpy(), token_pos.numpy(),
+        *(_ext.as_float32_array(t) for t in tensors), float(eps),
         *(g.numpy() for g in grads), _ext.cpu_threads())
     return tuple(g.to(t.dtype) for g, t in zip(grads, inputs))
 

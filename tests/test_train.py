@@ -318,3 +318,56 @@ def test_contrastive_run_pairs_two_windows_of_each_record(tmp_path, monkeypatch)
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(OptionError, match="--contrastive-weight runs in one process for now"):
         train(parse_config([*SMALL, "--out-dir", str(tmp_path / "two"), "--contrastive-weight", "0.5"]))
+
+
+def _torchrun(argv: list[str], nproc: int = 2) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                           "-m", "csfm.train", *argv], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_fsdp_matches_ddp_resumes_from_its_sharded_checkpoint_and_loads_in_one_process(tmp_path):
+    """--sharding fsdp (FSDP2, 2 gloo processes) logs DDP's losses within 1e-5; continued from an
+    earlier checkpoint (its sharded/ state, torch.distributed.checkpoint) it ends where the
+    straight run ended; its model.safetensors loads into one process for embedding."""
+    import torch
+    from safetensors.torch import load_file
+
+    from csfm.evaluation.embedding import load_encoder
+
+    common = [*SMALL, "--epochs", "2", "--save-every", "2", "--keep-last", "10", "--accum-steps", "2"]
+    _torchrun([*common, "--out-dir", str(tmp_path / "ddp")])
+    _torchrun([*common, "--out-dir", str(tmp_path / "fsdp"), "--sharding", "fsdp"])
+    ddp, fsdp = _rows(tmp_path / "ddp" / "log.csv"), _rows(tmp_path / "fsdp" / "log.csv")
+    assert [r["step"] for r in ddp] == [r["step"] for r in fsdp]
+    for a, b in zip(ddp, fsdp):
+        for column in ("loss", "signal_loss", "text_loss", "val_loss"):
+            if a[column]:
+                assert float(b[column]) == pytest.approx(float(a[column]), rel=1e-5), (a["step"], column)
+    steps = sorted((tmp_path / "fsdp" / "checkpoints").glob("step_*"))
+    assert all((d / "sharded").is_dir() and not (tmp_path / "ddp" / "checkpoints" / d.name / "sharded").exists()
+               for d in steps)
+
+    # continue a copy of the run from its second checkpoint
+    again = tmp_path / "again"
+    shutil.copytree(tmp_path / "fsdp", again)
+    for later in steps[2:]:
+        shutil.rmtree(again / "checkpoints" / later.name)
+    (again / "checkpoints" / "latest").write_text(steps[1].name)
+    _torchrun([*common, "--out-dir", str(again), "--sharding", "fsdp", "--resume", "auto"])
+    final = steps[-1].name
+    ours, theirs = (load_file(d / "checkpoints" / final / "model.safetensors") for d in (again, tmp_path / "fsdp"))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert _rows(again / "log.csv") == fsdp
+
+    encoder = load_encoder(tmp_path / "fsdp" / "checkpoints" / final)  # one process, no process group
+    reference = load_file(tmp_path / "ddp" / "checkpoints" / final / "model.safetensors")
+    for name, value in encoder.state_dict().items():
+        torch.testing.assert_close(value, reference[f"encoder.{name}"], rtol=1e-4, atol=1e-5)
+
+
+def test_fsdp_needs_several_processes(tmp_path):
+    with pytest.raises(OptionError, match="--sharding fsdp shards over the processes of a torchrun job"):
+        train(parse_config([*SMALL, "--out-dir", str(tmp_path / "run"), "--sharding", "fsdp"]))

@@ -26,12 +26,14 @@ _SHOWN = 5  # keys listed per kind of mismatch in load_state_dict_checked
 
 
 def save_checkpoint(directory: Path, model: nn.Module, config: ModelConfig,
-                    train_state: dict[str, Any] | None = None, extra_config: dict[str, Any] | None = None) -> None:
+                    train_state: dict[str, Any] | None = None, extra_config: dict[str, Any] | None = None,
+                    weights: dict[str, torch.Tensor] | None = None) -> None:
     """Writes model.safetensors, config.json and (if given) train_state.pt into ``directory``.
     train_state holds only tensors, numbers, strings, lists and dicts (loadable with
-    ``weights_only=True``)."""
+    ``weights_only=True``). weights: the full weights where ``model`` holds only its shard of
+    them (FSDP); default ``model.state_dict()``."""
     directory = Path(directory)
-    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    weights = {k: v.detach().contiguous().cpu() for k, v in (weights or model.state_dict()).items()}
     atomic_write(directory / WEIGHTS, lambda tmp: save_file(weights, str(tmp)))
     payload = {"model": config.to_dict(), **(extra_config or {})}
     atomic_write(directory / CONFIG, lambda tmp: tmp.write_text(json.dumps(payload, indent=2)))

@@ -49,6 +49,7 @@ from csfm.data.windows import (PretrainWindows, UnusableRecordsError, check_usab
                                find_unusable)
 from csfm.training.optim import make_optimizer, warmup_cosine
 from csfm.training.precision import PRECISIONS, Precision, choose_precision
+from csfm.training.sharding import SHARDED, full_weights, gradient_sync_paused, load_sharded, save_sharded, shard_model
 from csfm.data.preprocess import PreprocessConfig
 from csfm.model.pretrain import MaskedPretrainer, PretrainOutput
 from csfm.data.sources import MixedSource, open_sources, parse_spec
@@ -109,6 +110,10 @@ class TrainConfig:
     device: str = field(default="auto", metadata={"help": "auto = cuda where available",
                                                   "choices": ("auto", "cpu", "cuda")})
     workers: int = field(default=0, metadata={"help": "DataLoader worker processes", "valid": at_least(0)})
+    sharding: str = field(default="ddp", metadata={
+        "help": "with several processes (torchrun): ddp replicates the model in each; fsdp shards parameters, "
+                "gradients and optimizer state over them (FSDP2), checkpointing the sharded state with "
+                "torch.distributed.checkpoint", "choices": ("ddp", "fsdp")})
     threads: int = field(default=0, metadata={
         "help": "torch CPU threads per process (0 = torch's default); 1 keeps a small model fast on a busy machine",
         "valid": at_least(0)})
@@ -243,7 +248,8 @@ def _load_checkpoint(directory: Path, model_config: ModelConfig) -> tuple[dict[s
         weights, state = load_weights(directory), load_train_state(directory)
     except (OSError, ValueError) as exc:
         raise OptionError(f"--resume: {exc}") from None
-    if not {"optimizer", "scheduler", "position", "history"} <= set(state) or "val" not in state["history"]:
+    has_optimizer = "optimizer" in state or (state.get("optimizer_sharded") == SHARDED and (directory / SHARDED).is_dir())
+    if not has_optimizer or not {"scheduler", "position", "history"} <= set(state) or "val" not in state["history"]:
         raise OptionError(f"--resume {directory}: {STATE} lacks the optimizer, scheduler, position or validation "
                           f"history of this csfm.training.loop (an older version's?); start a new run")
     return weights, state
@@ -363,6 +369,9 @@ def _plan(config: TrainConfig) -> _Plan:
     if config.vocab and not Path(config.vocab).is_file():
         raise OptionError(f"--vocab {config.vocab}: no such file")
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if config.sharding == "fsdp" and world < 2:
+        raise OptionError("--sharding fsdp shards over the processes of a torchrun job: start 2 or more "
+                          "(torchrun --nproc_per_node N -m csfm.train ...), or use the default ddp")
     if config.contrastive_weight and world > 1:
         raise OptionError(f"--contrastive-weight runs in one process for now (its negatives would be each "
                           f"process's own share of the batch), got {world} processes")
@@ -440,13 +449,19 @@ def _set_up(plan: _Plan, run: _Run) -> _Session:
     model = MaskedPretrainer(plan.model_config, mask_span=mask_span_patches(config),
                              contrastive_weight=config.contrastive_weight,
                              rhythm_weight=config.rhythm_weight).to(run.device)
+    if plan.resume_from is not None:
+        load_state_dict_checked(model, plan.resume_weights, str(plan.resume_from / WEIGHTS))
+    if config.sharding == "fsdp":
+        shard_model(model, plan.precision, run.device)
     optimizer = make_optimizer(model, config.lr, config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(
         s, plan.total_steps, max(1, int(config.warmup_fraction * plan.total_steps)), config.min_lr_ratio))
     position, history = {"step": 0, "epoch": 0, "batch": 0}, {"val": []}
     if plan.resume_from is not None:
-        load_state_dict_checked(model, plan.resume_weights, str(plan.resume_from / WEIGHTS))
-        optimizer.load_state_dict(plan.resume_state["optimizer"])
+        if config.sharding == "fsdp":
+            load_sharded(model, optimizer, plan.resume_from)
+        else:
+            optimizer.load_state_dict(plan.resume_state["optimizer"])
         scheduler.load_state_dict(plan.resume_state["scheduler"])
         position, history = dict(plan.resume_state["position"]), dict(plan.resume_state["history"])
     preprocess = PreprocessConfig()
@@ -460,7 +475,7 @@ def _set_up(plan: _Plan, run: _Run) -> _Session:
     log = _write_run_files(plan, history, position, model) if run.main else None
     progress = tqdm(total=plan.total_steps, initial=position["step"], disable=config.quiet or not run.main,
                     unit="step", dynamic_ncols=True)
-    trained = DistributedDataParallel(model) if run.world > 1 else model
+    trained = DistributedDataParallel(model) if run.world > 1 and config.sharding == "ddp" else model
     return _Session(plan, run, model, trained, optimizer, scheduler,
                     torch.amp.GradScaler(run.device.type, enabled=plan.precision.use_scaler), preprocess,
                     train_set, val_set, val_loader, position, history, log, progress)
@@ -631,7 +646,7 @@ def _train_step(s: _Session, loader) -> tuple[np.ndarray, int, int]:
         text_noise = _noise_of_share(torch.rand(global_size * views, s.plan.model_config.max_text_tokens,
                                                 generator=generator), run, views)
         last = micro == len(micro_batches) - 1
-        with contextlib.nullcontext() if last or run.world == 1 else s.trained.no_sync():
+        with contextlib.nullcontext() if last or run.world == 1 else gradient_sync_paused(s.trained):
             with s.plan.precision.autocast():
                 out = s.trained(batch.to(run.device), config.signal_mask_ratio, config.text_mask_ratio,
                                 signal_noise=signal_noise, text_noise=text_noise, paired=views == 2)
@@ -661,10 +676,10 @@ def _shard_loader(dataset, batches: list[list[int]], run: _Run, workers: int):
     return zip((len(b) for b in batches), _loader(dataset, shares, workers))
 
 
-def _save_reconstruction_png(model: MaskedPretrainer, batch, config: TrainConfig, path: Path, device,
+def _save_reconstruction_png(model: MaskedPretrainer, batch, config: TrainConfig, path: Path | None, device,
                              fs: float) -> None:
     """Original vs reconstructed (masked patches) for the first record's first channel
-    (samples at ``fs`` Hz)."""
+    (samples at ``fs`` Hz); path None: the forward only (a sharded model's other ranks)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -675,6 +690,8 @@ def _save_reconstruction_png(model: MaskedPretrainer, batch, config: TrainConfig
         out = model(batch.to(device), config.signal_mask_ratio, config.text_mask_ratio,
                     torch.Generator().manual_seed(123))
     model.train()
+    if path is None:
+        return
     n_first = batch.signals[0].shape[1] // PATCH_LEN  # patches of the first channel
     patches = batch.signals[0][0].reshape(-1, PATCH_LEN)
     scale = patches.var(-1, unbiased=False, keepdim=True).add(1e-6).sqrt()
@@ -698,19 +715,24 @@ def _save_reconstruction_png(model: MaskedPretrainer, batch, config: TrainConfig
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def _save(s: _Session) -> Path:
+def _step_dir(s: _Session) -> Path:
+    return s.plan.out_dir / "checkpoints" / f"step_{s.position['step']:08d}"
+
+
+def _save(s: _Session, weights: dict[str, torch.Tensor] | None = None) -> Path:
     """Syncs the log, writes the checkpoint of the current position, points ``latest`` at it,
     then deletes all but the ``keep_last`` newest up to it (never the one just written;
     those of later steps, left by a continuation from an older checkpoint, stay until
-    overwritten)."""
-    out_dir, step = s.plan.out_dir, s.position["step"]
-    directory = out_dir / "checkpoints" / f"step_{step:08d}"
+    overwritten). weights: the full weights of a sharded model, whose optimizer state is
+    in the checkpoint's ``sharded/`` folder already (written by every rank)."""
+    out_dir, step, directory = s.plan.out_dir, s.position["step"], _step_dir(s)
     s.log.sync()
     _remove_temp_files(directory, (WEIGHTS, CONFIG, STATE))
     _remove_temp_files(directory.parent, ("latest",))
-    state = {"optimizer": s.optimizer.state_dict(), "scheduler": s.scheduler.state_dict(),
-             "position": dict(s.position), "history": s.history}
-    save_checkpoint(directory, s.model, s.plan.model_config, state, {"train": dataclasses.asdict(s.config)})
+    optimizer = {"optimizer_sharded": SHARDED} if weights is not None else {"optimizer": s.optimizer.state_dict()}
+    state = {**optimizer, "scheduler": s.scheduler.state_dict(), "position": dict(s.position), "history": s.history}
+    save_checkpoint(directory, s.model, s.plan.model_config, state, {"train": dataclasses.asdict(s.config)},
+                    weights)
     atomic_write(out_dir / "checkpoints" / "latest", lambda tmp: tmp.write_text(directory.name))
     older = [d for d_step, d in _checkpoint_dirs(out_dir) if d_step < step]
     for old in older[:max(0, len(older) - (s.config.keep_last - 1))]:
@@ -719,8 +741,13 @@ def _save(s: _Session) -> Path:
 
 
 def _save_on_main(s: _Session) -> Path:
-    """Rank 0 writes the checkpoint; every process waits for it and gets its directory."""
-    directory = _save(s) if s.run.main else None
+    """Rank 0 writes the checkpoint; every process waits for it and gets its directory (with
+    --sharding fsdp every process first writes its part of the sharded state)."""
+    weights = None
+    if s.config.sharding == "fsdp":
+        weights = full_weights(s.model)
+        save_sharded(s.model, s.optimizer, _step_dir(s))
+    directory = _save(s, weights) if s.run.main else None
     if s.run.world > 1:
         shared = [directory]
         dist.broadcast_object_list(shared, src=0)
@@ -757,7 +784,10 @@ def _train_epoch(s: _Session) -> Path | None:
 
 
 def _end_epoch(s: _Session) -> None:
-    """Validation (on the main process) and the move to the next epoch."""
+    """Validation (on the main process; on every one of a sharded model, whose forward takes
+    them all) and the move to the next epoch."""
+    if s.config.sharding == "fsdp" and not s.run.main:
+        validate(s.model, s.val_loader, s.config, s.plan.precision, s.run.device)
     if s.run.main:
         loss, signal_loss, text_loss = validate(s.model, s.val_loader, s.config, s.plan.precision, s.run.device)
         entry = {"step": s.position["step"], "epoch": s.position["epoch"], "loss": float(loss),
@@ -784,11 +814,12 @@ def _tear_down(s: _Session, last_dir: Path | None) -> Path:
     s.progress.close()
     if last_dir is None or last_dir.name != f"step_{s.position['step']:08d}":
         last_dir = _save_on_main(s)
+    if len(s.val_set) and (s.run.main or s.config.sharding == "fsdp"):
+        _save_reconstruction_png(s.model, collate([s.val_set[0]]), s.config,
+                                 s.plan.out_dir / "reconstruction.png" if s.run.main else None,
+                                 s.run.device, s.preprocess.target_fs)
     if s.run.main:
         out_dir = s.plan.out_dir
-        if len(s.val_set):
-            _save_reconstruction_png(s.model, collate([s.val_set[0]]), s.config, out_dir / "reconstruction.png",
-                                     s.run.device, s.preprocess.target_fs)
         s.log.close()
         print(f"csfm.train: done. checkpoint {last_dir}, logs {s.log.path} and {out_dir / 'tensorboard'}, "
               f"reconstruction {out_dir / 'reconstruction.png'}")

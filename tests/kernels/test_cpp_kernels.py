@@ -456,3 +456,19 @@ def test_module_info():
     h = C.source_hash()
     assert isinstance(h, str) and len(h) == 16 and int(h, 16) >= 0
     assert C.n_threads_default() >= 1
+
+
+def test_kernel_inputs_view_tensors_without_pinning_their_storage():
+    """as_float32_array: the tensor's own memory (no copy for contiguous float32), and the storage
+    stays resizable (Tensor.numpy() would fix it; FSDP frees parameter storages by resizing)."""
+    from csfm_kernels._ext import as_float32_array
+
+    t = torch.randn(3, 4)
+    a = as_float32_array(t)
+    t[1, 2] = 7.0
+    assert a[1, 2] == 7.0 and a.dtype == np.float32 and a.flags.c_contiguous
+    t.untyped_storage().resize_(0)  # raises "not resizable" after t.numpy()
+    half = torch.randn(2, 5, dtype=torch.float16)
+    np.testing.assert_array_equal(as_float32_array(half), half.float().numpy())  # converted copy
+    np.testing.assert_array_equal(as_float32_array(torch.randn(4, 6)[:, ::2]).shape, (4, 3))
+    assert as_float32_array(torch.zeros(0, 25)).shape == (0, 25)
