@@ -29,6 +29,8 @@ import numpy as np
 import scipy.signal
 from numba import njit, prange
 
+from csfm_kernels.signal._parallel import serial_or_parallel
+
 from csfm_kernels.signal.resample import FASTMATH, check_rate, check_signal, finite, output_array
 
 _SETTLE = 1e-12  # a lane's start-up error must decay below this fraction of itself
@@ -55,7 +57,7 @@ def bandpass(x: np.ndarray, fs: float, low_hz: float, high_hz: float, order: int
         raise ValueError(f"order must be a positive integer, got {order!r}")
     sos, zi, padlen, warmup = _butter_sections(fs, low_hz, high_hz, int(order))
     out = output_array(out, x.shape)
-    _filtfilt_runs(x, sos, zi, padlen, warmup, out)
+    _filtfilt_runs(x.size, x, sos, zi, padlen, warmup, out)
     return out
 
 
@@ -254,7 +256,7 @@ def _filtfilt_row(row, out_row, padlen, sos, zi, warmup, ext, tmp):
         out_row[stop:start] = np.nan
 
 
-@njit(cache=True, parallel=True)
+@serial_or_parallel()
 def _filtfilt_runs(x, sos, zi, padlen, warmup, out):
     """out [C, T] (may be x) = x [C, T] with each finite run longer than padlen filtered,
     the rest NaN. Channels go in groups of four: a group whose channels are all finite

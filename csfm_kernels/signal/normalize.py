@@ -4,6 +4,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from csfm_kernels.signal._parallel import serial_or_parallel
+
 from csfm_kernels.signal.resample import FASTMATH, check_signal, finite, output_array
 
 
@@ -25,13 +27,13 @@ def zscore(x: np.ndarray, std_floor: float, out: np.ndarray | None = None,
         raise ValueError(f"std_floor must be a positive finite number, got {std_floor!r}")
     out = output_array(out, x.shape)
     if valid is None:
-        _zscore(x, floor, np.nan, out, np.empty((x.shape[0], 0), np.bool_))
+        _zscore(x.size, x, floor, np.nan, out, np.empty((x.shape[0], 0), np.bool_))
         return out
     if not (isinstance(valid, np.ndarray) and valid.dtype == np.bool_ and valid.shape == x.shape
             and valid.flags.c_contiguous and valid.flags.writeable):
         raise ValueError(f"valid must be a writeable C-contiguous bool array of shape {x.shape}, got "
                          f"{getattr(valid, 'dtype', type(valid).__name__)} {getattr(valid, 'shape', '')}")
-    _zscore(x, floor, 0.0, out, valid)
+    _zscore(x.size, x, floor, 0.0, out, valid)
     return out
 
 
@@ -54,7 +56,7 @@ def _finite_mean_std(row):
     return mean, np.sqrt(squares / count)
 
 
-@njit(cache=True, parallel=True, fastmath=FASTMATH)
+@serial_or_parallel(fastmath=FASTMATH)
 def _zscore(x, std_floor, missing, out, valid):
     """out [C, T] (may be x) = z-scores of x [C, T]; non-finite samples become missing.
     valid: [C, T] bool receiving the finite mask, or [C, 0] for none."""

@@ -48,6 +48,8 @@ from functools import lru_cache
 import numpy as np
 from numba import njit, prange
 
+from csfm_kernels.signal._parallel import serial_or_parallel
+
 _MAX_BAND = 0.4  # default and widest pass band, in units of the lower rate (0.8 x its Nyquist)
 _MIN_BAND = 0.2  # narrowest pass band designed for (a narrower band_hz gets this kernel)
 _ATTENUATION_DB = 80.0  # kernel design: pass-band ripple and stop-band attenuation
@@ -124,9 +126,9 @@ def resample(x: np.ndarray, fs_in: float, fs_out: float = 250.0, band_hz: float 
         return x.astype(np.float32)
     if ratio is not None:
         up, down = ratio
-        return _resample_polyphase(x, _polyphase_bank(up, down, half, width, beta), up, down, half, n_out)
+        return _resample_polyphase(x.size, x, _polyphase_bank(up, down, half, width, beta), up, down, half, n_out)
     scale = min(1.0, fs_out / fs_in)  # input samples -> samples of the lower rate
-    return _resample_interpolated(x, _kernel_table(width, beta), scale, fs_in / fs_out, half, n_out)
+    return _resample_interpolated(x.size, x, _kernel_table(width, beta), scale, fs_in / fs_out, half, n_out)
 
 
 def support_half(fs_in: float, fs_out: float, band_hz: float | None = None) -> int:
@@ -288,7 +290,7 @@ def _phase_outputs(taps, streams, first_input, down, acc):
             acc[k] += tap * w[k]
 
 
-@njit(cache=True, parallel=True)
+@serial_or_parallel()
 def _resample_polyphase(x, bank, up, down, half, n_out):
     """x [C, T] -> [C, n_out] float32 with output n at input position n * down / up.
 
@@ -339,7 +341,7 @@ def _interpolated_taps(table, scale, frac, taps):
         taps[j] /= total
 
 
-@njit(cache=True, parallel=True)
+@serial_or_parallel()
 def _resample_interpolated(x, table, scale, step, half, n_out):
     """x [C, T] -> [C, n_out] float32 with output n at input position n * step; each
     output's taps are computed once and applied to every channel."""

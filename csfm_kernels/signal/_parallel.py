@@ -1,0 +1,35 @@
+"""A numba kernel written with ``prange``, compiled twice: parallel for large inputs, serial for
+small ones. Starting numba's worker threads costs tens of microseconds per call, more than a
+10 s window of one channel takes to filter: small calls run in the calling thread.
+"""
+from __future__ import annotations
+
+import types
+from typing import Callable
+
+from numba import njit
+
+PARALLEL_MIN_SAMPLES = 1 << 16
+"""Input samples (all channels) from which a call runs on numba's threads."""
+
+
+class SerialOrParallel:
+    """``kernel(work, *args)``: the parallel build where ``work`` (samples) reaches
+    PARALLEL_MIN_SAMPLES, else the serial one (prange runs as range there)."""
+
+    def __init__(self, fn: Callable, **options) -> None:
+        self.parallel = njit(cache=True, parallel=True, **options)(fn)
+        # a copy under another name: numba's on-disk cache is keyed by the function's name
+        name = f"{fn.__name__}_serial"
+        code = fn.__code__.replace(co_name=name, co_qualname=name)
+        serial = types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
+        serial.__module__, serial.__doc__ = fn.__module__, fn.__doc__
+        self.serial = njit(cache=True, **options)(serial)
+
+    def __call__(self, work: int, *args):
+        return (self.parallel if work >= PARALLEL_MIN_SAMPLES else self.serial)(*args)
+
+
+def serial_or_parallel(**options) -> Callable[[Callable], SerialOrParallel]:
+    """Decorator form: ``@serial_or_parallel(fastmath=...)`` over a prange kernel."""
+    return lambda fn: SerialOrParallel(fn, **options)
