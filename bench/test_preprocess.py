@@ -76,6 +76,46 @@ def test_resample(side_by_side, name):
     )
 
 
+WINDOW_CASES = {  # name -> (record path under ../shared/data, rows, channel types), 10 s from the start
+    "cinc2017_1lead_300Hz": ("cinc2017/A00001", [0], [1]),
+    "mitdb_2lead_360Hz": ("physionet/mitdb/100", [0, 1], [1, 10]),
+    "challenge2015_2ecg_ppg_250Hz": ("physionet/challenge2015/v102s", [0, 1, 2], [1, 7, 12]),
+    "ptb_12lead_1000Hz": ("physionet/ptbdb/s0010_re", list(range(12)), list(range(12))),
+}
+
+
+def _official_window(x: np.ndarray, fs: float, types: list[int], config: PreprocessConfig) -> np.ndarray:
+    """The published model's preprocessing style, channel by channel: scipy FFT resample to
+    250 Hz, neurokit2's ecg_clean / ppg_clean, z-score."""
+    import neurokit2 as nk
+
+    n_out = round(x.shape[1] * config.target_fs / fs)
+    rows = []
+    for row, kind in zip(x, types):
+        y = scipy.signal.resample(row, n_out)
+        y = nk.ppg_clean(y, sampling_rate=config.target_fs) if kind == 12 else \
+            nk.ecg_clean(y, sampling_rate=config.target_fs)
+        rows.append((y - y.mean()) / y.std())
+    return np.stack(rows)
+
+
+@pytest.mark.parametrize("name", list(WINDOW_CASES))
+def test_pipeline_one_window(side_by_side, name):
+    """One 10 s window per call, as csfm.prepare and on-the-fly pretraining preprocess them."""
+    pytest.importorskip("neurokit2", reason="the official-style baseline needs neurokit2 (pip install neurokit2)")
+    import wfdb
+
+    path, rows, types = WINDOW_CASES[name]
+    header = wfdb.rdheader(str(PHYSIONET.parent / path))
+    record = wfdb.rdrecord(str(PHYSIONET.parent / path), sampto=int(10 * header.fs), channels=rows)
+    x, fs, config = np.ascontiguousarray(record.p_signal.T, dtype=np.float32), float(record.fs), PreprocessConfig()
+    side_by_side(
+        f"window {name}", _shape(x, fs),
+        baselines={"scipy FFT + neurokit2 clean + zscore, per channel": lambda: _official_window(x, fs, types, config)},
+        ours={"numba preprocess_signal": lambda: preprocess_signal(x, fs, types, config)}, rounds=21,
+    )
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_pipeline(side_by_side, name):
     x, fs, types = _load(name)
