@@ -12,6 +12,7 @@ process, no extra dependency (pyarrow is already one), ~1.0x the float16 bytes o
 """
 from __future__ import annotations
 
+import bisect
 import json
 import os
 from dataclasses import dataclass, replace
@@ -54,6 +55,8 @@ class PreparedRecord:
     valid: np.ndarray
     text: str = ""
     metadata: dict[str, Any] | None = None
+    fully_valid: bool = False
+    """Every sample is valid (``valid`` is then all True): a crop needs no scan for gaps."""
 
 
 def shard_name(number: int) -> str:
@@ -133,10 +136,13 @@ class _Shard:
         self.offsets = np.frombuffer(offsets_buffer, np.int64)[signal.offset:signal.offset + rows + 1]
         self.data = np.frombuffer(data_buffer, np.uint8) if data_buffer is not None else np.zeros(0, np.uint8)
         self.columns = {name: table.column(name).to_pylist() for name in _ROW_FIELDS}
+        self._metadata: dict[int, dict] = {}  # rows' metadata, parsed on first read
+        self._fully_valid: dict[int, bool] = {}
         self.path = path
 
     def row(self, row: int) -> PreparedRecord:
-        """Row ``row`` with x the stored float16 [C, T] view (NaN where invalid) and valid = not NaN."""
+        """Row ``row`` with x the stored float16 [C, T] view (NaN where invalid) and valid = not NaN
+        (a read-only all-True view for a row without gaps)."""
         c = {name: values[row] for name, values in self.columns.items()}
         n_channels, n_samples = len(c["channel_types"]), c["n_samples"]
         start, end = int(self.offsets[row]), int(self.offsets[row + 1])
@@ -144,14 +150,22 @@ class _Shard:
             raise ShardFormatError(f"{self.path} row {row}: field 'signal' holds {end - start} bytes, expected "
                                    f"{2 * n_channels * n_samples} for {n_channels} channels x {n_samples} samples")
         x = self.data[start:end].view(np.float16).reshape(n_channels, n_samples)
-        try:
-            metadata = json.loads(c["metadata"])
-        except ValueError as exc:
-            raise ShardFormatError(f"{self.path} row {row}: field 'metadata' is not JSON ({exc})") from None
-        # NaN: exponent bits all set and a non-zero fraction, i.e. |bits| > 0x7C00 (integer ops: fast)
-        valid = (x.view(np.uint16) & 0x7FFF) <= 0x7C00
+        if row not in self._metadata:  # parsed and checked for gaps on the row's first read
+            try:
+                self._metadata[row] = json.loads(c["metadata"])
+            except ValueError as exc:
+                raise ShardFormatError(f"{self.path} row {row}: field 'metadata' is not JSON ({exc})") from None
+            self._fully_valid[row] = bool(_valid(x).all())
+        full = self._fully_valid[row]
+        valid = np.broadcast_to(np.True_, x.shape) if full else _valid(x)
         return PreparedRecord(c["record_id"], c["patient_id"], c["start_s"], c["channel_types"], x, valid,
-                              c["text"], metadata)
+                              c["text"], dict(self._metadata[row]), full)
+
+
+def _valid(x: np.ndarray) -> np.ndarray:
+    """Not-NaN mask of float16 x: NaN has all exponent bits set and a non-zero fraction, i.e.
+    |bits| > 0x7C00 (integer ops: much faster than np.isnan on float16)."""
+    return (x.view(np.uint16) & 0x7FFF) <= 0x7C00
 
 
 class ShardSource:
@@ -167,7 +181,7 @@ class ShardSource:
         missing = [str(p) for p, _ in self._files if not p.is_file()]
         if missing:
             raise ShardFormatError(f"{self.folder}: {INDEX} lists shard files that are missing: {missing[:5]}")
-        self._starts = np.cumsum([0] + [rows for _, rows in self._files])
+        self._starts = np.cumsum([0] + [rows for _, rows in self._files]).tolist()
         self.record_ids: list[str] = [rid for s in index["shards"] for rid in s.get("record_ids", [])]
         self.patient_ids: list[str] = [pid for s in index["shards"] for pid in s.get("patient_ids", [])]
         if len(self.record_ids) != len(self) or len(self.patient_ids) != len(self):
@@ -176,12 +190,12 @@ class ShardSource:
         self._open: dict[int, _Shard] = {}
 
     def __len__(self) -> int:
-        return int(self._starts[-1])
+        return self._starts[-1]
 
     def _shard_of(self, index: int) -> int:
         if not 0 <= index < len(self):
             raise IndexError(f"row {index} out of range for {len(self)} prepared rows in {self.folder}")
-        return int(np.searchsorted(self._starts, index, side="right")) - 1
+        return bisect.bisect_right(self._starts, index) - 1
 
     def prepared(self, index: int) -> PreparedRecord:
         """Row ``index`` as stored: x float16 [C, T] (a read-only view of the mapped file, NaN
@@ -189,7 +203,7 @@ class ShardSource:
         number = self._shard_of(index)
         if number not in self._open:
             self._open[number] = _Shard(*self._files[number])
-        return self._open[number].row(index - int(self._starts[number]))
+        return self._open[number].row(index - self._starts[number])
 
     def is_prepared(self, index: int) -> bool:
         """Every row is (the same question MixedSource answers per source)."""

@@ -74,7 +74,7 @@ def lead_subset(channel_types: Sequence[int], rng: np.random.Generator) -> list[
     lead_ii = [i for i in ecg if types[i] == LEAD_II]
     options: list[list[int]] = []
     if ecg:
-        options.append(lead_ii[:1] or [int(rng.choice(ecg))])
+        options.append(lead_ii[:1] or [ecg[rng.integers(len(ecg))]])  # rng.choice(ecg)'s draw
     if lead_ii and ppg:
         options.append(lead_ii[:1] + ppg[:1])
     if len(ecg) > 3:
@@ -249,14 +249,17 @@ def crop_start(valid: np.ndarray, config: PreprocessConfig, rng: np.random.Gener
     if not len(starts):
         raise ValueError(f"record {record_id}: no {window}-sample window with at least "
                          f"{config.min_valid_fraction:.0%} valid samples (best {fractions.max():.0%})")
-    return int(rng.choice(starts))
+    return int(starts[rng.integers(len(starts))])  # rng.choice(starts)'s draw, without its overhead
 
 
 def prepared_crop(row: PreparedRecord, config: PreprocessConfig,
                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """``random_crop`` of a prepared row as stored (float16, NaN where invalid): the same start
     for the same ``rng``; the window alone is converted (x [C, window] float32, 0 where invalid)."""
-    s = crop_start(row.valid, config, rng, row.record_id)
+    if row.fully_valid and row.x.shape[1] >= config.window:  # every start qualifies: crop_start's draw
+        s = int(rng.integers(row.x.shape[1] - config.window + 1))
+    else:
+        s = crop_start(row.valid, config, rng, row.record_id)
     x16, valid = _padded(row.x, np.nan, config.window), _padded(row.valid, False, config.window)
     window = torch.from_numpy(np.ascontiguousarray(x16[:, s:s + config.window])).float()  # vectorised fp16 -> fp32
     return window.nan_to_num_(0.0).numpy(), valid[:, s:s + config.window].copy()
