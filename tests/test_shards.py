@@ -238,3 +238,42 @@ def test_two_nodes_on_shards_give_the_losses_of_one_process(tmp_path):
         for column in ("loss", "signal_loss", "text_loss", "val_loss"):
             if a[column]:
                 assert float(b[column]) == pytest.approx(float(a[column]), rel=1e-4), (a["step"], column)
+
+
+@pytest.mark.slow
+def test_two_processes_on_shards_resume_after_sigkill_with_the_same_losses(tmp_path):
+    """A torchrun job of 2 processes training from shards, SIGKILLed (launcher and workers)
+    after a mid-epoch checkpoint and run again with --resume auto, ends with the weights and
+    log rows of an uninterrupted 2-process job."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    _prepare(tmp_path / "shards", "demo:24", per_shard=10)
+    argv = ["--data", f"shards:{tmp_path / 'shards'}", "--batch-size", "4", "--epochs", "2", "--save-every", "1",
+            "--val-fraction", "0.25", "--precision", "fp32", "--quiet", "--workers", "0", "--resume", "auto"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def torchrun(out: Path) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                 "-m", "csfm.train", *argv, "--out-dir", str(out)], env=env, start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    job = torchrun(killed)
+    deadline = time.monotonic() + 300
+    while _latest_step(killed) < 2:
+        assert job.poll() is None and time.monotonic() < deadline, "no checkpoint before the kill"
+        time.sleep(0.01)
+    os.killpg(job.pid, signal.SIGKILL)  # the launcher and both workers
+    job.wait()
+    for out in (killed, straight):
+        job = torchrun(out)
+        _, err = job.communicate(timeout=600)
+        assert job.returncode == 0, err[-3000:]
+    last = sorted((straight / "checkpoints").glob("step_*"))[-1].name
+    ours = load_file(killed / "checkpoints" / last / "model.safetensors")
+    theirs = load_file(straight / "checkpoints" / last / "model.safetensors")
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    assert _rows(killed / "log.csv") == _rows(straight / "log.csv")
