@@ -14,6 +14,7 @@ from __future__ import annotations
 import concurrent.futures
 import csv
 import dataclasses
+import functools
 import json
 import multiprocessing
 import os
@@ -27,7 +28,7 @@ from csfm import cli
 from csfm.cli import OptionError, at_least
 from csfm.data.preprocess import PreprocessConfig, RecordCheck, make_windows
 from csfm.data.shards import INDEX, SHARD_LAYOUT, PreparedRecord, shard_name, write_shard
-from csfm.data.sources import open_sources, parse_spec
+from csfm.data.sources import MixedSource, open_sources, parse_spec
 from csfm.data.windows import record_name, record_parts
 
 SETTINGS = "prepare.json"
@@ -81,17 +82,24 @@ def _record_rows(records, index: int, config: PreprocessConfig) -> tuple[list[Pr
     check, rows = RecordCheck(config), []
     for part, start_s, skip_s, span_s in record_parts(records, index, config):
         x, valid, used = check.span(part, skip_s, span_s)
-        if used and len(make_windows(x, valid, config).x):
-            check.n_windows += 1
+        windows = len(make_windows(x, valid, config).x) if used else 0
+        check.n_windows += windows  # what check.problem judges the record by
+        if windows:
             rows.append(PreparedRecord(part.record_id, part.patient_id, start_s, [part.channel_types[c] for c in used],
                                        x, valid, part.text, dict(part.metadata)))
     return rows, check.problem
 
 
+@functools.lru_cache(maxsize=1)
+def _sources(data: tuple[str, ...], seed: int, demo_records: int) -> MixedSource:
+    """The sources, opened once per process (a worker prepares many shards of them)."""
+    return open_sources(list(data), seed, demo_records)
+
+
 def prepare_shard(config: PrepareConfig, number: int, out: Path) -> dict[str, Any]:
     """Writes shard ``number`` (its sidecar first, then the Arrow file) and returns the sidecar:
     rows, record_ids / patient_ids per row, unusable [(record, why)]."""
-    records = open_sources(config.data, config.seed, config.demo_records)
+    records = _sources(tuple(config.data), config.seed, config.demo_records)
     preprocess, patients = PreprocessConfig(), records.patient_ids  # source-prefixed, as training splits on them
     first = number * config.records_per_shard
     rows, row_patients, unusable = [], [], []
@@ -139,7 +147,8 @@ def prepare(config: PrepareConfig) -> Path:
     returns the path of the index."""
     out = Path(config.out)
     _check_folder(config, out)
-    n_records = len(open_sources(config.data, config.seed, config.demo_records))
+    _sources.cache_clear()  # list the sources anew (a long-lived process may call prepare again)
+    n_records = len(_sources(tuple(config.data), config.seed, config.demo_records))
     n_shards = -(-n_records // config.records_per_shard)
     done = {k for k in range(n_shards) if (out / shard_name(k)).is_file() and (out / f"{shard_name(k)}.json").is_file()}
     todo = [k for k in range(n_shards) if k not in done]
