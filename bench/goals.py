@@ -5,6 +5,10 @@ CPU (issue #15 item 7): the fused C++ patch embedding and masking at least 1.5x 
 PyTorch baseline of the same run (eager reference, vectorised eager, torch.compile of it),
 forward + backward; attention never below 0.95x the best baseline.
 
+Data (issue #18): prepared shards at least 20x the windows per loader worker of reading on the
+fly, and 10,000 twelve-lead windows/s per core; one 10 s window through preprocess_signal at
+least 30x the published style (scipy FFT resample + neurokit2 clean + z-score per channel).
+
 CUDA (issue #10, bf16 attention with 8 heads x 64; figures measured on an H200 with
 triton.testing.do_bench medians): absolute times for our path, with the PyTorch best and its
 time quoted there, and never slower than the best baseline of the same run.
@@ -55,6 +59,13 @@ GOALS: list[Goal] = [
     Goal("cuda", "mask gather+scatter fwd+bwd padded", min_ratio=1.0, max_ms=0.12, quoted=("eager", 0.475)),
     Goal("cuda", "tiny encoder train step mixed128", max_ms=32.0, min_ratio=2.0, versus="padded SDPA model",
          min_metric=("mfu", 0.35)),
+    # issue #18: prepared shards per loader worker vs reading on the fly, and 12-lead windows per core
+    *(Goal("cpu", f"loader {case}", ours="prepared shards", min_ratio=20.0, min_metric=("windows_per_s", 10_000.0))
+      for case in ("wfdb_12lead_500Hz", "code15_12lead_400Hz")),
+    Goal("cpu", "loader mimic3_multisegment_125Hz", ours="prepared shards", min_ratio=20.0),
+    # issue #18: one 10 s window at least 30x the published preprocessing style
+    *(Goal("cpu", f"window {case}", ours="numba preprocess_signal", min_ratio=30.0)
+      for case in ("cinc2017_1lead_300Hz", "mitdb_2lead_360Hz", "challenge2015_2ecg_ppg_250Hz", "ptb_12lead_1000Hz")),
 ]
 
 
