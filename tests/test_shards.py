@@ -277,3 +277,30 @@ def test_two_processes_on_shards_resume_after_sigkill_with_the_same_losses(tmp_p
     theirs = load_file(straight / "checkpoints" / last / "model.safetensors")
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
     assert _rows(killed / "log.csv") == _rows(straight / "log.csv")
+
+
+def test_crops_of_rows_with_gaps_and_short_rows_match_the_cached_path(tmp_path):
+    """Rows with NaN gaps (crop starts found once per row, as runs) and a row shorter than the
+    window give the cached raw records' crops: same starts, same valid masks."""
+    from fixtures import write_wfdb
+    from test_embed_faults import FS, ecg
+
+    folder = tmp_path / "data"
+    gappy = ecg(60, seed=1)
+    gappy[FS * 20:FS * 28] = np.nan  # 8 s: windows mostly inside it fall below half valid
+    gappy[FS * 30:FS * 33, 0] = np.nan  # one lead only
+    write_wfdb(folder, "gappy", gappy, FS, ["II", "V5"])
+    write_wfdb(folder, "short", ecg(8, seed=2), FS, ["II", "V5"])
+    write_wfdb(folder, "whole", ecg(25, seed=3), FS, ["II", "V5"])
+    _prepare(tmp_path / "shards", f"wfdb:{folder}")
+    raw = PretrainWindows(open_sources([f"wfdb:{folder}"]), None, subset_prob=0.5, cache_mb=64, seed=5)
+    stored = PretrainWindows(open_sources([f"shards:{tmp_path / 'shards'}"]), None, subset_prob=0.5, seed=5)
+    assert [stored.records.record_ids[i] for i in range(3)] == [raw.records.record_ids[i] for i in range(3)]
+    for epoch in range(6):
+        raw.set_epoch(epoch), stored.set_epoch(epoch)
+        for i in range(3):
+            a, b = raw[i], stored[i]
+            np.testing.assert_array_equal(a.valid, b.valid)
+            np.testing.assert_allclose(b.x, a.x, rtol=1e-3, atol=2e-3)
+    runs = stored._start_runs
+    assert len(runs) == 3 and any(len(r) > 1 for r in runs.values())  # the gaps split the starts

@@ -44,19 +44,26 @@ SCHEMA = pa.schema([
 @dataclass
 class PreparedRecord:
     """One row: x [C, T] z-scored at 250 Hz (float32, or float16 as stored with NaN where
-    invalid) with valid [C, T] bool, and what the record says about itself. start_s: seconds
-    of the source record before x[:, 0]."""
+    invalid) with ``valid`` [C, T] bool, and what the record says about itself. start_s:
+    seconds of the source record before x[:, 0]. Made with ``stored_valid`` None (a stored row),
+    ``valid`` is computed from x's NaNs when first asked for."""
 
     record_id: str
     patient_id: str
     start_s: float
     channel_types: list[int]
     x: np.ndarray
-    valid: np.ndarray
+    stored_valid: np.ndarray | None
     text: str = ""
     metadata: dict[str, Any] | None = None
     fully_valid: bool = False
     """Every sample is valid (``valid`` is then all True): a crop needs no scan for gaps."""
+
+    @property
+    def valid(self) -> np.ndarray:
+        if self.stored_valid is None:
+            self.stored_valid = valid_mask(self.x)
+        return self.stored_valid
 
 
 def shard_name(number: int) -> str:
@@ -141,8 +148,8 @@ class _Shard:
         self.path = path
 
     def row(self, row: int) -> PreparedRecord:
-        """Row ``row`` with x the stored float16 [C, T] view (NaN where invalid) and valid = not NaN
-        (a read-only all-True view for a row without gaps)."""
+        """Row ``row`` with x the stored float16 [C, T] view (NaN where invalid); its valid = not NaN
+        (a read-only all-True view for a row without gaps, else computed when first asked for)."""
         c = {name: values[row] for name, values in self.columns.items()}
         n_channels, n_samples = len(c["channel_types"]), c["n_samples"]
         start, end = int(self.offsets[row]), int(self.offsets[row + 1])
@@ -155,14 +162,14 @@ class _Shard:
                 self._metadata[row] = json.loads(c["metadata"])
             except ValueError as exc:
                 raise ShardFormatError(f"{self.path} row {row}: field 'metadata' is not JSON ({exc})") from None
-            self._fully_valid[row] = bool(_valid(x).all())
+            self._fully_valid[row] = bool(valid_mask(x).all())
         full = self._fully_valid[row]
-        valid = np.broadcast_to(np.True_, x.shape) if full else _valid(x)
+        valid = np.broadcast_to(np.True_, x.shape) if full else None  # else computed when asked for
         return PreparedRecord(c["record_id"], c["patient_id"], c["start_s"], c["channel_types"], x, valid,
                               c["text"], dict(self._metadata[row]), full)
 
 
-def _valid(x: np.ndarray) -> np.ndarray:
+def valid_mask(x: np.ndarray) -> np.ndarray:
     """Not-NaN mask of float16 x: NaN has all exponent bits set and a non-zero fraction, i.e.
     |bits| > 0x7C00 (integer ops: much faster than np.isnan on float16)."""
     return (x.view(np.uint16) & 0x7FFF) <= 0x7C00

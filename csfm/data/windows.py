@@ -35,7 +35,7 @@ from csfm.data.preprocess import (PreprocessConfig, RecordCheck, Windows, keep_c
                                   preprocess_signal, select_channels)
 from csfm.data.readers.mimic3 import NoSignalError
 from csfm.data.record import CHANNEL_TYPE_NAMES, PPG_TYPE, ListedSource, Record, RecordSource, WindowedSource
-from csfm.data.shards import PreparedRecord, header_record, is_prepared, prepared_row
+from csfm.data.shards import PreparedRecord, header_record, is_prepared, prepared_row, valid_mask
 from csfm.data.tokenizer import ReportTokenizer
 
 LIMB_LEADS = (0, 1, 2, 3, 4, 5)  # I, II, III, aVR, aVL, aVF
@@ -116,6 +116,7 @@ class PretrainWindows(torch.utils.data.Dataset):
             raise ValueError(f"cache_mb must be >= 0, got {cache_mb}")
         self.cache_bytes_left = int(cache_mb * 2**20)
         self._cache: dict[int, tuple[Record, np.ndarray, np.ndarray]] = {}
+        self._start_runs: dict[int, np.ndarray] = {}  # prepared rows' crop starts (start_runs)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -148,8 +149,10 @@ class PretrainWindows(torch.utils.data.Dataset):
         """(record reduced to its usable channels, x [C, window], valid [C, window]) of one
         random window of record ``index``; ValueError naming the record when it has none."""
         prepared = prepared_row(self.records, index)
-        if prepared is not None:  # stored preprocessed
-            return header_record(prepared), *prepared_crop(prepared, self.preprocess, rng)
+        if prepared is not None:  # stored preprocessed: its crop starts found once per process
+            if index not in self._start_runs:
+                self._start_runs[index] = start_runs(prepared, self.preprocess)
+            return header_record(prepared), *prepared_crop(prepared, self.preprocess, rng, self._start_runs[index])
         cached = self._preprocessed(index)
         if cached is not None:
             record, x, valid = cached
@@ -236,8 +239,15 @@ def _padded(a: np.ndarray, fill: float | bool, window: int = PreprocessConfig().
 
 
 def crop_start(valid: np.ndarray, config: PreprocessConfig, rng: np.random.Generator, record_id: str = "") -> int:
-    """``random_crop``'s start (samples) for valid [C, T]: uniform among the starts whose window
-    (a record shorter than it padded with invalid samples) has enough valid samples."""
+    """``random_crop``'s start (samples) for valid [C, T]: uniform among ``crop_starts``."""
+    starts = crop_starts(valid, config, record_id)
+    return int(starts[rng.integers(len(starts))])  # rng.choice(starts)'s draw, without its overhead
+
+
+def crop_starts(valid: np.ndarray, config: PreprocessConfig, record_id: str = "") -> np.ndarray:
+    """The starts (samples, ascending) whose window of valid [C, T] (a record shorter than it
+    padded with invalid samples) has enough valid samples; ValueError naming ``record_id``
+    when there is none."""
     window, (channels, _) = config.window, valid.shape
     valid = _padded(valid, False, window)
     if valid.shape[1] == window:  # one start (most records of 10 s): no running sum needed
@@ -249,20 +259,32 @@ def crop_start(valid: np.ndarray, config: PreprocessConfig, rng: np.random.Gener
     if not len(starts):
         raise ValueError(f"record {record_id}: no {window}-sample window with at least "
                          f"{config.min_valid_fraction:.0%} valid samples (best {fractions.max():.0%})")
-    return int(starts[rng.integers(len(starts))])  # rng.choice(starts)'s draw, without its overhead
+    return starts
 
 
-def prepared_crop(row: PreparedRecord, config: PreprocessConfig,
-                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def start_runs(row: PreparedRecord, config: PreprocessConfig) -> np.ndarray:
+    """``crop_starts`` of a prepared row as runs of consecutive starts: [R, 2] int64 (first,
+    last + 1), a few numbers per row however long (one run for a row without gaps)."""
+    if row.fully_valid and row.x.shape[1] >= config.window:
+        return np.array([[0, row.x.shape[1] - config.window + 1]])
+    starts = crop_starts(row.valid, config, row.record_id)
+    breaks = np.flatnonzero(np.diff(starts) != 1) + 1
+    return np.stack([starts[np.r_[0, breaks]], starts[np.r_[breaks - 1, len(starts) - 1]] + 1], axis=1)
+
+
+def prepared_crop(row: PreparedRecord, config: PreprocessConfig, rng: np.random.Generator,
+                  runs: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``random_crop`` of a prepared row as stored (float16, NaN where invalid): the same start
-    for the same ``rng``; the window alone is converted (x [C, window] float32, 0 where invalid)."""
-    if row.fully_valid and row.x.shape[1] >= config.window:  # every start qualifies: crop_start's draw
-        s = int(rng.integers(row.x.shape[1] - config.window + 1))
-    else:
-        s = crop_start(row.valid, config, rng, row.record_id)
-    x16, valid = _padded(row.x, np.nan, config.window), _padded(row.valid, False, config.window)
-    window = torch.from_numpy(np.ascontiguousarray(x16[:, s:s + config.window])).float()  # vectorised fp16 -> fp32
-    return window.nan_to_num_(0.0).numpy(), valid[:, s:s + config.window].copy()
+    for the same ``rng`` (the k-th of ``start_runs``' starts, k drawn as crop_start draws it);
+    only the window is converted (x [C, window] float32, 0 where invalid; valid [C, window])."""
+    runs = start_runs(row, config) if runs is None else runs
+    ends = np.cumsum(runs[:, 1] - runs[:, 0])
+    k = int(rng.integers(ends[-1]))
+    run = int(np.searchsorted(ends, k, side="right"))
+    s = int(runs[run, 0] + k - (ends[run - 1] if run else 0))
+    x16 = _padded(row.x, np.nan, config.window)[:, s:s + config.window]
+    window = torch.from_numpy(np.ascontiguousarray(x16)).float()  # vectorised fp16 -> fp32
+    return window.nan_to_num_(0.0).numpy(), valid_mask(x16)
 
 
 def read_part(records: WindowedSource, index: int, start_s: float, span_s: float) -> tuple[Record, float] | None:
