@@ -30,6 +30,15 @@ def _prepare(out: Path, *data: str, per_shard: int = 5, workers: int = 0) -> Pat
                                  quiet=True))
 
 
+def _assert_same_end(killed: Path, straight: Path) -> None:
+    """The killed and resumed run ends with the uninterrupted run's last weights and log rows."""
+    last = sorted((straight / "checkpoints").glob("step_*"))[-1].name
+    ours = load_file(killed / "checkpoints" / last / "model.safetensors")
+    theirs = load_file(straight / "checkpoints" / last / "model.safetensors")
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    assert _rows(killed / "log.csv") == _rows(straight / "log.csv")
+
+
 def test_rows_hold_the_preprocessed_records(tmp_path):
     index = _prepare(tmp_path / "shards", "demo:12")
     shards = ShardSource(index.parent)
@@ -177,11 +186,7 @@ def test_training_on_shards_resumes_after_sigkill_with_the_same_losses(tmp_path)
         child.start()
         child.join(300)
         assert child.exitcode == 0
-    last = sorted((straight / "checkpoints").glob("step_*"))[-1].name
-    ours = load_file(killed / "checkpoints" / last / "model.safetensors")
-    theirs = load_file(straight / "checkpoints" / last / "model.safetensors")
-    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
-    assert _rows(killed / "log.csv") == _rows(straight / "log.csv")
+    _assert_same_end(killed, straight)
 
 
 def test_embedding_windows_of_a_row_are_the_stored_samples_cut(tmp_path):
@@ -272,11 +277,7 @@ def test_two_processes_on_shards_resume_after_sigkill_with_the_same_losses(tmp_p
         job = torchrun(out)
         _, err = job.communicate(timeout=600)
         assert job.returncode == 0, err[-3000:]
-    last = sorted((straight / "checkpoints").glob("step_*"))[-1].name
-    ours = load_file(killed / "checkpoints" / last / "model.safetensors")
-    theirs = load_file(straight / "checkpoints" / last / "model.safetensors")
-    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
-    assert _rows(killed / "log.csv") == _rows(straight / "log.csv")
+    _assert_same_end(killed, straight)
 
 
 def test_crops_of_rows_with_gaps_and_short_rows_match_the_cached_path(tmp_path):

@@ -17,7 +17,6 @@ import dataclasses
 import functools
 import json
 import multiprocessing
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -27,6 +26,7 @@ from tqdm import tqdm
 from csfm import cli
 from csfm.cli import OptionError, at_least
 from csfm.data.preprocess import PreprocessConfig, RecordCheck, make_windows
+from csfm.files import atomic_write
 from csfm.data.shards import INDEX, SHARD_LAYOUT, PreparedRecord, shard_name, write_shard
 from csfm.data.sources import MixedSource, open_sources, parse_spec
 from csfm.data.windows import record_name, record_parts
@@ -66,15 +66,14 @@ class PrepareConfig:
 def _settings(config: PrepareConfig) -> dict[str, Any]:
     """What fixes the shards' contents: a stopped prepare may only continue with the same (as
     JSON gives it back: tuples are lists)."""
-    return json.loads(json.dumps({"layout": SHARD_LAYOUT, "data": list(config.data), "records_per_shard": config.records_per_shard,
-            "demo_records": config.demo_records, "seed": config.seed,
-            "preprocess": dataclasses.asdict(PreprocessConfig())}))
+    return json.loads(json.dumps({"layout": SHARD_LAYOUT, "data": list(config.data),
+                                  "records_per_shard": config.records_per_shard,
+                                  "demo_records": config.demo_records, "seed": config.seed,
+                                  "preprocess": dataclasses.asdict(PreprocessConfig())}))
 
 
 def _write_json(path: Path, value: Any) -> None:
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temp.write_text(json.dumps(value, indent=1))
-    os.replace(temp, path)
+    atomic_write(path, lambda temp: temp.write_text(json.dumps(value, indent=1)))
 
 
 def _record_rows(records, index: int, config: PreprocessConfig) -> tuple[list[PreparedRecord], str]:
@@ -91,16 +90,18 @@ def _record_rows(records, index: int, config: PreprocessConfig) -> tuple[list[Pr
 
 
 @functools.lru_cache(maxsize=1)
-def _sources(data: tuple[str, ...], seed: int, demo_records: int) -> MixedSource:
-    """The sources, opened once per process (a worker prepares many shards of them)."""
-    return open_sources(list(data), seed, demo_records)
+def _sources(data: tuple[str, ...], seed: int, demo_records: int) -> tuple[MixedSource, list[str]]:
+    """(the sources, their source-prefixed patient ids, as training splits on them), made once
+    per process: a worker prepares many shards of them."""
+    records = open_sources(list(data), seed, demo_records)
+    return records, records.patient_ids
 
 
 def prepare_shard(config: PrepareConfig, number: int, out: Path) -> dict[str, Any]:
     """Writes shard ``number`` (its sidecar first, then the Arrow file) and returns the sidecar:
     rows, record_ids / patient_ids per row, unusable [(record, why)]."""
-    records = _sources(tuple(config.data), config.seed, config.demo_records)
-    preprocess, patients = PreprocessConfig(), records.patient_ids  # source-prefixed, as training splits on them
+    records, patients = _sources(tuple(config.data), config.seed, config.demo_records)
+    preprocess = PreprocessConfig()
     first = number * config.records_per_shard
     rows, row_patients, unusable = [], [], []
     for index in range(first, min(len(records), first + config.records_per_shard)):
@@ -148,7 +149,7 @@ def prepare(config: PrepareConfig) -> Path:
     out = Path(config.out)
     _check_folder(config, out)
     _sources.cache_clear()  # list the sources anew (a long-lived process may call prepare again)
-    n_records = len(_sources(tuple(config.data), config.seed, config.demo_records))
+    n_records = len(_sources(tuple(config.data), config.seed, config.demo_records)[0])
     n_shards = -(-n_records // config.records_per_shard)
     done = {k for k in range(n_shards) if (out / shard_name(k)).is_file() and (out / f"{shard_name(k)}.json").is_file()}
     todo = [k for k in range(n_shards) if k not in done]

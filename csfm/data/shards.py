@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import bisect
 import json
-import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
@@ -23,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from csfm.data.record import CHANNEL_TYPE_NAMES, PPG_TYPE, Record
+from csfm.files import atomic_write
 
 SHARD_LAYOUT = 1
 """Version of the row layout below; a folder of another layout is refused by name."""
@@ -91,10 +91,11 @@ def write_shard(path: Path, rows: Sequence[PreparedRecord]) -> int:
         "metadata": [json.dumps(r.metadata or {}, default=str, sort_keys=True) for r in rows],
     }
     table = pa.table(columns, schema=SCHEMA)
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with pa.OSFile(str(temp), "wb") as sink, pa.ipc.new_file(sink, SCHEMA) as writer:
-        writer.write_table(table)
-    os.replace(temp, path)
+
+    def write(temp: Path) -> None:
+        with pa.OSFile(str(temp), "wb") as sink, pa.ipc.new_file(sink, SCHEMA) as writer:
+            writer.write_table(table)
+    atomic_write(path, write)
     return path.stat().st_size
 
 
@@ -143,8 +144,7 @@ class _Shard:
         self.offsets = np.frombuffer(offsets_buffer, np.int64)[signal.offset:signal.offset + rows + 1]
         self.data = np.frombuffer(data_buffer, np.uint8) if data_buffer is not None else np.zeros(0, np.uint8)
         self.columns = {name: table.column(name).to_pylist() for name in _ROW_FIELDS}
-        self._metadata: dict[int, dict] = {}  # rows' metadata, parsed on first read
-        self._fully_valid: dict[int, bool] = {}
+        self._first_read: dict[int, tuple[dict, bool]] = {}  # row -> (metadata, no gaps)
         self.path = path
 
     def row(self, row: int) -> PreparedRecord:
@@ -157,16 +157,15 @@ class _Shard:
             raise ShardFormatError(f"{self.path} row {row}: field 'signal' holds {end - start} bytes, expected "
                                    f"{2 * n_channels * n_samples} for {n_channels} channels x {n_samples} samples")
         x = self.data[start:end].view(np.float16).reshape(n_channels, n_samples)
-        if row not in self._metadata:  # parsed and checked for gaps on the row's first read
+        if row not in self._first_read:  # metadata parsed and gaps looked for on the row's first read
             try:
-                self._metadata[row] = json.loads(c["metadata"])
+                self._first_read[row] = json.loads(c["metadata"]), bool(valid_mask(x).all())
             except ValueError as exc:
                 raise ShardFormatError(f"{self.path} row {row}: field 'metadata' is not JSON ({exc})") from None
-            self._fully_valid[row] = bool(valid_mask(x).all())
-        full = self._fully_valid[row]
+        metadata, full = self._first_read[row]
         valid = np.broadcast_to(np.True_, x.shape) if full else None  # else computed when asked for
         return PreparedRecord(c["record_id"], c["patient_id"], c["start_s"], c["channel_types"], x, valid,
-                              c["text"], dict(self._metadata[row]), full)
+                              c["text"], dict(metadata), full)
 
 
 def valid_mask(x: np.ndarray) -> np.ndarray:

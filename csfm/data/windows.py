@@ -229,11 +229,12 @@ def random_crop(x: np.ndarray, valid: np.ndarray, config: PreprocessConfig, rng:
     (valid False there). ValueError naming ``record_id`` when no start qualifies.
     Returns (x [C, window] float32, valid [C, window] bool), copies.
     """
-    x, valid, s = _padded(x, 0.0), _padded(valid, False), crop_start(valid, config, rng, record_id)
+    x, valid = _padded(x, 0.0, config.window), _padded(valid, False, config.window)
+    s = crop_start(valid, config, rng, record_id)
     return x[:, s:s + config.window].astype(np.float32), valid[:, s:s + config.window].copy()
 
 
-def _padded(a: np.ndarray, fill: float | bool, window: int = PreprocessConfig().window) -> np.ndarray:
+def _padded(a: np.ndarray, fill: float | bool, window: int) -> np.ndarray:
     """a [C, T] padded with ``fill`` to at least ``window`` columns (itself when long enough)."""
     return a if a.shape[1] >= window else np.pad(a, ((0, 0), (0, window - a.shape[1])), constant_values=fill)
 
@@ -273,11 +274,10 @@ def start_runs(row: PreparedRecord, config: PreprocessConfig) -> np.ndarray:
 
 
 def prepared_crop(row: PreparedRecord, config: PreprocessConfig, rng: np.random.Generator,
-                  runs: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                  runs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``random_crop`` of a prepared row as stored (float16, NaN where invalid): the same start
-    for the same ``rng`` (the k-th of ``start_runs``' starts, k drawn as crop_start draws it);
+    for the same ``rng`` (the k-th of the row's ``start_runs``, k drawn as crop_start draws it);
     only the window is converted (x [C, window] float32, 0 where invalid; valid [C, window])."""
-    runs = start_runs(row, config) if runs is None else runs
     ends = np.cumsum(runs[:, 1] - runs[:, 0])
     k = int(rng.integers(ends[-1]))
     run = int(np.searchsorted(ends, k, side="right"))

@@ -786,10 +786,9 @@ def _train_epoch(s: _Session) -> Path | None:
 def _end_epoch(s: _Session) -> None:
     """Validation (on the main process; on every one of a sharded model, whose forward takes
     them all) and the move to the next epoch."""
-    if s.config.sharding == "fsdp" and not s.run.main:
-        validate(s.model, s.val_loader, s.config, s.plan.precision, s.run.device)
-    if s.run.main:
+    if s.run.main or s.config.sharding == "fsdp":
         loss, signal_loss, text_loss = validate(s.model, s.val_loader, s.config, s.plan.precision, s.run.device)
+    if s.run.main:
         entry = {"step": s.position["step"], "epoch": s.position["epoch"], "loss": float(loss),
                  "signal_loss": float(signal_loss), "text_loss": float(text_loss)}
         s.history["val"].append(entry)
@@ -812,7 +811,7 @@ def _tear_down(s: _Session, last_dir: Path | None) -> Path:
     """The final checkpoint (unless the last step has one), the reconstruction picture, closed
     logs and process group; returns the final checkpoint's directory."""
     s.progress.close()
-    if last_dir is None or last_dir.name != f"step_{s.position['step']:08d}":
+    if last_dir is None or last_dir.name != _step_dir(s).name:
         last_dir = _save_on_main(s)
     if len(s.val_set) and (s.run.main or s.config.sharding == "fsdp"):
         _save_reconstruction_png(s.model, collate([s.val_set[0]]), s.config,
