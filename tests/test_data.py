@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import csfm.data.windows as data_module
-from csfm.data.windows import (PretrainWindows, UnusableRecordsError, check_usable, find_unusable, random_crop,
-                       record_parts)
+from csfm.data.windows import (ItemRandom, PretrainWindows, UnusableRecordsError, check_usable, find_unusable,
+                               lead_subset, random_crop, record_parts)
 from csfm.data.demo import DemoDataset
 from csfm.data.preprocess import PreprocessConfig, RecordCheck, preprocess_signal
 from csfm.data.readers.mimic3 import NoSignalError
@@ -235,3 +235,54 @@ def test_record_windows_are_cut_stride_apart_and_in_parts(monkeypatch):
     monkeypatch.setattr(data_module, "PART_WINDOWS", 30)  # 5 min parts
     parts = list(record_windows(PartsSource(), 0, RecordCheck(config)))
     assert [len(p.x) for p in parts] == [30, 10, 10, 30] and parts[2].start_s[0] == 1100.0
+
+
+def test_item_streams_are_their_own_whatever_was_drawn_before():
+    """Each (epoch, record, item, view) has its own stream: the same draws when asked again after
+    other items, or in a pickled copy (a DataLoader worker); other items or seeds draw otherwise."""
+    import pickle
+
+    random = ItemRandom(3)
+    first = random(2, 10, 4).random(8)
+    keys = [(2, 10, 5), (2, 11, 4), (3, 10, 4), (2, 10, 4, 1)]
+    others = [random(*key).random(8) for key in keys]
+    np.testing.assert_array_equal(random(2, 10, 4).random(8), first)
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(random))(2, 10, 4).random(8), first)
+    assert not np.array_equal(ItemRandom(4)(2, 10, 4).random(8), first)
+    assert all(not np.array_equal(o, first) for o in others)
+    draws = np.concatenate([random(0, i, 0).random(4) for i in range(500)])
+    assert 0.45 < draws.mean() < 0.55 and len(np.unique(draws)) == len(draws)
+
+
+@pytest.mark.parametrize("types, subsets", [
+    (list(range(12)), {"II", "three", "limb"}),
+    ([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], {"II", "II+PPG", "three", "limb", "ECG", "PPG"}),
+    ([6, 7], {"one"}),
+    ([12], {"PPG"}),
+])
+def test_lead_subsets_drawn_are_the_ones_the_record_can_give(types, subsets):
+    """Every allowed subset comes up over many draws, nothing else, with each channel once."""
+    ppg, ecg = [i for i, t in enumerate(types) if t == 12], [i for i, t in enumerate(types) if t != 12]
+    random, seen = ItemRandom(0), set()
+    for i in range(400):
+        keep = lead_subset(types, random(0, i, 0))
+        assert keep == sorted(set(keep)) and keep
+        if keep == ppg:
+            seen.add("PPG")
+        elif keep == ecg and len(ecg) > 6:
+            seen.add("ECG")
+        elif len(keep) == 6:
+            assert [types[k] for k in keep] == [0, 1, 2, 3, 4, 5]
+            seen.add("limb")
+        elif len(keep) == 3:
+            assert all(types[k] != 12 for k in keep)
+            seen.add("three")
+        elif [types[k] for k in keep] == [1]:
+            seen.add("II")
+        elif len(keep) == 2:
+            assert [types[k] for k in keep] == [1, 12]
+            seen.add("II+PPG")
+        else:
+            assert len(keep) == 1 and types[keep[0]] != 12
+            seen.add("one")
+    assert seen == subsets

@@ -303,5 +303,5 @@ def test_crops_of_rows_with_gaps_and_short_rows_match_the_cached_path(tmp_path):
             a, b = raw[i], stored[i]
             np.testing.assert_array_equal(a.valid, b.valid)
             np.testing.assert_allclose(b.x, a.x, rtol=1e-3, atol=2e-3)
-    runs = stored._start_runs
-    assert len(runs) == 3 and any(len(r) > 1 for r in runs.values())  # the gaps split the starts
+    runs = [runs for _, runs in stored._prepared.values()]
+    assert len(runs) == 3 and any(len(r) > 1 for r in runs)  # the gaps split the starts

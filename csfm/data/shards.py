@@ -144,7 +144,7 @@ class _Shard:
         self.offsets = np.frombuffer(offsets_buffer, np.int64)[signal.offset:signal.offset + rows + 1]
         self.data = np.frombuffer(data_buffer, np.uint8) if data_buffer is not None else np.zeros(0, np.uint8)
         self.columns = {name: table.column(name).to_pylist() for name in _ROW_FIELDS}
-        self._first_read: dict[int, tuple[dict, bool]] = {}  # row -> (metadata, no gaps)
+        self._first_read: dict[int, tuple[dict, np.ndarray | None]] = {}  # row -> (metadata, all-True valid)
         self.path = path
 
     def row(self, row: int) -> PreparedRecord:
@@ -159,13 +159,14 @@ class _Shard:
         x = self.data[start:end].view(np.float16).reshape(n_channels, n_samples)
         if row not in self._first_read:  # metadata parsed and gaps looked for on the row's first read
             try:
-                self._first_read[row] = json.loads(c["metadata"]), bool(valid_mask(x).all())
+                metadata = json.loads(c["metadata"])
             except ValueError as exc:
                 raise ShardFormatError(f"{self.path} row {row}: field 'metadata' is not JSON ({exc})") from None
-        metadata, full = self._first_read[row]
-        valid = np.broadcast_to(np.True_, x.shape) if full else None  # else computed when asked for
+            full = bool(valid_mask(x).all())  # then valid is a read-only all-True view, else computed when asked for
+            self._first_read[row] = metadata, np.broadcast_to(np.True_, x.shape) if full else None
+        metadata, valid = self._first_read[row]
         return PreparedRecord(c["record_id"], c["patient_id"], c["start_s"], c["channel_types"], x, valid,
-                              c["text"], dict(metadata), full)
+                              c["text"], dict(metadata), valid is not None)
 
 
 def valid_mask(x: np.ndarray) -> np.ndarray:
