@@ -430,9 +430,13 @@ def test_rhythm_targets_average_used_channels_and_group_lengths():
         torch.testing.assert_close(targets[b], acf[used].mean(0))  # the flat channel of sample 2 is left out
 
 
-def test_rhythm_pretrainer_adds_its_loss_and_trains_the_encoder():
+@pytest.mark.parametrize("rhythm_input", ["mean", "tokens"])
+def test_rhythm_pretrainer_adds_its_loss_and_trains_the_encoder(rhythm_input):
+    from csfm.model.token_rhythm import RHYTHM_WIDTH
+
     batch = make_batch()
-    model = MaskedPretrainer(preset("demo", depth=1), rhythm_weight=2.0)
+    model = MaskedPretrainer(preset("demo", depth=1), rhythm_weight=2.0, rhythm_input=rhythm_input)
+    assert model.rhythm_head.in_features == (model.config.dim if rhythm_input == "mean" else RHYTHM_WIDTH)
     plain = MaskedPretrainer(preset("demo", depth=1))
     plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("rhythm_head.")})
     out = model(batch, generator=torch.Generator().manual_seed(0))
@@ -447,6 +451,33 @@ def test_rhythm_pretrainer_adds_its_loss_and_trains_the_encoder():
     assert not any(k.startswith("rhythm_lags") for k in model.state_dict())  # derived, not stored
     with pytest.raises(ValueError, match="rhythm_weight must be >= 0"):
         MaskedPretrainer(preset("demo", depth=1), rhythm_weight=-1.0)
+    with pytest.raises(ValueError, match="rhythm_input must be one of"):
+        MaskedPretrainer(preset("demo", depth=1), rhythm_weight=1.0, rhythm_input="cls")
+
+
+def test_token_rhythm_head_reads_the_visible_tokens_where_they_sit():
+    """rhythm_input tokens: the head's input is token_rhythm of the encoder's visible patch
+    tokens at their places in the window, computed apart from the pretrainer."""
+    from csfm.model.token_rhythm import patch_places, token_rhythm
+    from csfm_kernels import gather_kept, random_masking
+
+    batch = make_batch()
+    model = MaskedPretrainer(preset("demo", depth=1), rhythm_weight=1.0, rhythm_input="tokens")
+    seen = {}
+    model.rhythm_head.register_forward_pre_hook(lambda module, args: seen.update(input=args[0]))
+    model(batch, generator=torch.Generator().manual_seed(3))
+    enc = model.encoder
+    patch_rows, n_patch = enc.embed_signals(batch)
+    text_rows, n_text = enc.embed_text(batch)
+    generator = torch.Generator().manual_seed(3)
+    signal_plan = random_masking(n_patch, 0.75, generator)
+    text_plan = random_masking(n_text, 0.5, generator)
+    encoded = enc.encode(gather_kept(patch_rows, signal_plan), signal_plan.n_kept,
+                         gather_kept(text_rows, text_plan), text_plan.n_kept)
+    places = patch_places([x.shape[1] for x in batch.signals], [x.shape[0] for x in batch.signals],
+                          signal_plan.keep_rows)
+    expected = token_rhythm(encoded.tokens[encoded.layout.patch_rows], places)
+    torch.testing.assert_close(seen["input"], expected)
 
 
 def test_contrastive_pretrainer_scores_pairs_and_trains_the_encoder():

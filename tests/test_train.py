@@ -17,6 +17,7 @@ import pytest
 
 from csfm.cli import OptionError
 from csfm.model.checkpoint import load_weights
+from csfm.model.token_rhythm import RHYTHM_WIDTH
 from csfm.training.loop import LOG_COLUMNS, TrainConfig, parse_config, train
 
 SMALL = ["--demo-records", "24", "--batch-size", "4", "--precision", "fp32", "--quiet", "--workers", "0",
@@ -289,13 +290,15 @@ def test_shipped_cinc2017_config_parses():
 def test_rhythm_run_trains_the_head_and_logs_its_loss(tmp_path):
     out = tmp_path / "run"
     final = train(parse_config([*SMALL, "--data", "demo:12", "--epochs", "1", "--out-dir", str(out),
-                                "--rhythm-weight", "5"]))
-    assert any(name.startswith("rhythm_head.") for name in load_weights(final))
+                                "--rhythm-weight", "5", "--rhythm-input", "tokens"]))
+    assert load_weights(final)["rhythm_head.weight"].shape[1] == RHYTHM_WIDTH  # it read the tokens' rhythm
     rows = [row for row in _rows(out / "log.csv") if row["loss"]]
     signal, text = float(rows[0]["signal_loss"]), float(rows[0]["text_loss"])
     assert float(rows[0]["loss"]) > signal + 0.5 * text  # the rhythm term is in the logged loss
     with pytest.raises(OptionError, match="rhythm-weight"):
         parse_config([*SMALL, "--rhythm-weight", "-1"])
+    with pytest.raises(SystemExit):  # argparse names the choices
+        parse_config([*SMALL, "--rhythm-input", "cls"])
 
 
 def test_contrastive_run_pairs_two_windows_of_each_record(tmp_path, monkeypatch):

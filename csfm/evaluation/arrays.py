@@ -63,7 +63,7 @@ def embed_arrays(encoder: CSFMEncoder | str | Path, signals: Sequence[np.ndarray
                  leads: Sequence[str] | Sequence[Sequence[str]], units: str = "mV", pooling: str = "cls",
                  modality: str = "both", batch_windows: int = 32, record_pooling: str = "mean",
                  progress: bool = False) -> np.ndarray:
-    """Embeddings [N, d] ([N, 2 d] for "mean+std" pooling) of N in-memory recordings, as
+    """Embeddings [N, pooled_width(d, pooling)] of N in-memory recordings, as
     ``csfm.embed`` makes them: each [C_n, T_n] signal (any fs, any lead subset, any length of
     at least 5 s of valid samples) is preprocessed, cut into 10 s windows, encoded and pooled.
     encoder: a CSFMEncoder, or a checkpoint / training run folder. fs and leads: one for all

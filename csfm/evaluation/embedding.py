@@ -66,7 +66,8 @@ class EmbedConfig:
     modality: str = field(default="both", metadata={"help": "channels to embed: both, ecg or ppg",
                                                     "choices": MODALITIES})
     pooling: str = field(default="cls", metadata={
-        "help": "per window: cls (as the reference), mean of tokens, or mean+std (2 d wide)",
+        "help": "per window: cls (as the reference), mean of tokens, mean+std (2 d wide) or mean+std+rhythm "
+                "(2 d + 50 wide: also how alike tokens 0.1-2.5 s apart are)",
         "choices": TOKEN_POOLINGS})
     batch_windows: int = field(default=32, metadata={"help": "10 s windows per encoder batch (>= 1)"})
     keep_windows: bool = field(default=False, metadata={"help": "also save every window's embedding and start time"})
@@ -151,9 +152,10 @@ def encode_windows(encoder: CSFMEncoder, signals: Sequence[np.ndarray], channel_
     (``Batch.valid_patches``): the result is exactly that of the window with those patches
     not given, and the zeros a gap or the padding after a record's end holds are never
     encoded. ValueError for a window with no valid sample at all. pooling: "cls", "mean"
-    (of the non-CLS tokens) or "mean+std" (their mean and standard deviation side by side:
-    [B, 2 d]); autocast: a context manager factory (e.g. a Precision's ``autocast``). Call
-    with the encoder in eval mode.
+    (of the non-CLS tokens), "mean+std" (their mean and standard deviation side by side:
+    [B, 2 d]) or "mean+std+rhythm" (and the tokens' rhythm, ``csfm.model.token_rhythm``);
+    autocast: a context manager factory (e.g. a Precision's ``autocast``). Call with the
+    encoder in eval mode.
     """
     check_token_pooling(pooling)
     device = next(encoder.parameters()).device
@@ -172,7 +174,7 @@ def embed_windows(encoder: CSFMEncoder, windows: Iterable[tuple[int, RecordWindo
                                                                                      np.ndarray]:
     """Encodes every window of ``windows`` ((owner, RecordWindows) pairs, consumed lazily, so
     a long record's parts are read one at a time) in packed batches of ``batch_windows``
-    (``encode_windows``) -> (vectors [W, d] float32, or [W, 2 d] for "mean+std" pooling;
+    (``encode_windows``) -> (vectors [W, pooled_width(d, pooling)] float32;
     owner [W] int64, the owner given with each window; start_s [W] float64, seconds into
     its record). Call with the encoder in eval mode."""
     if batch_windows < 1:
@@ -205,8 +207,8 @@ def embed_source(encoder: CSFMEncoder, source: RecordSource, modality: str = "bo
                  record_pooling: str = "mean") -> Embeddings:
     """Embeds every record of ``source``: its windows ``stride_s`` apart (default: the
     window, no overlap; ``csfm.data.windows.record_windows``, so a long record of a
-    WindowedSource is read in parts), each pooled over its tokens (``pooling``: cls, mean or
-    mean+std, ``csfm.model.encoder.pool_tokens``), then over the record's windows
+    WindowedSource is read in parts), each pooled over its tokens (``pooling``: cls, mean,
+    mean+std or mean+std+rhythm, ``csfm.model.encoder.pool_tokens``), then over the record's windows
     (``record_pooling``: mean or mean+max, ``csfm.model.encoder.pool_by_owner``).
     Deterministic (eval mode).
 

@@ -58,8 +58,9 @@ class FineTuneConfig:
                                                           "valid": in_range(0, 1)})
     patience: int = field(default=3, metadata={"help": "epochs without a better validation loss before stopping",
                                                "valid": at_least(1)})
-    pooling: str = field(default="cls", metadata={"help": "token pooling into the head: cls, mean or mean+std (2 d wide)",
-                                                  "choices": TOKEN_POOLINGS})
+    pooling: str = field(default="cls", metadata={
+        "help": "token pooling into the head: cls, mean, mean+std (2 d wide) or mean+std+rhythm",
+        "choices": TOKEN_POOLINGS})
     head_epochs: int = field(default=0, metadata={
         "help": "first epochs that train the head alone, the encoder frozen (a probe, then fine-tuning)",
         "valid": at_least(0)})

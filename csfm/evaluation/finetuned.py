@@ -30,7 +30,7 @@ MODEL_DIR_VERSION = 1  # the layout of config.json's "finetuned" entry; bumped o
 
 
 class EncoderWithHead(nn.Module):
-    """Encoder -> pooled embedding (:func:`csfm.model.encoder.pool_tokens`: cls, mean or mean+std, the
+    """Encoder -> pooled embedding (:func:`csfm.model.encoder.pool_tokens`: any TOKEN_POOLINGS, the
     head's input width from :func:`csfm.model.encoder.pooled_width`) -> head: Batch -> head output."""
 
     def __init__(self, encoder: CSFMEncoder, head: nn.Module, pooling: str = "cls") -> None:

@@ -22,6 +22,7 @@ from torch import nn
 
 from csfm.model.batch import Batch
 from csfm.model.config import ModelConfig
+from csfm.model.token_rhythm import RHYTHM_WIDTH, PatchPlaces, patch_places, token_rhythm
 from csfm_kernels import (PATCH_LEN, add_patch_embedding, cu_seqlens_from_lengths, host_segment_positions,
                           host_to_device, op_backends, patch_embed_packed, patch_embed_params, segment_positions,
                           varlen_attention)
@@ -92,6 +93,9 @@ class EncoderOutput:
     cls: torch.Tensor
     mean: torch.Tensor
     window_owner: torch.Tensor | None = None
+    patch_places: PatchPlaces | None = None
+    """Where each patch token sits (``token_rhythm.patch_places``), where the encoder was given
+    the batch (``encode_valid``, ``forward``)."""
 
 
 def sincos_table(n_positions: int, dim: int) -> torch.Tensor:
@@ -174,7 +178,7 @@ def segment_mean(tokens: torch.Tensor, cu_seqlens: torch.Tensor, skip_first: int
     return sums / counts[:, None]
 
 
-TOKEN_POOLINGS = ("cls", "mean", "mean+std")
+TOKEN_POOLINGS = ("cls", "mean", "mean+std", "mean+std+rhythm")
 
 
 def check_token_pooling(pooling: str) -> None:
@@ -186,21 +190,29 @@ def check_token_pooling(pooling: str) -> None:
 def pooled_width(dim: int, pooling: str) -> int:
     """Width of :func:`pool_tokens`'s vectors for an encoder of width ``dim``."""
     check_token_pooling(pooling)
-    return 2 * dim if pooling == "mean+std" else dim
+    return {"mean+std": 2 * dim, "mean+std+rhythm": 2 * dim + RHYTHM_WIDTH}.get(pooling, dim)
 
 
 def pool_tokens(out: "EncoderOutput", pooling: str) -> torch.Tensor:
-    """One float32 vector per sample: "cls" [B, d], "mean" of the non-CLS tokens [B, d], or
-    "mean+std" [B, 2 d], their mean and standard deviation side by side (samples of at most
-    one window; the std is floored at 1e-6 so its gradient stays finite)."""
+    """One float32 vector per sample: "cls" [B, d], "mean" of the non-CLS tokens [B, d],
+    "mean+std" [B, 2 d], their mean and standard deviation side by side, or "mean+std+rhythm"
+    [B, 2 d + RHYTHM_WIDTH], those and how alike the patch tokens are 0.1-2.5 s apart
+    (``csfm.model.token_rhythm``; needs out.patch_places). The last two take samples of at most
+    one window; the std is floored at 1e-6 so its gradient stays finite."""
     check_token_pooling(pooling)
-    if pooling != "mean+std":
+    if pooling in ("cls", "mean"):
         return (out.cls if pooling == "cls" else out.mean).float()
     if out.window_owner is not None:
-        raise ValueError("mean+std pooling takes windows of at most 10 s")
+        raise ValueError(f"{pooling} pooling takes windows of at most 10 s")
     tokens, mean = out.tokens.float(), out.mean.float()
     variance = segment_mean(tokens * tokens, out.layout.cu_seqlens) - mean ** 2
-    return torch.cat([mean, variance.clamp(min=1e-12).sqrt()], dim=1)
+    pooled = [mean, variance.clamp(min=1e-12).sqrt()]
+    if pooling == "mean+std+rhythm":
+        if out.patch_places is None:
+            raise ValueError("mean+std+rhythm pooling needs the patch tokens' places: encode with "
+                             "encode_valid or forward")
+        pooled.append(token_rhythm(out.tokens[out.layout.patch_rows], out.patch_places))
+    return torch.cat(pooled, dim=1)
 
 
 RECORD_POOLINGS = ("mean", "mean+max")
@@ -224,6 +236,11 @@ def pool_by_owner(rows: torch.Tensor, owner: torch.Tensor, n: int, pooling: str 
     index = owner[:, None].expand_as(rows)
     top = torch.zeros_like(mean).scatter_reduce(0, index, rows, "amax", include_self=False)
     return torch.cat([mean, top], dim=1)
+
+
+def _places(batch: Batch, rows: torch.Tensor) -> PatchPlaces:
+    """``patch_places`` of the batch's patch rows ``rows``."""
+    return patch_places([x.shape[1] for x in batch.signals], [x.shape[0] for x in batch.signals], rows)
 
 
 class CSFMEncoder(nn.Module):
@@ -271,15 +288,17 @@ class CSFMEncoder(nn.Module):
         return rows, n_text
 
     def encode(self, patch_rows: torch.Tensor, n_patch: Sequence[int] | torch.Tensor, text_rows: torch.Tensor,
-               n_text: Sequence[int] | torch.Tensor) -> EncoderOutput:
+               n_text: Sequence[int] | torch.Tensor, patch_places: PatchPlaces | None = None) -> EncoderOutput:
         """Runs the transformer over [CLS, patches, text] of every sample (any subsets of them);
-        n_patch, n_text: rows per sample, host ints (a tensor is read back once)."""
+        n_patch, n_text: rows per sample, host ints (a tensor is read back once); patch_places:
+        where the patch rows sit, kept in the output for poolings that need it."""
         layout = SequenceLayout.of(n_patch, n_text, patch_rows.device)
         cls_rows = self.cls_token[0].expand(len(n_patch), -1).to(patch_rows.dtype)
         tokens = layout.pack(cls_rows, patch_rows, text_rows.to(patch_rows.dtype))
         states = self.transformer(tokens, layout.cu_seqlens, layout.max_seqlen,
                                   backend=self.backends["varlen_attention"], seqlens_host=layout.seqlens)
-        return EncoderOutput(states, layout, states[layout.cls_rows], segment_mean(states, layout.cu_seqlens))
+        return EncoderOutput(states, layout, states[layout.cls_rows], segment_mean(states, layout.cu_seqlens),
+                             patch_places=patch_places)
 
     def encode_valid(self, batch: Batch, rows: torch.Tensor | None = None,
                      n_kept: Sequence[int] | None = None) -> EncoderOutput:
@@ -293,14 +312,14 @@ class CSFMEncoder(nn.Module):
         patch_rows, _ = self.embed_signals(batch)
         text_rows, n_text = self.embed_text(batch)
         kept = patch_rows.index_select(0, rows.to(patch_rows.device, non_blocking=True))
-        return self.encode(kept, n_kept, text_rows, n_text)
+        return self.encode(kept, n_kept, text_rows, n_text, _places(batch, rows))
 
     def forward(self, batch: Batch) -> EncoderOutput:
         window = self.config.n_positions * PATCH_LEN
         if max(x.shape[1] for x in batch.signals) <= window:
             patch_rows, n_patch = self.embed_signals(batch)
             text_rows, n_text = self.embed_text(batch)
-            return self.encode(patch_rows, n_patch, text_rows, n_text)
+            return self.encode(patch_rows, n_patch, text_rows, n_text, _places(batch, torch.arange(sum(n_patch))))
         windows, owner = batch.split_windows(window)
         out = self.forward(windows)
         return EncoderOutput(out.tokens, out.layout, pool_by_owner(out.cls, owner, len(batch)),

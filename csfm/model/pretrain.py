@@ -26,6 +26,7 @@ from torch import nn
 from csfm.data.preprocess import PreprocessConfig
 from csfm.model.batch import Batch
 from csfm.model.config import ModelConfig
+from csfm.model.token_rhythm import RHYTHM_WIDTH, patch_places, token_rhythm
 from csfm.model.encoder import (CSFMEncoder, SequenceLayout, Transformer, pool_by_owner, positions_within,
                                 sincos_table)
 from csfm_kernels import (PATCH_LEN, MaskPlan, gather_kept, host_segment_positions, patch_token_ids, random_masking,
@@ -112,6 +113,8 @@ INPUT_FS = PreprocessConfig().target_fs  # Hz of every Batch signal (the preproc
 RHYTHM_LAGS_S = (0.2, 2.0, 0.04)
 """Lags of the rhythm target (``envelope_autocorrelation``): first, last, step, in seconds
 (beat-to-beat intervals of 30-300 bpm)."""
+RHYTHM_INPUTS = ("mean", "tokens")
+"""What the rhythm head reads: the mean visible patch token, or their ``token_rhythm``."""
 ENVELOPE_SMOOTH_S = 0.04
 """Moving-average width of the signal envelope (about one QRS), seconds."""
 
@@ -207,30 +210,37 @@ class MaskedPretrainer(nn.Module):
 
     def __init__(self, config: ModelConfig, backend: str | Mapping[str, str] = "auto", signal_weight: float = 1.0,
                  text_weight: float = 0.5, norm_patch_targets: bool = False, mask_span: int = 1,
-                 contrastive_weight: float = 0.0, temperature: float = 0.1, rhythm_weight: float = 0.0) -> None:
+                 contrastive_weight: float = 0.0, temperature: float = 0.1, rhythm_weight: float = 0.0,
+                 rhythm_input: str = "mean") -> None:
         """mask_span: masked signal patches come in runs of this many consecutive patches of a
         channel (``span_noise``; 1: each patch on its own, the published recipe).
         contrastive_weight > 0 adds, for batches of pairs (``forward(paired=True)``), an
         InfoNCE loss (``paired_info_nce``, ``temperature``) on a projection of each sample's
         mean encoded patch token: two views of a record should agree, other records not.
-        rhythm_weight > 0 adds the MSE of a linear head on that same mean token predicting the
-        window's ``envelope_autocorrelation`` at ``rhythm_lags`` (beat timing over seconds, which
-        reconstructing 0.1 s patches from their neighbours never needs)."""
+        rhythm_weight > 0 adds the MSE of a linear head predicting the window's
+        ``envelope_autocorrelation`` at ``rhythm_lags`` (beat timing over seconds, which
+        reconstructing 0.1 s patches from their neighbours never needs) from ``rhythm_input``:
+        "mean", that same mean token, or "tokens", the visible patch tokens' correlations 0.1-2.5 s
+        apart (``csfm.model.token_rhythm``, what ``mean+std+rhythm`` pooling reads), so the
+        encoder is pushed to place beats in its tokens."""
         super().__init__()
         if not isinstance(mask_span, int) or mask_span < 1:
             raise ValueError(f"mask_span must be a whole number of patches >= 1, got {mask_span!r}")
         if not rhythm_weight >= 0:
             raise ValueError(f"rhythm_weight must be >= 0, got {rhythm_weight}")
+        if rhythm_input not in RHYTHM_INPUTS:
+            raise ValueError(f"rhythm_input must be one of {RHYTHM_INPUTS}, got {rhythm_input!r}")
         if not contrastive_weight >= 0 or not temperature > 0:
             raise ValueError(f"contrastive_weight must be >= 0 and temperature > 0, got {contrastive_weight} "
                              f"and {temperature}")
         self.config, self.signal_weight, self.text_weight = config, signal_weight, text_weight
         self.norm_patch_targets, self.mask_span = norm_patch_targets, mask_span
         self.contrastive_weight, self.temperature = contrastive_weight, temperature
-        self.rhythm_weight = rhythm_weight
+        self.rhythm_weight, self.rhythm_input = rhythm_weight, rhythm_input
         if rhythm_weight > 0:
             self.register_buffer("rhythm_lags", rhythm_lags(INPUT_FS), persistent=False)
-            self.rhythm_head = nn.Linear(config.dim, len(self.rhythm_lags))
+            width = config.dim if rhythm_input == "mean" else RHYTHM_WIDTH
+            self.rhythm_head = nn.Linear(width, len(self.rhythm_lags))
         if contrastive_weight > 0:
             self.projection = nn.Sequential(nn.Linear(config.dim, config.dim), nn.GELU(), nn.Linear(config.dim, 128))
         self.encoder = CSFMEncoder(config, backend)
@@ -301,13 +311,18 @@ class MaskedPretrainer(nn.Module):
                 out.contrast_ce = paired_info_nce(self.projection(pooled), self.temperature)
                 out.n_contrast, out.contrast_weight = len(n_patch), self.contrastive_weight
             if self.rhythm_weight > 0:
-                out.rhythm_sse = self._rhythm_sse(batch, pooled)
+                read = pooled
+                if self.rhythm_input == "tokens":
+                    read = token_rhythm(patch_tokens, patch_places([x.shape[1] for x in batch.signals],
+                                                                   [x.shape[0] for x in batch.signals],
+                                                                   signal_plan.keep_rows))
+                out.rhythm_sse = self._rhythm_sse(batch, read)
                 out.n_rhythm, out.rhythm_weight = len(n_patch), self.rhythm_weight
         return out
 
     def _rhythm_sse(self, batch: Batch, pooled: torch.Tensor) -> torch.Tensor:
-        """Over samples, the summed mean squared error (over lags) of the rhythm head on the
-        pooled tokens [B, d] against each window's ``envelope_autocorrelation``."""
+        """Over samples, the summed mean squared error (over lags) of the rhythm head on its
+        input [B, d or RHYTHM_WIDTH] against each window's ``envelope_autocorrelation``."""
         smooth = max(1, round(ENVELOPE_SMOOTH_S * INPUT_FS))
         with torch.no_grad():
             target = rhythm_targets(batch, self.rhythm_lags, smooth).to(pooled.device, non_blocking=True)

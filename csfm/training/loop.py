@@ -51,7 +51,7 @@ from csfm.training.optim import make_optimizer, warmup_cosine
 from csfm.training.precision import PRECISIONS, Precision, choose_precision
 from csfm.training.sharding import SHARDED, full_weights, gradient_sync_paused, load_sharded, save_sharded, shard_model
 from csfm.data.preprocess import PreprocessConfig
-from csfm.model.pretrain import MaskedPretrainer, PretrainOutput
+from csfm.model.pretrain import RHYTHM_INPUTS, MaskedPretrainer, PretrainOutput
 from csfm.data.sources import MixedSource, open_sources, parse_spec
 from csfm.data.tokenizer import ReportTokenizer
 from csfm_kernels import PATCH_LEN
@@ -94,6 +94,10 @@ class TrainConfig:
                 "autocorrelation of each window's signal envelope at lags 0.2-2 s (beat timing and its "
                 "regularity, which masked-patch reconstruction alone never needs); 0 = off, the published recipe",
         "valid": NON_NEGATIVE})
+    rhythm_input: str = field(default="mean", metadata={
+        "help": "what the rhythm head reads: mean (the mean encoded patch token) or tokens (how alike the visible "
+                "patch tokens are 0.1-2.5 s apart, as mean+std+rhythm pooling reads them)",
+        "choices": RHYTHM_INPUTS})
     mask_span_s: float = field(default=0.0, metadata={
         "help": "masked patches come in runs of this many seconds per channel (0 = each 0.1 s patch on its own, "
                 "the published recipe)", "valid": NON_NEGATIVE})
@@ -448,7 +452,7 @@ def _set_up(plan: _Plan, run: _Run) -> _Session:
     torch.manual_seed(config.seed)
     model = MaskedPretrainer(plan.model_config, mask_span=mask_span_patches(config),
                              contrastive_weight=config.contrastive_weight,
-                             rhythm_weight=config.rhythm_weight).to(run.device)
+                             rhythm_weight=config.rhythm_weight, rhythm_input=config.rhythm_input).to(run.device)
     if plan.resume_from is not None:
         load_state_dict_checked(model, plan.resume_weights, str(plan.resume_from / WEIGHTS))
     if config.sharding == "fsdp":
