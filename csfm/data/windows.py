@@ -305,8 +305,11 @@ def prepared_crop(row: PreparedRecord, config: PreprocessConfig, rng: np.random.
     run = int(np.searchsorted(ends, k, side="right"))
     s = int(runs[run, 0] + k - (ends[run - 1] if run else 0))
     x16 = np.ascontiguousarray(_padded(row.x, np.nan, config.window)[:, s:s + config.window])
+    x = torch.from_numpy(x16).float()  # torch: vectorised fp16 -> fp32
+    if row.fully_valid and row.x.shape[1] >= config.window:  # no NaN to look for
+        return x.numpy(), np.ones(x16.shape, np.bool_)
     valid = valid_mask(x16)
-    return torch.from_numpy(x16).float().nan_to_num_(0.0).numpy(), valid  # torch: vectorised fp16 -> fp32
+    return x.nan_to_num_(0.0).numpy(), valid
 
 
 def read_part(records: WindowedSource, index: int, start_s: float, span_s: float) -> tuple[Record, float] | None:
