@@ -15,7 +15,7 @@ from csfm.cli import OptionError
 from csfm.data.demo import DemoDataset
 from csfm.data.prepare_shards import PrepareConfig, prepare, prepare_shard
 from csfm.data.preprocess import PreprocessConfig, RecordCheck
-from csfm.data.shards import INDEX, FLOAT16_MAX, ShardFormatError, ShardSource, shard_name
+from csfm.data.shards import INDEX, FLOAT16_MAX, SHARD_LAYOUT, ShardFormatError, ShardSource, shard_name
 from csfm.data.sources import open_sources
 from csfm.data.windows import PretrainWindows
 from csfm.training.loop import main as train_main
@@ -68,8 +68,8 @@ def test_storage_is_the_float16_bytes_and_invalid_samples_stay_invalid(tmp_path)
     valid[1, 100:300] = False
     rows = [PreparedRecord(f"r{i}", "p", 0.0, [0, 1, 12], x, valid, "report", {"age": 50}) for i in range(8)]
     size = write_shard(tmp_path / shard_name(0), rows)
-    assert size <= 1.01 * 8 * x.size * 2
-    (tmp_path / INDEX).write_text(json.dumps({"layout": 1, "fs": 250.0, "shards": [
+    assert size <= 8 * x.size * 2 + 4096  # the float16 bytes, plus a few KiB of schema and small columns
+    (tmp_path / INDEX).write_text(json.dumps({"layout": SHARD_LAYOUT, "fs": 250.0, "shards": [
         {"file": shard_name(0), "rows": 8, "record_ids": [r.record_id for r in rows], "patient_ids": ["p"] * 8}]}))
     row = ShardSource(tmp_path).prepared(5)
     np.testing.assert_array_equal(row.valid, valid)
@@ -90,6 +90,38 @@ def test_pretraining_windows_from_shards_match_the_cached_path(tmp_path):
             np.testing.assert_array_equal(a.valid, b.valid)
             assert b.x.dtype == np.float32 and np.isfinite(b.x).all()
             np.testing.assert_allclose(b.x, a.x, rtol=1e-3, atol=2e-3)
+
+
+def test_reports_tokenised_once_give_the_ids_training_would_make(tmp_path):
+    """Prepared with --vocab, each row holds its report's word pieces; pretraining with that
+    vocabulary takes them (cut to the model's text positions) instead of tokenising, and gets
+    the ids tokenising gives; another vocabulary tokenises the report itself."""
+    from csfm.data.tokenizer import ReportTokenizer
+
+    demo = DemoDataset(6)
+    vocab = ReportTokenizer.train([demo[i].text for i in range(6)], vocab_size=300)
+    other = ReportTokenizer.train([demo[i].text for i in range(6)], vocab_size=300, min_frequency=1)
+    vocab.save(tmp_path / "vocab.txt")
+    index = prepare(PrepareConfig(data=["demo:6"], out=str(tmp_path / "shards"), vocab=str(tmp_path / "vocab.txt"),
+                                  quiet=True))
+    assert json.loads(index.read_text())["vocab_fingerprint"] == vocab.fingerprint != other.fingerprint
+    shards = ShardSource(index.parent)
+    for i in range(6):
+        row = shards.prepared(i)
+        assert row.text_ids.tolist() == vocab.encode(demo[i].text, 10_000).ids and row.text_vocab == vocab.fingerprint
+    raw_spec, shard_spec = "demo:6", f"shards:{index.parent}"
+    for tokenizer in (vocab, other):
+        raw = PretrainWindows(open_sources([raw_spec]), tokenizer, max_text_tokens=4, cache_mb=64)
+        stored = PretrainWindows(open_sources([shard_spec]), tokenizer, max_text_tokens=4)
+        for i in range(6):
+            a, b = raw[i], stored[i]
+            assert b.text_ids.dtype == np.int64 and len(b.text_ids) == 4  # demo reports are longer: cut
+            np.testing.assert_array_equal(a.text_ids, b.text_ids)
+        assert all((ids is not None) == (tokenizer is vocab) for _, _, ids in stored._prepared.values())
+    with pytest.raises(OptionError, match="--vocab .*nowhere"):
+        PrepareConfig(data=["demo:6"], out=str(tmp_path / "x"), vocab=str(tmp_path / "nowhere"))
+    with pytest.raises(OptionError, match="vocab_fingerprint"):  # a stopped prepare continues with its vocabulary only
+        prepare(PrepareConfig(data=["demo:6"], out=str(tmp_path / "shards"), quiet=True))
 
 
 def test_unusable_records_are_listed_not_fatal(tmp_path):
@@ -303,5 +335,5 @@ def test_crops_of_rows_with_gaps_and_short_rows_match_the_cached_path(tmp_path):
             a, b = raw[i], stored[i]
             np.testing.assert_array_equal(a.valid, b.valid)
             np.testing.assert_allclose(b.x, a.x, rtol=1e-3, atol=2e-3)
-    runs = [runs for _, runs in stored._prepared.values()]
+    runs = [runs for _, runs, _ in stored._prepared.values()]
     assert len(runs) == 3 and any(len(r) > 1 for r in runs)  # the gaps split the starts

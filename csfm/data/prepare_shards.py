@@ -3,7 +3,9 @@
 Source records [k R, (k + 1) R) (R = ``records_per_shard``) become shard k: each record, or
 each part of at most PART_WINDOWS windows of a long one (read part by part, as pretraining
 reads them), preprocessed as pretraining does (250 Hz, band-pass, z-score, channels with a
-valid sample), is one row; a record that gives no usable window, or that cannot be read, is
+valid sample), is one row, its report tokenised with ``vocab`` when one is given (training with
+the same vocabulary then reads the stored ids instead of tokenising each window's report); a
+record that gives no usable window, or that cannot be read, is
 listed in ``unusable.csv`` with the reason and left out. Shards are written in parallel
 (``workers`` processes), each file atomically with a sidecar listing its rows, so a prepare
 that is stopped continues where it stopped when run again with the same options;
@@ -21,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 from tqdm import tqdm
 
 from csfm import cli
@@ -29,9 +32,11 @@ from csfm.data.preprocess import PreprocessConfig, RecordCheck, make_windows
 from csfm.files import atomic_write
 from csfm.data.shards import INDEX, SHARD_LAYOUT, PreparedRecord, shard_name, write_shard
 from csfm.data.sources import MixedSource, open_sources, parse_spec
+from csfm.data.tokenizer import ReportTokenizer
 from csfm.data.windows import record_name, record_parts
 
 SETTINGS = "prepare.json"
+ALL_TOKENS = 1 << 30  # store every word piece of a report: training cuts them to its model's text positions
 UNUSABLE = "unusable.csv"
 
 
@@ -48,6 +53,9 @@ class PrepareConfig:
                                                           "valid": at_least(1)})
     workers: int = field(default=0, metadata={"help": "processes preparing shards (0 = this process)",
                                               "valid": at_least(0)})
+    vocab: str = field(default="", metadata={
+        "help": "vocab.txt (or a folder holding it) to tokenise reports with; train with the same --vocab to use "
+                "the stored ids (default: reports stored as text only)"})
     demo_records: int = field(default=600, metadata={"help": "records of a 'demo' source", "valid": at_least(1)})
     seed: int = field(default=0, metadata={"help": "seed of the demo records", "valid": at_least(0)})
     quiet: bool = field(default=False, metadata={"help": "no progress bar"})
@@ -61,6 +69,21 @@ class PrepareConfig:
                 parse_spec(spec, self.demo_records)
             except ValueError as exc:
                 raise OptionError(str(exc)) from None
+        if self.vocab:
+            try:
+                _tokenizer(self.vocab)
+            except (OSError, ValueError) as exc:
+                raise OptionError(f"--vocab {self.vocab}: {exc}") from None
+
+
+@functools.lru_cache(maxsize=2)
+def _tokenizer(vocab: str) -> ReportTokenizer:
+    """The vocabulary at ``vocab``, read once per process."""
+    return ReportTokenizer.from_vocab(vocab)
+
+
+def _vocab_fingerprint(config: PrepareConfig) -> str:
+    return _tokenizer(config.vocab).fingerprint if config.vocab else ""
 
 
 def _settings(config: PrepareConfig) -> dict[str, Any]:
@@ -69,6 +92,7 @@ def _settings(config: PrepareConfig) -> dict[str, Any]:
     return json.loads(json.dumps({"layout": SHARD_LAYOUT, "data": list(config.data),
                                   "records_per_shard": config.records_per_shard,
                                   "demo_records": config.demo_records, "seed": config.seed,
+                                  "vocab_fingerprint": _vocab_fingerprint(config),
                                   "preprocess": dataclasses.asdict(PreprocessConfig())}))
 
 
@@ -76,16 +100,21 @@ def _write_json(path: Path, value: Any) -> None:
     atomic_write(path, lambda temp: temp.write_text(json.dumps(value, indent=1)))
 
 
-def _record_rows(records, index: int, config: PreprocessConfig) -> tuple[list[PreparedRecord], str]:
-    """(rows of record ``index``: one per part with a usable window, or []; why it is unusable, or "")."""
+def _record_rows(records, index: int, config: PreprocessConfig,
+                 tokenizer: ReportTokenizer | None) -> tuple[list[PreparedRecord], str]:
+    """(rows of record ``index``: one per part with a usable window, or []; why it is unusable, or
+    ""). With a tokenizer, each row also holds its report's word-piece ids, all of them."""
     check, rows = RecordCheck(config), []
+    vocab = tokenizer.fingerprint if tokenizer is not None else ""
     for part, start_s, skip_s, span_s in record_parts(records, index, config):
         x, valid, used = check.span(part, skip_s, span_s)
         windows = len(make_windows(x, valid, config).x) if used else 0
         check.n_windows += windows  # what check.problem judges the record by
         if windows:
+            ids = None if tokenizer is None else np.asarray(
+                tokenizer.encode(part.text, ALL_TOKENS).ids if part.text else [], np.int32)
             rows.append(PreparedRecord(part.record_id, part.patient_id, start_s, [part.channel_types[c] for c in used],
-                                       x, valid, part.text, dict(part.metadata)))
+                                       x, valid, part.text, dict(part.metadata), text_ids=ids, text_vocab=vocab))
     return rows, check.problem
 
 
@@ -101,12 +130,12 @@ def prepare_shard(config: PrepareConfig, number: int, out: Path) -> dict[str, An
     """Writes shard ``number`` (its sidecar first, then the Arrow file) and returns the sidecar:
     rows, record_ids / patient_ids per row, unusable [(record, why)]."""
     records, patients = _sources(tuple(config.data), config.seed, config.demo_records)
-    preprocess = PreprocessConfig()
+    preprocess, tokenizer = PreprocessConfig(), _tokenizer(config.vocab) if config.vocab else None
     first = number * config.records_per_shard
     rows, row_patients, unusable = [], [], []
     for index in range(first, min(len(records), first + config.records_per_shard)):
         try:
-            record_rows, problem = _record_rows(records, index, preprocess)
+            record_rows, problem = _record_rows(records, index, preprocess, tokenizer)
         except ValueError as error:  # readers raise ValueError naming the file and what is wrong
             record_rows, problem = [], f"cannot be read: {error}"
         if problem:
@@ -172,7 +201,7 @@ def prepare(config: PrepareConfig) -> Path:
     with open(out / UNUSABLE, "w", newline="") as f:
         csv.writer(f).writerows([("record_id", "why"), *unusable])
     index = {"layout": SHARD_LAYOUT, "fs": PreprocessConfig().target_fs, "n_source_records": n_records,
-             "shards": sidecars}
+             "vocab_fingerprint": _vocab_fingerprint(config), "shards": sidecars}
     _write_json(out / INDEX, index)
     rows = sum(s["rows"] for s in sidecars)
     print(f"csfm.prepare: {rows} rows from {n_records} records in {n_shards} shard(s) at {out}"

@@ -4,8 +4,9 @@
 ``--data shards:DIR`` reads it back as a ``ShardSource``. Each row is one record (or one part
 of at most ``PART_WINDOWS`` windows of a long record): its preprocessed signal (250 Hz,
 band-passed, z-scored, usable channels only) as float16 [C, T] in C order with NaN where a
-sample is invalid, its channel types, ids, report and metadata (JSON). Files are memory-mapped:
-reading a row copies nothing until a window is cut from it.
+sample is invalid, its channel types, ids, report, the report's word-piece ids (when prepared
+with a vocabulary; ``index.json``'s ``vocab_fingerprint`` names it) and metadata (JSON). Files
+are memory-mapped: reading a row copies nothing until a window is cut from it.
 
 Arrow was chosen by measurement (see README, "Prepared shards"): random access by row from any
 process, no extra dependency (pyarrow is already one), ~1.0x the float16 bytes on disk.
@@ -24,7 +25,7 @@ import pyarrow as pa
 from csfm.data.record import CHANNEL_TYPE_NAMES, PPG_TYPE, Record
 from csfm.files import atomic_write
 
-SHARD_LAYOUT = 1
+SHARD_LAYOUT = 2
 """Version of the row layout below; a folder of another layout is refused by name."""
 INDEX = "index.json"
 FLOAT16_MAX = float(np.finfo(np.float16).max)
@@ -37,6 +38,7 @@ SCHEMA = pa.schema([
     ("n_samples", pa.int64()),
     ("signal", pa.large_binary()),          # float16 [C, n_samples], C order, NaN where invalid
     ("text", pa.string()),
+    ("text_ids", pa.list_(pa.int32())),     # the report's word pieces, all of them (empty without a vocabulary)
     ("metadata", pa.string()),              # JSON object
 ])
 
@@ -58,6 +60,10 @@ class PreparedRecord:
     metadata: dict[str, Any] | None = None
     fully_valid: bool = False
     """Every sample is valid (``valid`` is then all True): a crop needs no scan for gaps."""
+    text_ids: np.ndarray | None = None
+    """[M] int32 word-piece ids of the whole report by the vocabulary ``text_vocab`` (None without one)."""
+    text_vocab: str = ""
+    """``ReportTokenizer.fingerprint`` of the vocabulary that made text_ids ("" = none)."""
 
     @property
     def valid(self) -> np.ndarray:
@@ -88,6 +94,7 @@ def write_shard(path: Path, rows: Sequence[PreparedRecord]) -> int:
         "n_samples": [int(r.x.shape[1]) for r in rows],
         "signal": [_signal_bytes(r.x, r.valid) for r in rows],
         "text": [r.text for r in rows],
+        "text_ids": [[] if r.text_ids is None else r.text_ids.tolist() for r in rows],
         "metadata": [json.dumps(r.metadata or {}, default=str, sort_keys=True) for r in rows],
     }
     table = pa.table(columns, schema=SCHEMA)
@@ -129,7 +136,7 @@ class _Shard:
     """One memory-mapped shard file: the signal bytes as a numpy view (no copy), the small
     columns as Python lists."""
 
-    def __init__(self, path: Path, rows: int) -> None:
+    def __init__(self, path: Path, rows: int, text_vocab: str = "") -> None:
         try:
             table = pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
         except (OSError, pa.ArrowInvalid) as exc:
@@ -143,6 +150,10 @@ class _Shard:
         offsets_buffer, data_buffer = signal.buffers()[1:3]
         self.offsets = np.frombuffer(offsets_buffer, np.int64)[signal.offset:signal.offset + rows + 1]
         self.data = np.frombuffer(data_buffer, np.uint8) if data_buffer is not None else np.zeros(0, np.uint8)
+        text_ids = table.column("text_ids").combine_chunks()
+        self.text_offsets = text_ids.offsets.to_numpy()
+        self.text_values = text_ids.values.to_numpy()
+        self.text_vocab = text_vocab
         self.columns = {name: table.column(name).to_pylist() for name in _ROW_FIELDS}
         self._first_read: dict[int, tuple[dict, np.ndarray | None]] = {}  # row -> (metadata, all-True valid)
         self.path = path
@@ -165,8 +176,9 @@ class _Shard:
             full = bool(valid_mask(x).all())  # then valid is a read-only all-True view, else computed when asked for
             self._first_read[row] = metadata, np.broadcast_to(np.True_, x.shape) if full else None
         metadata, valid = self._first_read[row]
+        ids = self.text_values[self.text_offsets[row]:self.text_offsets[row + 1]] if self.text_vocab else None
         return PreparedRecord(c["record_id"], c["patient_id"], c["start_s"], c["channel_types"], x, valid,
-                              c["text"], dict(metadata), valid is not None)
+                              c["text"], dict(metadata), valid is not None, ids, self.text_vocab)
 
 
 def valid_mask(x: np.ndarray) -> np.ndarray:
@@ -184,6 +196,7 @@ class ShardSource:
         self.folder = Path(path)
         index = read_index(self.folder)
         self.fs = float(index.get("fs", 250.0))
+        self.text_vocab = str(index.get("vocab_fingerprint", ""))
         self._files = [(self.folder / s["file"], int(s["rows"])) for s in index["shards"]]
         missing = [str(p) for p, _ in self._files if not p.is_file()]
         if missing:
@@ -209,7 +222,7 @@ class ShardSource:
         where invalid), valid [C, T] bool, ids, report, metadata."""
         number = self._shard_of(index)
         if number not in self._open:
-            self._open[number] = _Shard(*self._files[number])
+            self._open[number] = _Shard(*self._files[number], self.text_vocab)
         return self._open[number].row(index - self._starts[number])
 
     def is_prepared(self, index: int) -> bool:

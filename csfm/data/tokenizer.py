@@ -12,6 +12,8 @@ already-cleaned text may be passed too. Truncation to ``max_tokens`` is always r
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import re
 import warnings
 from collections import Counter
@@ -144,6 +146,13 @@ class ReportTokenizer:
         tokens = sorted(self._vocab, key=self._vocab.__getitem__)
         file.write_text("".join(token + "\n" for token in tokens), encoding="utf-8")
         return file
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """SHA-256 (hex, first 16 digits) of the tokens in id order: equal exactly when two
+        tokenizers give the same ids (e.g. ids stored by ``csfm.prepare`` and a training run's)."""
+        tokens = sorted(self._vocab, key=self._vocab.__getitem__)
+        return hashlib.sha256("\n".join(tokens).encode("utf-8")).hexdigest()[:16]
 
     @property
     def vocab_size(self) -> int:

@@ -138,7 +138,7 @@ class PretrainWindows(torch.utils.data.Dataset):
         self.cache_bytes_left = int(cache_mb * 2**20)
         self._cache: dict[int, tuple[Record, np.ndarray, np.ndarray]] = {}
         self._random = ItemRandom(seed)
-        self._prepared: dict[int, tuple[Record, np.ndarray]] = {}  # prepared rows' (header_record, start_runs)
+        self._prepared: dict[int, tuple[Record, np.ndarray, np.ndarray | None]] = {}  # (header, start_runs, ids)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -158,22 +158,33 @@ class PretrainWindows(torch.utils.data.Dataset):
         keep = list(range(len(record.channel_types)))
         if rng.random() < self.subset_prob:
             keep = lead_subset(record.channel_types, rng)
-        text = np.zeros(0, dtype=np.int64)
-        if self.tokenizer is not None and record.text:
-            text = np.asarray(self.tokenizer.encode(record.text, self.max_text_tokens).ids, dtype=np.int64)
+        text = self._text_ids(index, record)
         if len(keep) < len(record.channel_types):
             x, valid = x[keep], valid[keep]
         return Sample(x, valid, [record.channel_types[c] for c in keep],
                       text, record.record_id, record.patient_id, dict(record.metadata))
 
+    def _text_ids(self, index: int, record: Record) -> np.ndarray:
+        """The report's word-piece ids [M] int64, M <= max_text_tokens: as ``csfm.prepare`` stored
+        them with this tokenizer's vocabulary, else tokenised now; empty without a tokenizer or
+        a report."""
+        if self.tokenizer is None or not record.text:
+            return np.zeros(0, dtype=np.int64)
+        stored = self._prepared.get(index)
+        if stored is not None and stored[2] is not None:
+            return stored[2][:self.max_text_tokens].astype(np.int64)
+        return np.asarray(self.tokenizer.encode(record.text, self.max_text_tokens).ids, dtype=np.int64)
+
     def _window(self, index: int, rng: np.random.Generator) -> tuple[Record, np.ndarray, np.ndarray]:
         """(record reduced to its usable channels, x [C, window], valid [C, window]) of one
         random window of record ``index``; ValueError naming the record when it has none."""
         prepared = prepared_row(self.records, index)
-        if prepared is not None:  # stored preprocessed: its header and crop starts made once per process
+        if prepared is not None:  # stored preprocessed: its header, crop starts and usable ids found once per process
             if index not in self._prepared:
-                self._prepared[index] = header_record(prepared), start_runs(prepared, self.preprocess)
-            header, runs = self._prepared[index]
+                same_vocab = self.tokenizer is not None and prepared.text_vocab == self.tokenizer.fingerprint
+                self._prepared[index] = (header_record(prepared), start_runs(prepared, self.preprocess),
+                                         prepared.text_ids if same_vocab else None)
+            header, runs, _ = self._prepared[index]
             return header, *prepared_crop(prepared, self.preprocess, rng, runs)
         cached = self._preprocessed(index)
         if cached is not None:
