@@ -109,6 +109,16 @@ def test_save_and_reload_keeps_ids(trained, demo_reports, tmp_path):
     assert [again.encode(r).ids for r in demo_reports] == [trained.encode(r).ids for r in demo_reports]
 
 
+def test_fingerprint_names_the_ids_a_vocabulary_gives(trained, tmp_path):
+    """Saved and reloaded: the same fingerprint; two tokens swapped (other ids): another one."""
+    reloaded = ReportTokenizer.from_vocab(trained.save(tmp_path / "vocab.txt"))
+    assert reloaded.fingerprint == trained.fingerprint and len(trained.fingerprint) == 16
+    lines = (tmp_path / "vocab.txt").read_text().splitlines()
+    lines[-1], lines[-2] = lines[-2], lines[-1]
+    (tmp_path / "swapped.txt").write_text("\n".join(lines) + "\n")
+    assert ReportTokenizer.from_vocab(tmp_path / "swapped.txt").fingerprint != trained.fingerprint
+
+
 def test_truncation_at_64_is_reported(tiny_vocab):
     tok = ReportTokenizer.from_vocab(tiny_vocab)
     long_report = ", ".join(["sinus rhythm"] * 30)  # 30 * 3 pieces + 29 commas = 119
