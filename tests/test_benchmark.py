@@ -95,7 +95,7 @@ rows:
   - {{name: floor, kind: probe, checkpoint: {checkpoint}, random_init: true, pooling: mean+max}}
   - {{name: cnn, kind: random_cnn, width: 8, depth: 2}}
   - {{name: tuned, kind: finetune, checkpoint: {checkpoint}, stride_s: 10.0, epochs: 1, batch_size: 16,
-      class_weight: balanced}}
+      class_weight: balanced, token_pooling: mean+std+rhythm, head_init: probe}}
 """)
     summary = main(["--config", str(config), "--limit", "40", "--quiet"])
     out = tmp_path / "out"
@@ -123,6 +123,26 @@ rows:
     with pytest.raises(SystemExit) as exit_info:
         main(["--config", str(config), "--only", "nope"])
     assert exit_info.value.code == 2 and "--only: ['nope'] are not rows of" in capsys.readouterr().err
+
+
+def test_a_head_set_to_the_probe_predicts_what_the_probe_predicts():
+    """LP-FT's start: the head's softmax equals the fitted probe's probabilities; a class the
+    training rows lack is never predicted."""
+    from csfm.benchmarks.cinc2017.harness import _set_to_probe
+    from csfm.benchmarks.cinc2017.scoring import make_model
+    from csfm.model.heads import ClassificationHead
+
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, 3, 90)  # classes 0..2: the noisy class (3) is absent
+    x = (rng.standard_normal((90, 5)) * [1.0, 5.0, 0.1, 2.0, 1.0] + [0, 3, -1, 0, 10]
+         + np.eye(5)[codes] * 2.0).astype(np.float32)
+    head = ClassificationHead(5, len(LABELS))
+    _set_to_probe(head, x, codes, seed=0)
+    probe = make_model("logistic", 0).fit(x, codes)
+    with torch.no_grad():
+        ours = torch.softmax(head(torch.from_numpy(x)).double(), dim=1).numpy()
+    np.testing.assert_allclose(ours[:, :3], probe.predict_proba(x), atol=1e-5)
+    assert ours[:, 3].max() < 1e-10
 
 
 def test_random_cnn_features_are_seeded_and_need_one_channel_count():

@@ -19,7 +19,9 @@ Rows (each a ``rows`` entry of the config, run in order):
   the training records (layer-wise lr decay, early stopping on an inner validation tenth of
   them; ``stride_s``, a multiple of the benchmark's, spaces the training windows further
   apart; ``class_weight: balanced`` weights the cross-entropy by inverse class frequency;
-  ``head_epochs`` first trains the head alone on the frozen encoder);
+  ``head_epochs`` first trains the head alone on the frozen encoder; ``head_init: probe`` starts
+  the head as the ``probe`` row's logistic regression fitted on the training records, its
+  standardisation folded into the weights, so fine-tuning starts from the probe: LP-FT);
   a record's class probabilities are the mean over all its windows.
 
 Stratified ``n_folds``-fold cross-validation over records, the fold of each record saved to
@@ -39,13 +41,14 @@ from typing import Any, Collection, Sequence
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from csfm.cli import POSITIVE, OptionError, at_least, check_fields, read_config_file, run_command
 from csfm.files import atomic_write
 from csfm.benchmarks.cinc2017.random_cnn import random_cnn_features
 from csfm.benchmarks.cinc2017.scoring import (LABELS, MODELS, feature_probabilities, labelled_records, load_features,
-                                               results_table, score_predictions)
+                                               make_model, results_table, score_predictions)
 from csfm.data.splits import folds_or_load
 from csfm.data.windows import RecordWindows, Sample, all_windows
 from csfm.evaluation.embedding import embed_windows, load_encoder
@@ -62,7 +65,7 @@ _ROW_KEYS = {
     "probe": {"name", "kind", "checkpoint", "random_init", "token_pooling", "pooling"},
     "random_cnn": {"name", "kind", "width", "depth", "pooling"},
     "finetune": {"name", "kind", "checkpoint", "random_init", "token_pooling", "epochs", "batch_size", "lr",
-                 "layer_decay", "weight_decay", "patience", "stride_s", "class_weight", "head_epochs"},
+                 "layer_decay", "weight_decay", "patience", "stride_s", "class_weight", "head_epochs", "head_init"},
 }
 
 
@@ -112,7 +115,7 @@ class BenchmarkConfig:
 
 
 _ROW_CHOICES = {"model": MODELS, "pooling": RECORD_POOLINGS, "class_weight": ("none", "balanced"),
-                "token_pooling": TOKEN_POOLINGS}
+                "token_pooling": TOKEN_POOLINGS, "head_init": ("random", "probe")}
 
 
 def _check_row(i: int, row: dict[str, Any]) -> None:
@@ -227,6 +230,10 @@ def finetune_probabilities(row: dict[str, Any], data: LabelledWindows, fold: np.
     def target_of(samples: Sequence[Sample]) -> torch.Tensor:
         return torch.tensor([by_record[s.record_id] for s in samples], dtype=torch.int64)
 
+    records = None
+    if row.get("head_init", "random") == "probe":  # the probe row's record features, made once
+        records = pool_records(window_embeddings(base, data, config.pooling, progress=progress), len(data.codes),
+                               "mean")
     prob = np.zeros((len(data.codes), len(LABELS)))
     for k in np.unique(fold):
         train_rows = np.flatnonzero(fold != k)
@@ -239,6 +246,8 @@ def finetune_probabilities(row: dict[str, Any], data: LabelledWindows, fold: np.
         fit_rows, val_rows = train_test_split(train_rows, test_size=0.1, random_state=seed, stratify=stratify)
         torch.manual_seed(seed)
         head = ClassificationHead(pooled_width(base.config.dim, config.pooling), len(LABELS))
+        if records is not None:
+            _set_to_probe(head, records[fit_rows], data.codes[fit_rows], seed)
         model, history = finetune(copy.deepcopy(base), head, "multiclass", _samples(data, fit_rows, every),
                                   _samples(data, val_rows, every), target_of, config, progress=progress, **loss_kw)
         test_rows = np.flatnonzero(fold == k)
@@ -246,6 +255,23 @@ def finetune_probabilities(row: dict[str, Any], data: LabelledWindows, fold: np.
         if progress:
             tqdm.write(f"fold {k}: best epoch {history.best_epoch}, validation loss {history.best_val_loss:.4f}")
     return prob
+
+
+def _set_to_probe(head: ClassificationHead, x: np.ndarray, codes: np.ndarray, seed: int) -> None:
+    """Sets ``head``'s linear layer to the logistic probe (``make_model("logistic")``, C chosen by
+    inner CV) fitted on x [N, d] with classes ``codes`` [N]: logits = coef (x - mean) / scale +
+    intercept, folded into weight and bias. A class the rows lack gets weight 0 and bias -30."""
+    with threadpool_limits(limits=1, user_api="openmp"):
+        pipeline = make_model("logistic", seed).fit(x, codes).best_estimator_
+    scale, model = pipeline.named_steps["scale"], pipeline.named_steps["model"]
+    weight = model.coef_ / scale.scale_
+    linear = head.net[-1]
+    with torch.no_grad():
+        linear.weight.zero_()
+        linear.bias.fill_(-30.0)
+        present = torch.as_tensor(np.asarray(model.classes_, np.int64))
+        linear.weight[present] = torch.as_tensor(weight, dtype=linear.weight.dtype)
+        linear.bias[present] = torch.as_tensor(model.intercept_ - weight @ scale.mean_, dtype=linear.bias.dtype)
 
 
 # ----------------------------------------------------------------------------- the harness
