@@ -66,6 +66,9 @@ GOALS: list[Goal] = [
     # issue #18: one 10 s window at least 30x the published preprocessing style
     *(Goal("cpu", f"window {case}", ours="numba preprocess_signal", min_ratio=30.0)
       for case in ("cinc2017_1lead_300Hz", "mitdb_2lead_360Hz", "challenge2015_2ecg_ppg_250Hz", "ptb_12lead_1000Hz")),
+    # the same, windows batched per call (16 windows of a record stacked as channels)
+    *(Goal("cpu", f"windows x16 {case}", ours="numba preprocess_signal, windows stacked", min_ratio=30.0)
+      for case in ("cinc2017_1lead_300Hz", "mitdb_2lead_360Hz", "challenge2015_2ecg_ppg_250Hz", "ptb_12lead_1000Hz")),
 ]
 
 

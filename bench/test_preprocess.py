@@ -116,6 +116,36 @@ def test_pipeline_one_window(side_by_side, name):
     )
 
 
+BATCH_WINDOWS = 16
+
+
+@pytest.mark.parametrize("name", list(WINDOW_CASES))
+def test_pipeline_windows_batched(side_by_side, name):
+    """BATCH_WINDOWS 10 s windows of one record (starts 1 s apart, from the first whole second
+    after which all of them are gap-free: neurokit2 fails on NaN) per call: preprocess_signal
+    treats channels independently, so windows of one rate go in stacked as channels, one call
+    for all; the baseline preprocesses each window as the one-window case does."""
+    pytest.importorskip("neurokit2", reason="the official-style baseline needs neurokit2 (pip install neurokit2)")
+    import wfdb
+
+    path, rows, types = WINDOW_CASES[name]
+    record = wfdb.rdrecord(str(PHYSIONET.parent / path), channels=rows)
+    signal, fs = np.ascontiguousarray(record.p_signal.T, dtype=np.float32), float(record.fs)
+    n, span = int(10 * fs), int((10 + BATCH_WINDOWS - 1) * fs)
+    first = next(int(k * fs) for k in range(int(signal.shape[1] / fs))
+                 if np.isfinite(signal[:, int(k * fs):int(k * fs) + span]).all())
+    windows = [signal[:, first + int(k * fs):first + int(k * fs) + n] for k in range(BATCH_WINDOWS)]
+    stacked, stacked_types = np.concatenate(windows), types * BATCH_WINDOWS
+    config = PreprocessConfig()
+    side_by_side(
+        f"windows x{BATCH_WINDOWS} {name}", f"{BATCH_WINDOWS} x {_shape(windows[0], fs)}",
+        baselines={"scipy FFT + neurokit2 clean + zscore, per channel": lambda: [
+            _official_window(w, fs, types, config) for w in windows]},
+        ours={"numba preprocess_signal, windows stacked": lambda: preprocess_signal(stacked, fs, stacked_types, config)},
+        rounds=11, counts={"windows": BATCH_WINDOWS},
+    )
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_pipeline(side_by_side, name):
     x, fs, types = _load(name)
