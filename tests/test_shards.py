@@ -117,7 +117,7 @@ def test_reports_tokenised_once_give_the_ids_training_would_make(tmp_path):
             a, b = raw[i], stored[i]
             assert b.text_ids.dtype == np.int64 and len(b.text_ids) == 4  # demo reports are longer: cut
             np.testing.assert_array_equal(a.text_ids, b.text_ids)
-        assert all((ids is not None) == (tokenizer is vocab) for _, _, ids in stored._prepared.values())
+        assert all((row.text_ids is not None) == (tokenizer is vocab) for row in stored._prepared.values())
     with pytest.raises(OptionError, match="--vocab .*nowhere"):
         PrepareConfig(data=["demo:6"], out=str(tmp_path / "x"), vocab=str(tmp_path / "nowhere"))
     with pytest.raises(OptionError, match="vocab_fingerprint"):  # a stopped prepare continues with its vocabulary only
@@ -335,5 +335,5 @@ def test_crops_of_rows_with_gaps_and_short_rows_match_the_cached_path(tmp_path):
             a, b = raw[i], stored[i]
             np.testing.assert_array_equal(a.valid, b.valid)
             np.testing.assert_allclose(b.x, a.x, rtol=1e-3, atol=2e-3)
-    runs = [runs for _, runs, _ in stored._prepared.values()]
+    runs = [row.runs for row in stored._prepared.values()]
     assert len(runs) == 3 and any(len(r) > 1 for r in runs)  # the gaps split the starts

@@ -251,12 +251,6 @@ def to_record(row: PreparedRecord, fs: float) -> Record:
     return replace(header_record(row, fs), signal=np.where(row.valid, row.x, np.nan).astype(np.float32))
 
 
-def prepared_row(records: Any, index: int) -> PreparedRecord | None:
-    """Record ``index`` as stored preprocessed, where ``records`` (a ShardSource, or a
-    MixedSource with shards among its sources) holds it so; None otherwise."""
-    return records.prepared(index) if is_prepared(records, index) else None
-
-
 def is_prepared(records: Any, index: int) -> bool:
     """Whether ``records`` holds record ``index`` preprocessed (without reading it)."""
     check = getattr(records, "is_prepared", None)

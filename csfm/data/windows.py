@@ -35,7 +35,7 @@ from csfm.data.preprocess import (PreprocessConfig, RecordCheck, Windows, keep_c
                                   preprocess_signal, select_channels)
 from csfm.data.readers.mimic3 import NoSignalError
 from csfm.data.record import CHANNEL_TYPE_NAMES, PPG_TYPE, ListedSource, Record, RecordSource, WindowedSource
-from csfm.data.shards import PreparedRecord, header_record, is_prepared, prepared_row, valid_mask
+from csfm.data.shards import PreparedRecord, header_record, is_prepared, valid_mask
 from csfm.data.tokenizer import ReportTokenizer
 
 LIMB_LEADS = (0, 1, 2, 3, 4, 5)  # I, II, III, aVR, aVL, aVF
@@ -108,6 +108,19 @@ class ItemRandom:
         return self._generator
 
 
+@dataclass(frozen=True)
+class _StoredRow:
+    """What a draw from a prepared row needs, kept per row and process: its header Record
+    (``header_record``), crop starts (``start_runs``), report ids stored with the tokenizer's
+    vocabulary (else None), and the stored float16 view x [C, T] (NaN where invalid)."""
+
+    header: Record
+    runs: np.ndarray
+    text_ids: np.ndarray | None
+    x: np.ndarray
+    fully_valid: bool
+
+
 class PretrainWindows(torch.utils.data.Dataset):
     """Item i: a random window of record i, preprocessed to 250 Hz, z-scored, tokenized.
 
@@ -138,7 +151,7 @@ class PretrainWindows(torch.utils.data.Dataset):
         self.cache_bytes_left = int(cache_mb * 2**20)
         self._cache: dict[int, tuple[Record, np.ndarray, np.ndarray]] = {}
         self._random = ItemRandom(seed)
-        self._prepared: dict[int, tuple[Record, np.ndarray, np.ndarray | None]] = {}  # (header, start_runs, ids)
+        self._prepared: dict[int, _StoredRow] = {}
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -171,21 +184,21 @@ class PretrainWindows(torch.utils.data.Dataset):
         if self.tokenizer is None or not record.text:
             return np.zeros(0, dtype=np.int64)
         stored = self._prepared.get(index)
-        if stored is not None and stored[2] is not None:
-            return stored[2][:self.max_text_tokens].astype(np.int64)
+        if stored is not None and stored.text_ids is not None:
+            return stored.text_ids[:self.max_text_tokens].astype(np.int64)
         return np.asarray(self.tokenizer.encode(record.text, self.max_text_tokens).ids, dtype=np.int64)
 
     def _window(self, index: int, rng: np.random.Generator) -> tuple[Record, np.ndarray, np.ndarray]:
         """(record reduced to its usable channels, x [C, window], valid [C, window]) of one
         random window of record ``index``; ValueError naming the record when it has none."""
-        prepared = prepared_row(self.records, index)
-        if prepared is not None:  # stored preprocessed: its header, crop starts and usable ids found once per process
-            if index not in self._prepared:
-                same_vocab = self.tokenizer is not None and prepared.text_vocab == self.tokenizer.fingerprint
-                self._prepared[index] = (header_record(prepared), start_runs(prepared, self.preprocess),
-                                         prepared.text_ids if same_vocab else None)
-            header, runs, _ = self._prepared[index]
-            return header, *prepared_crop(prepared, self.preprocess, rng, runs)
+        stored = self._prepared.get(index)
+        if stored is None and is_prepared(self.records, index):  # stored preprocessed: looked at once per process
+            row = self.records.prepared(index)
+            same_vocab = self.tokenizer is not None and row.text_vocab == self.tokenizer.fingerprint
+            stored = self._prepared[index] = _StoredRow(header_record(row), start_runs(row, self.preprocess),
+                                                        row.text_ids if same_vocab else None, row.x, row.fully_valid)
+        if stored is not None:
+            return stored.header, *prepared_crop(stored.x, stored.fully_valid, self.preprocess, rng, stored.runs)
         cached = self._preprocessed(index)
         if cached is not None:
             record, x, valid = cached
@@ -306,18 +319,19 @@ def start_runs(row: PreparedRecord, config: PreprocessConfig) -> np.ndarray:
     return np.stack([starts[np.r_[0, breaks]], starts[np.r_[breaks - 1, len(starts) - 1]] + 1], axis=1)
 
 
-def prepared_crop(row: PreparedRecord, config: PreprocessConfig, rng: np.random.Generator,
+def prepared_crop(stored_x: np.ndarray, fully_valid: bool, config: PreprocessConfig, rng: np.random.Generator,
                   runs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``random_crop`` of a prepared row as stored (float16, NaN where invalid): the same start
-    for the same ``rng`` (the k-th of the row's ``start_runs``, k drawn as crop_start draws it);
-    only the window is converted (x [C, window] float32, 0 where invalid; valid [C, window])."""
+    """``random_crop`` of a prepared row as stored (stored_x: float16 [C, T], NaN where invalid;
+    fully_valid: it has no NaN): the same start for the same ``rng`` (the k-th of the row's
+    ``start_runs``, k drawn as crop_start draws it); only the window is converted (x [C, window]
+    float32, 0 where invalid; valid [C, window])."""
     ends = np.cumsum(runs[:, 1] - runs[:, 0])
     k = int(rng.integers(ends[-1]))
     run = int(np.searchsorted(ends, k, side="right"))
     s = int(runs[run, 0] + k - (ends[run - 1] if run else 0))
-    x16 = np.ascontiguousarray(_padded(row.x, np.nan, config.window)[:, s:s + config.window])
+    x16 = np.ascontiguousarray(_padded(stored_x, np.nan, config.window)[:, s:s + config.window])
     x = torch.from_numpy(x16).float()  # torch: vectorised fp16 -> fp32
-    if row.fully_valid and row.x.shape[1] >= config.window:  # no NaN to look for
+    if fully_valid and stored_x.shape[1] >= config.window:  # no NaN to look for
         return x.numpy(), np.ones(x16.shape, np.bool_)
     valid = valid_mask(x16)
     return x.nan_to_num_(0.0).numpy(), valid
