@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import pickle
 import sys
 from pathlib import Path
 
@@ -118,6 +119,9 @@ def test_reports_tokenised_once_give_the_ids_training_would_make(tmp_path):
             assert b.text_ids.dtype == np.int64 and len(b.text_ids) == 4  # demo reports are longer: cut
             np.testing.assert_array_equal(a.text_ids, b.text_ids)
         assert all((row.text_ids is not None) == (tokenizer is vocab) for row in stored._prepared.values())
+        copy = pickle.loads(pickle.dumps(stored))  # as a worker gets it: no copies of mapped rows
+        assert stored._prepared and not copy._prepared
+        np.testing.assert_array_equal(copy[2].x, stored[2].x)
     with pytest.raises(OptionError, match="--vocab .*nowhere"):
         PrepareConfig(data=["demo:6"], out=str(tmp_path / "x"), vocab=str(tmp_path / "nowhere"))
     with pytest.raises(OptionError, match="vocab_fingerprint"):  # a stopped prepare continues with its vocabulary only

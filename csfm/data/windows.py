@@ -153,6 +153,12 @@ class PretrainWindows(torch.utils.data.Dataset):
         self._random = ItemRandom(seed)
         self._prepared: dict[int, _StoredRow] = {}
 
+    def __getstate__(self) -> dict:
+        """Pickled (e.g. for DataLoader worker processes) without the per-row lookups of prepared
+        rows: they hold views of memory-mapped shards, which pickling would copy; each process
+        makes its own."""
+        return {**self.__dict__, "_prepared": {}}
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
