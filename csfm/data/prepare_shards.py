@@ -104,15 +104,17 @@ def _record_rows(records, index: int, config: PreprocessConfig,
                  tokenizer: ReportTokenizer | None) -> tuple[list[PreparedRecord], str]:
     """(rows of record ``index``: one per part with a usable window, or []; why it is unusable, or
     ""). With a tokenizer, each row also holds its report's word-piece ids, all of them."""
-    check, rows = RecordCheck(config), []
+    check, rows, ids_of = RecordCheck(config), [], {}
     vocab = tokenizer.fingerprint if tokenizer is not None else ""
     for part, start_s, skip_s, span_s in record_parts(records, index, config):
         x, valid, used = check.span(part, skip_s, span_s)
         windows = len(make_windows(x, valid, config).x) if used else 0
         check.n_windows += windows  # what check.problem judges the record by
         if windows:
-            ids = None if tokenizer is None else np.asarray(
-                tokenizer.encode(part.text, ALL_TOKENS).ids if part.text else [], np.int32)
+            if tokenizer is not None and part.text not in ids_of:  # a long record's parts share one report
+                ids_of[part.text] = np.asarray(tokenizer.encode(part.text, ALL_TOKENS).ids if part.text else [],
+                                               np.int32)
+            ids = ids_of.get(part.text)
             rows.append(PreparedRecord(part.record_id, part.patient_id, start_s, [part.channel_types[c] for c in used],
                                        x, valid, part.text, dict(part.metadata), text_ids=ids, text_vocab=vocab))
     return rows, check.problem

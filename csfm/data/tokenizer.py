@@ -143,16 +143,18 @@ class ReportTokenizer:
         path: the file to write, or an existing folder to write vocab.txt into.
         """
         file = _vocab_file(path)
-        tokens = sorted(self._vocab, key=self._vocab.__getitem__)
-        file.write_text("".join(token + "\n" for token in tokens), encoding="utf-8")
+        file.write_text("".join(token + "\n" for token in self._tokens_by_id()), encoding="utf-8")
         return file
 
     @functools.cached_property
     def fingerprint(self) -> str:
         """SHA-256 (hex, first 16 digits) of the tokens in id order: equal exactly when two
         tokenizers give the same ids (e.g. ids stored by ``csfm.prepare`` and a training run's)."""
-        tokens = sorted(self._vocab, key=self._vocab.__getitem__)
-        return hashlib.sha256("\n".join(tokens).encode("utf-8")).hexdigest()[:16]
+        return hashlib.sha256("\n".join(self._tokens_by_id()).encode("utf-8")).hexdigest()[:16]
+
+    def _tokens_by_id(self) -> list[str]:
+        """The vocabulary's tokens in id order (what vocab.txt lists)."""
+        return sorted(self._vocab, key=self._vocab.__getitem__)
 
     @property
     def vocab_size(self) -> int:

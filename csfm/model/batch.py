@@ -11,6 +11,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from csfm.model.token_rhythm import PatchPlaces, patch_places
 from csfm_kernels import PATCH_LEN
 
 
@@ -48,6 +49,11 @@ class Batch:
 
     def n_text_tokens(self) -> torch.Tensor:
         return torch.tensor([len(t) for t in self.text_ids], dtype=torch.int64)
+
+    def patch_places(self, rows: torch.Tensor) -> PatchPlaces:
+        """Where the patch rows ``rows`` [K] of this batch (``valid_patches``' order) sit:
+        ``csfm.model.token_rhythm.patch_places`` of the samples' shapes."""
+        return patch_places([x.shape[1] for x in self.signals], [x.shape[0] for x in self.signals], rows)
 
     def n_channels(self) -> torch.Tensor:
         return torch.tensor([x.shape[0] for x in self.signals], dtype=torch.int64)

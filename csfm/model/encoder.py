@@ -22,7 +22,7 @@ from torch import nn
 
 from csfm.model.batch import Batch
 from csfm.model.config import ModelConfig
-from csfm.model.token_rhythm import RHYTHM_WIDTH, PatchPlaces, patch_places, token_rhythm
+from csfm.model.token_rhythm import RHYTHM_WIDTH, PatchPlaces, token_rhythm
 from csfm_kernels import (PATCH_LEN, add_patch_embedding, cu_seqlens_from_lengths, host_segment_positions,
                           host_to_device, op_backends, patch_embed_packed, patch_embed_params, segment_positions,
                           varlen_attention)
@@ -238,11 +238,6 @@ def pool_by_owner(rows: torch.Tensor, owner: torch.Tensor, n: int, pooling: str 
     return torch.cat([mean, top], dim=1)
 
 
-def _places(batch: Batch, rows: torch.Tensor) -> PatchPlaces:
-    """``patch_places`` of the batch's patch rows ``rows``."""
-    return patch_places([x.shape[1] for x in batch.signals], [x.shape[0] for x in batch.signals], rows)
-
-
 class CSFMEncoder(nn.Module):
     """The published encoder's layout; takes a Batch of any lead sets, lengths and texts.
 
@@ -312,14 +307,14 @@ class CSFMEncoder(nn.Module):
         patch_rows, _ = self.embed_signals(batch)
         text_rows, n_text = self.embed_text(batch)
         kept = patch_rows.index_select(0, rows.to(patch_rows.device, non_blocking=True))
-        return self.encode(kept, n_kept, text_rows, n_text, _places(batch, rows))
+        return self.encode(kept, n_kept, text_rows, n_text, batch.patch_places(rows))
 
     def forward(self, batch: Batch) -> EncoderOutput:
         window = self.config.n_positions * PATCH_LEN
         if max(x.shape[1] for x in batch.signals) <= window:
             patch_rows, n_patch = self.embed_signals(batch)
             text_rows, n_text = self.embed_text(batch)
-            return self.encode(patch_rows, n_patch, text_rows, n_text, _places(batch, torch.arange(sum(n_patch))))
+            return self.encode(patch_rows, n_patch, text_rows, n_text, batch.patch_places(torch.arange(sum(n_patch))))
         windows, owner = batch.split_windows(window)
         out = self.forward(windows)
         return EncoderOutput(out.tokens, out.layout, pool_by_owner(out.cls, owner, len(batch)),

@@ -26,7 +26,7 @@ from torch import nn
 from csfm.data.preprocess import PreprocessConfig
 from csfm.model.batch import Batch
 from csfm.model.config import ModelConfig
-from csfm.model.token_rhythm import RHYTHM_WIDTH, patch_places, token_rhythm
+from csfm.model.token_rhythm import RHYTHM_WIDTH, token_rhythm
 from csfm.model.encoder import (CSFMEncoder, SequenceLayout, Transformer, pool_by_owner, positions_within,
                                 sincos_table)
 from csfm_kernels import (PATCH_LEN, MaskPlan, gather_kept, host_segment_positions, patch_token_ids, random_masking,
@@ -313,9 +313,7 @@ class MaskedPretrainer(nn.Module):
             if self.rhythm_weight > 0:
                 read = pooled
                 if self.rhythm_input == "tokens":
-                    read = token_rhythm(patch_tokens, patch_places([x.shape[1] for x in batch.signals],
-                                                                   [x.shape[0] for x in batch.signals],
-                                                                   signal_plan.keep_rows))
+                    read = token_rhythm(patch_tokens, batch.patch_places(signal_plan.keep_rows))
                 out.rhythm_sse = self._rhythm_sse(batch, read)
                 out.n_rhythm, out.rhythm_weight = len(n_patch), self.rhythm_weight
         return out
