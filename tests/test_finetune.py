@@ -2,17 +2,19 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
 from csfm.model.config import preset
-from csfm.data.windows import PretrainWindows, collate
+from csfm.data.windows import PretrainWindows, RecordWindows, collate
 from csfm.data.demo import RHYTHMS, DemoDataset
 from csfm.model.checkpoint import save_checkpoint
 from csfm.evaluation.embedding import encode_windows
-from csfm.evaluation.finetune import FineTuneConfig, finetune, main, validation_loss
-from csfm.evaluation.finetuned import EncoderWithHead
+from csfm.evaluation.finetune import FineTuneConfig, _loss_of, _units, finetune, main, validation_loss
+from csfm.evaluation.finetuned import EncoderWithHead, ModelCard, load_model_dir, predict_records, save_model_dir
 from csfm.model.heads import ClassificationHead
 from csfm.model.encoder import CSFMEncoder, EncoderOutput, SequenceLayout, pool_tokens, pooled_width, segment_mean
 from csfm.model.pretrain import MaskedPretrainer
@@ -113,3 +115,36 @@ def test_head_epochs_train_the_head_alone_first(windows):
     assert all(torch.equal(before[k], v) for k, v in model.encoder.state_dict().items())  # frozen throughout
     assert any(not torch.equal(head_before[k], v) for k, v in model.head.state_dict().items())
     assert all(p.requires_grad for p in model.encoder.parameters())  # handed back trainable
+
+
+def test_record_unit_heads_read_each_records_mean_window_embedding(windows, tmp_path):
+    """--unit record: windows group by record id (in order of first appearance); the loss of a
+    batch of records is the head's on each record's mean window embedding, predict_records
+    gives that head's probabilities, and the model directory keeps the unit."""
+    train, _ = windows
+    grouped = [replace(s, record_id=f"r{i % 5}") for i, s in enumerate(train[:13])]  # 5 records of 2-3 windows
+    assert _units(grouped, "record") == [[0, 5, 10], [1, 6, 11], [2, 7, 12], [3, 8], [4, 9]]
+    assert _units(grouped, "window") == [[i] for i in range(13)]
+    torch.manual_seed(0)
+    model = EncoderWithHead(CSFMEncoder(preset("demo", depth=1)), ClassificationHead(256, len(RHYTHMS)),
+                            "mean+std", unit="record").eval()
+    units = _units(grouped, "record")
+    with torch.no_grad():
+        embedded = model.embed(collate(grouped))
+        means = torch.stack([embedded[unit].mean(0) for unit in units])
+        expected = torch.nn.functional.cross_entropy(model.head(means), rhythm_targets([grouped[u[0]] for u in units]))
+        torch.testing.assert_close(_loss_of(model, grouped, units, "multiclass", rhythm_targets), expected)
+        records = [RecordWindows(np.stack([grouped[i].x for i in unit]), np.stack([grouped[i].valid for i in unit]),
+                                 np.arange(len(unit)) * 10.0, [1], f"r{k}", "p") for k, unit in enumerate(units)]
+        probs = predict_records(model, records, "multiclass", batch_size=4)
+        np.testing.assert_allclose(probs, torch.softmax(model.head(means), -1).numpy(), atol=1e-5)
+    save_model_dir(tmp_path / "model", model, ModelCard("multiclass", list(RHYTHMS), "mean+std", "rhythm", [1],
+                                                        unit="record"))
+    loaded, card = load_model_dir(tmp_path / "model")
+    assert card.unit == loaded.unit == "record"
+    np.testing.assert_allclose(predict_records(loaded, records, "multiclass"), probs, atol=1e-6)
+    with pytest.raises(ValueError, match="unit must be one of"):
+        ModelCard("multiclass", list(RHYTHMS), "cls", "rhythm", [1], unit="patient")
+    fitted, result = finetune(model.encoder, model.head, "multiclass", grouped, grouped[:4], rhythm_targets,
+                              FineTuneConfig(epochs=1, batch_size=2, pooling="mean+std", unit="record"), progress=False)
+    assert fitted.unit == "record" and len(result.val_loss) == 1

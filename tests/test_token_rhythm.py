@@ -19,7 +19,7 @@ def _loop_rhythm(grids: list[np.ndarray], masks: list[np.ndarray]) -> np.ndarray
     [C, P, d], masks[b] [C, P] bool."""
     out = []
     for grid, mask in zip(grids, masks):
-        sums, weights = np.zeros(2 * RHYTHM_LAGS), np.zeros(2 * RHYTHM_LAGS)
+        sums, weights = np.zeros(4 * RHYTHM_LAGS), np.zeros(4 * RHYTHM_LAGS)
         for tokens, ok in zip(grid.astype(np.float64), mask):
             if not ok.any():
                 continue
@@ -31,9 +31,11 @@ def _loop_rhythm(grids: list[np.ndarray], masks: list[np.ndarray]) -> np.ndarray
             for lag in range(1, RHYTHM_LAGS + 1):
                 both = [t for t in range(len(ok) - lag) if ok[t] and ok[t + lag]]
                 if both:
-                    sums[lag - 1] += sum(unit[t] @ unit[t + lag] for t in both)
-                    sums[RHYTHM_LAGS + lag - 1] += sum(envelope[t] * envelope[t + lag] for t in both)
-                weights[[lag - 1, RHYTHM_LAGS + lag - 1]] += len(both)
+                    similar = [unit[t] @ unit[t + lag] for t in both]
+                    alike = [envelope[t] * envelope[t + lag] for t in both]
+                    for block, values in enumerate((similar, alike, np.std(similar), np.std(alike))):
+                        sums[block * RHYTHM_LAGS + lag - 1] += np.sum(values) * (len(both) if block > 1 else 1)
+                weights[[block * RHYTHM_LAGS + lag - 1 for block in range(4)]] += len(both)
         out.append(sums / np.maximum(weights, 1))
     return np.stack(out)
 
@@ -74,8 +76,9 @@ def test_patch_places_follow_the_encoders_order():
 
 
 def test_a_regular_rhythm_peaks_at_its_period_and_an_irregular_one_does_not():
-    """Tokens of a beat every 8 patches (0.8 s) are alike 8 and 16 patches apart; the same
-    beats at irregular intervals give no such peak."""
+    """Tokens of a beat every 8 patches (0.8 s) are alike 8 and 16 patches apart, equally all
+    along the window; the same beats at irregular intervals give no such peak, and their
+    similarity 8 patches apart varies along the window."""
     rng = np.random.default_rng(0)
     beat, rest = rng.standard_normal(16), rng.standard_normal(16)
 
@@ -88,9 +91,11 @@ def test_a_regular_rhythm_peaks_at_its_period_and_an_irregular_one_does_not():
     irregular = tokens_at(list(np.cumsum(rng.integers(4, 13, 20))[:12]))
     masks = [np.ones((1, 100), bool)] * 2
     tokens, places = _packed([regular, irregular], masks)
-    lags = token_rhythm(tokens, places)[:, :RHYTHM_LAGS].numpy()
+    features = token_rhythm(tokens, places).numpy()
+    lags, spreads = features[:, :RHYTHM_LAGS], features[:, 2 * RHYTHM_LAGS:3 * RHYTHM_LAGS]
     assert lags[0].argmax() + 1 in (8, 16, 24) and lags[0, 7] > 0.5
     assert lags[1, 7] < lags[0, 7] - 0.3
+    assert spreads[0, 7] < 0.1 and spreads[1, 7] > spreads[0, 7] + 0.3
 
 
 def test_rhythm_pooling_through_the_encoder_ignores_gaps_and_has_gradients():

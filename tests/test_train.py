@@ -12,13 +12,18 @@ import sys
 import time
 from pathlib import Path
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
+import torch
 
 from csfm.cli import OptionError
-from csfm.model.checkpoint import load_weights
+from csfm.evaluation.embedding import load_encoder
+from csfm.model.batch import make_batch
+from csfm.model.checkpoint import load_pretrained, load_weights
 from csfm.model.token_rhythm import RHYTHM_WIDTH
-from csfm.training.loop import LOG_COLUMNS, TrainConfig, parse_config, train
+from csfm.training.loop import LOG_COLUMNS, TrainConfig, parse_config, train, training_preprocess
 
 SMALL = ["--demo-records", "24", "--batch-size", "4", "--precision", "fp32", "--quiet", "--workers", "0",
          "--val-fraction", "0.25"]
@@ -72,6 +77,9 @@ BAD_FLAGS = [
     (["--weight-decay", "-0.1"], "--weight-decay must be a finite number >= 0"),
     (["--grad-clip", "inf"], "--grad-clip must be a finite number >= 0"),
     (["--mask-span-s", "-1"], "--mask-span-s must be a finite number >= 0"),
+    (["--window-s", "0.5"], "--window-s must be a whole number of 0.1 s patches from 1 to 60 s, got 0.5"),
+    (["--window-s", "12.34"], "--window-s must be a whole number of 0.1 s patches"),
+    (["--window-s", "61"], "--window-s must be a whole number of 0.1 s patches"),
     (["--threads", "-1"], "--threads must be an integer >= 0"),
     (["--workers", "-2"], "--workers must be an integer >= 0"),
     (["--cache-mb", "-1"], "--cache-mb must be a finite number >= 0"),
@@ -299,6 +307,29 @@ def test_rhythm_run_trains_the_head_and_logs_its_loss(tmp_path):
         parse_config([*SMALL, "--rhythm-weight", "-1"])
     with pytest.raises(SystemExit):  # argparse names the choices
         parse_config([*SMALL, "--rhythm-input", "cls"])
+
+
+def test_longer_windows_grow_the_position_table_and_load_as_a_10_s_encoder(tmp_path):
+    """--window-s 15: 3,750-sample windows, 150 positions in the encoder and the decoder; the
+    checkpoint loads into the published 100-position layout, whose embedding of a 10 s window
+    is the long encoder's."""
+    config = parse_config([*SMALL, "--data", "demo:12", "--epochs", "1", "--max-steps", "2",
+                           "--out-dir", str(tmp_path / "run"), "--window-s", "15"])
+    assert training_preprocess(config).window == 3750
+    final = train(config)
+    weights = load_weights(final)
+    assert weights["encoder.ts_pos_embedding"].shape[1] == 150 and weights["decoder_pos_embedding"].shape[0] == 150
+    long = load_encoder(final).eval()
+    published = load_pretrained(final, replace(long.config, n_positions=100)).eval()
+    assert published.ts_pos_embedding.shape[1] == 100
+    rng = np.random.default_rng(0)
+    with torch.no_grad():
+        batch = make_batch([rng.standard_normal((2, 2500))], [[0, 1]])
+        torch.testing.assert_close(published(batch).mean, long(batch).mean)
+        whole = long(make_batch([rng.standard_normal((1, 3750))], [[0]]))
+        assert whole.tokens.shape[0] == 1 + 150  # one sequence: CLS and 150 patches, not split in two
+    with pytest.raises(ValueError, match="ts_pos_embedding"):  # fewer positions than the model has: refused
+        load_pretrained(final, replace(long.config, n_positions=200))
 
 
 def test_contrastive_run_pairs_two_windows_of_each_record(tmp_path, monkeypatch):

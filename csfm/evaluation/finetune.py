@@ -2,8 +2,9 @@
 
 The command line takes a checkpoint, ``--data`` specs and a record-metadata label, makes
 (or reuses) a patient-level stratified split in ``--out-dir/split.json``, fine-tunes on every
-10 s window of the training records, and writes test metrics with bootstrap 95 % CIs (by
-patient; a record's prediction is the mean of its windows') to results.json / results.md,
+10 s window of the training records (``--unit window``: each on its own, a record's prediction
+the mean of its windows'; ``--unit record``: the head reads each record's mean window
+embedding), and writes test metrics with bootstrap 95 % CIs (by patient) to results.json / results.md,
 and the self-describing model directory ``--out-dir/model`` that ``csfm.predict`` applies.
 
 AdamW with layer-wise lr decay (0.75 per layer from the head down), no weight decay on
@@ -27,7 +28,7 @@ from csfm.cli import NON_NEGATIVE, OptionError, at_least, check_fields, in_range
 from csfm.data.preprocess import MODALITIES, PreprocessConfig, RecordCheck
 from csfm.data.windows import RecordWindows, Sample, all_windows, collate
 from csfm.evaluation.embedding import load_encoder
-from csfm.evaluation.finetuned import EncoderWithHead, ModelCard, make_head, predict_records, save_model_dir
+from csfm.evaluation.finetuned import UNITS, EncoderWithHead, ModelCard, make_head, predict_records, save_model_dir
 from csfm.evaluation.predict import prediction_table
 from csfm.model.heads import head_loss
 from csfm.evaluation.metrics import evaluate, reliability_plot, results_markdown, save_results
@@ -61,6 +62,10 @@ class FineTuneConfig:
     pooling: str = field(default="cls", metadata={
         "help": "token pooling into the head: cls, mean, mean+std (2 d wide) or mean+std+rhythm",
         "choices": TOKEN_POOLINGS})
+    unit: str = field(default="window", metadata={
+        "help": "what the head learns from: window (each 10 s window on its own; a record's prediction is the "
+                "mean of its windows') or record (the mean embedding of a record's windows, as the linear "
+                "probe pools them; --batch-size then counts records)", "choices": UNITS})
     head_epochs: int = field(default=0, metadata={
         "help": "first epochs that train the head alone, the encoder frozen (a probe, then fine-tuning)",
         "valid": at_least(0)})
@@ -102,15 +107,34 @@ class FineTuneResult:
     val_loss: list[float] = field(default_factory=list)
 
 
-def _batches(samples: Sequence[Sample], batch_size: int, rng: np.random.Generator | None) -> list[list[int]]:
-    order = rng.permutation(len(samples)) if rng is not None else np.arange(len(samples))
-    return [order[i:i + batch_size].tolist() for i in range(0, len(samples), batch_size)]
+def _units(samples: Sequence[Sample], unit: str) -> list[list[int]]:
+    """Indices of ``samples`` grouped into what the head learns from: one window each, or
+    every window of a record (by record id, in order of first appearance)."""
+    if unit == "window":
+        return [[i] for i in range(len(samples))]
+    groups: dict[str, list[int]] = {}
+    for i, sample in enumerate(samples):
+        groups.setdefault(sample.record_id, []).append(i)
+    return list(groups.values())
 
 
-def _loss_of(model: EncoderWithHead, samples: Sequence[Sample], rows: list[int], task: str,
+def _batches(units: Sequence[list[int]], batch_size: int,
+             rng: np.random.Generator | None) -> list[list[list[int]]]:
+    """Batches of ``batch_size`` units (shuffled when ``rng`` is given)."""
+    order = rng.permutation(len(units)) if rng is not None else np.arange(len(units))
+    return [[units[k] for k in order[i:i + batch_size]] for i in range(0, len(units), batch_size)]
+
+
+def _loss_of(model: EncoderWithHead, samples: Sequence[Sample], batch: list[list[int]], task: str,
              target_of: Callable[[Sequence[Sample]], object], **loss_kw) -> torch.Tensor:
-    chosen = [samples[i] for i in rows]
-    return head_loss(task, model(collate(chosen)), target_of(chosen), **loss_kw)
+    """The head's loss on one batch of units (lists of sample indices: one window, or a record's)."""
+    if model.unit == "window":
+        chosen = [samples[unit[0]] for unit in batch]
+        return head_loss(task, model(collate(chosen)), target_of(chosen), **loss_kw)
+    chosen = [samples[i] for unit in batch for i in unit]
+    owner = torch.tensor([k for k, unit in enumerate(batch) for _ in unit], dtype=torch.int64)
+    return head_loss(task, model(collate(chosen), owner, len(batch)), target_of([samples[unit[0]] for unit in batch]),
+                     **loss_kw)
 
 
 def finetune(encoder: CSFMEncoder, head: nn.Module, task: str, train: Sequence[Sample], val: Sequence[Sample],
@@ -124,11 +148,12 @@ def finetune(encoder: CSFMEncoder, head: nn.Module, task: str, train: Sequence[S
         raise ValueError(f"fine-tuning needs training and validation samples, got {len(train)} and {len(val)}")
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
-    model = EncoderWithHead(encoder, head, config.pooling)
+    model = EncoderWithHead(encoder, head, config.pooling, config.unit)
+    train_units = _units(train, config.unit)
     optimizer = torch.optim.AdamW(layerwise_param_groups(encoder, head, encoder.config.depth, config.lr,
                                                          config.weight_decay, config.layer_decay),
                                   betas=(0.9, 0.999))
-    steps_per_epoch = len(_batches(train, config.batch_size, None))
+    steps_per_epoch = len(_batches(train_units, config.batch_size, None))
     total = config.epochs * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: warmup_linear(s, total, max(1, int(config.warmup_fraction * total))))
@@ -139,8 +164,8 @@ def finetune(encoder: CSFMEncoder, head: nn.Module, task: str, train: Sequence[S
         model.train()
         encoder.train(not frozen)
         losses = []
-        for rows in _batches(train, config.batch_size, rng):
-            loss = _loss_of(model, train, rows, task, target_of, **loss_kw)
+        for batch in _batches(train_units, config.batch_size, rng):
+            loss = _loss_of(model, train, batch, task, target_of, **loss_kw)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -163,12 +188,13 @@ def finetune(encoder: CSFMEncoder, head: nn.Module, task: str, train: Sequence[S
 @torch.no_grad()
 def validation_loss(model: EncoderWithHead, samples: Sequence[Sample], batch_size: int, task: str,
                      target_of, **loss_kw) -> float:
-    """Mean loss over ``samples``, weighted by batch size."""
+    """Mean loss over the units (``model.unit``) of ``samples``, weighted by batch size."""
     model.eval()
+    units = _units(samples, model.unit)
     total = 0.0
-    for rows in _batches(samples, batch_size, None):
-        total += _loss_of(model, samples, rows, task, target_of, **loss_kw).item() * len(rows)
-    return total / len(samples)
+    for batch in _batches(units, batch_size, None):
+        total += _loss_of(model, samples, batch, task, target_of, **loss_kw).item() * len(batch)
+    return total / len(units)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -227,7 +253,7 @@ def run(config: FineTuneRunConfig) -> dict:
     atomic_write(out_dir / "results.md", lambda tmp: tmp.write_text(results_markdown(results)))
     seen = sorted({t for i in split["train"] for t in windows[int(i)].channel_types})
     card = ModelCard(config.task, [str(c) for c in classes], config.pooling, config.label, seen, config.modality,
-                     asdict(preprocess))
+                     config.unit, asdict(preprocess))
     table = prediction_table(card, [record_ids[int(i)] for i in split["test"]], predictions,
                              [len(windows[int(i)].x) for i in split["test"]])
     atomic_write(out_dir / "test_predictions.csv", lambda tmp: table.to_csv(tmp, index=False))

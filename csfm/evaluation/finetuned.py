@@ -2,8 +2,11 @@
 (``model.safetensors`` + ``config.json``) that says what the outputs are, how records were
 prepared and which leads the model saw, so ``csfm.predict`` can apply it to new recordings.
 
-Predictions of a record are the mean of its 10 s windows' predictions (probabilities, or
-values), the same for fine-tuning's own evaluation, the CinC benchmark and ``csfm.predict``.
+A model's unit says what its head sees. ``window``: each 10 s window's pooled embedding, and a
+record's prediction is the mean of its windows' predictions (probabilities, or values).
+``record``: the mean of a record's window embeddings (as ``csfm.embed`` and the linear probe
+pool a record), one prediction per record. The same for fine-tuning's own evaluation, the
+CinC benchmark and ``csfm.predict``.
 """
 from __future__ import annotations
 
@@ -29,19 +32,39 @@ from csfm.tasks import ONE_LABEL_TASKS
 MODEL_DIR_VERSION = 1  # the layout of config.json's "finetuned" entry; bumped on any change
 
 
+UNITS = ("window", "record")
+"""What a head is given: one window's embedding, or the mean of a record's window embeddings."""
+
+
+def check_unit(unit: str) -> None:
+    if unit not in UNITS:
+        raise ValueError(f"unit must be one of {UNITS}, got {unit!r}")
+
+
 class EncoderWithHead(nn.Module):
     """Encoder -> pooled embedding (:func:`csfm.model.encoder.pool_tokens`: any TOKEN_POOLINGS, the
-    head's input width from :func:`csfm.model.encoder.pooled_width`) -> head: Batch -> head output."""
+    head's input width from :func:`csfm.model.encoder.pooled_width`) -> head. unit: what the
+    head is given (UNITS; see the module doc)."""
 
-    def __init__(self, encoder: CSFMEncoder, head: nn.Module, pooling: str = "cls") -> None:
+    def __init__(self, encoder: CSFMEncoder, head: nn.Module, pooling: str = "cls", unit: str = "window") -> None:
         super().__init__()
         check_token_pooling(pooling)
-        self.encoder, self.head, self.pooling = encoder, head, pooling
+        check_unit(unit)
+        self.encoder, self.head, self.pooling, self.unit = encoder, head, pooling, unit
 
-    def forward(self, batch: Batch) -> torch.Tensor:
-        """Windows of at most 10 s -> head output [B, K]; patches without a valid sample are
-        left out as embedding leaves them out (``CSFMEncoder.encode_valid``)."""
-        return self.head(pool_tokens(self.encoder.encode_valid(batch), self.pooling))
+    def embed(self, batch: Batch) -> torch.Tensor:
+        """Windows of at most 10 s -> pooled embeddings [B, width]; patches without a valid
+        sample are left out as embedding leaves them out (``CSFMEncoder.encode_valid``)."""
+        return pool_tokens(self.encoder.encode_valid(batch), self.pooling)
+
+    def forward(self, batch: Batch, owner: torch.Tensor | None = None, n_owners: int = 0) -> torch.Tensor:
+        """Head output [B, K] of the windows of ``batch``; with owner [B] (int64 on the CPU, the
+        record each window belongs to, 0..n_owners-1), the head output [n_owners, K] of each
+        record's mean window embedding."""
+        pooled = self.embed(batch)
+        if owner is not None:
+            pooled = pool_by_owner(pooled, owner, n_owners)
+        return self.head(pooled)
 
 
 def make_head(task: str, n_labels: int, width: int) -> nn.Module:
@@ -59,7 +82,7 @@ class ModelCard:
     task: binary, multiclass or regression; labels: the label values in output order (binary:
     [negative, positive]; regression: []); pooling: token pooling into the head; label_key: the
     record metadata key it was trained on; channel_types: the channel types (0..12, I..V6, PPG)
-    seen in training; modality: both, ecg or ppg; preprocess: the PreprocessConfig fields;
+    seen in training; modality: both, ecg or ppg; unit: what the head is given (UNITS); preprocess: the PreprocessConfig fields;
     csfm_version and format_version: what wrote it."""
 
     task: str
@@ -68,6 +91,7 @@ class ModelCard:
     label_key: str
     channel_types: list[int]
     modality: str = "both"
+    unit: str = "window"
     preprocess: dict[str, Any] = field(default_factory=lambda: asdict(PreprocessConfig()))
     csfm_version: str = field(default_factory=lambda: importlib.metadata.version("csfm"))
     format_version: int = MODEL_DIR_VERSION
@@ -78,6 +102,7 @@ class ModelCard:
         check_token_pooling(self.pooling)
         if self.modality not in MODALITIES:
             raise ValueError(f"modality must be one of {MODALITIES}, got {self.modality!r}")
+        check_unit(self.unit)
         expected = {"binary": 2, "regression": 0}.get(self.task)
         if (expected is not None and len(self.labels) != expected) or (expected is None and len(self.labels) < 2):
             raise ValueError(f"a {self.task} model needs {expected if expected is not None else '>= 2'} labels, "
@@ -125,27 +150,38 @@ def load_model_dir(directory: str | Path) -> tuple[EncoderWithHead, ModelCard]:
         raise ValueError(f"{config_path}: bad \"finetuned\" entry: {exc}") from exc
     encoder = CSFMEncoder(ModelConfig.from_dict(payload["model"]))
     head = make_head(card.task, len(card.labels), pooled_width(encoder.config.dim, card.pooling))
-    model = EncoderWithHead(encoder, head, card.pooling)
+    model = EncoderWithHead(encoder, head, card.pooling, card.unit)
     load_state_dict_checked(model, load_weights(directory), str(Path(directory) / "model.safetensors"))
     return model.eval(), card
 
 
-@torch.no_grad()
-def predict(model: EncoderWithHead, samples: Sequence[Sample], task: str, batch_size: int = 32) -> np.ndarray:
-    """P(class 1) [N] (binary), class probabilities [N, K] (multiclass) or values [N] (regression)."""
-    model.eval()
-    outputs = [model(collate(samples[i:i + batch_size])) for i in range(0, len(samples), batch_size)]
-    out = torch.cat(outputs)
+def _outputs(out: torch.Tensor, task: str) -> np.ndarray:
+    """Head outputs [N, K] -> P(class 1) [N] (binary), class probabilities [N, K] (multiclass)
+    or values [N] (regression)."""
     if task == "binary":
         return torch.sigmoid(out.reshape(-1)).numpy()
     return torch.softmax(out, -1).numpy() if task == "multiclass" else out.reshape(-1).numpy()
 
 
+@torch.no_grad()
+def predict(model: EncoderWithHead, samples: Sequence[Sample], task: str, batch_size: int = 32) -> np.ndarray:
+    """Per window: P(class 1) [N] (binary), class probabilities [N, K] (multiclass) or values [N] (regression)."""
+    model.eval()
+    return _outputs(torch.cat([model(collate(samples[i:i + batch_size]))
+                               for i in range(0, len(samples), batch_size)]), task)
+
+
+@torch.no_grad()
 def predict_records(model: EncoderWithHead, windows: Sequence[RecordWindows], task: str,
                     batch_size: int = 32) -> np.ndarray:
-    """Per record the mean of its windows' ``predict`` outputs: [N] or [N, K] (float64)."""
+    """Per record [N] or [N, K] (float64): the mean of its windows' ``predict`` outputs, or
+    for a model of unit ``record`` the prediction of its mean window embedding."""
+    model.eval()
     samples = [s for part in windows for s in part.samples()]
     owner = torch.tensor([r for r, part in enumerate(windows) for _ in range(len(part.x))], dtype=torch.int64)
+    if model.unit == "record":
+        embedded = torch.cat([model.embed(collate(samples[i:i + batch_size])) for i in range(0, len(samples), batch_size)])
+        return _outputs(model.head(pool_by_owner(embedded, owner, len(windows))), task).astype(np.float64)
     per_window = torch.from_numpy(predict(model, samples, task, batch_size)).double()
     pooled = pool_by_owner(per_window.reshape(len(samples), -1), owner, len(windows)).numpy()
     return pooled if task == "multiclass" else pooled[:, 0]

@@ -171,5 +171,18 @@ def load_pretrained(path: str | Path, config: ModelConfig, backend: str = "auto"
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: expected a state dict, got {type(raw).__name__}")
         state = {k.removeprefix("encoder.") if isinstance(k, str) else k: v for k, v in raw.items()}
-    load_state_dict_checked(encoder, state, str(path), ignore_prefixes=("mlp_head",))
+    load_state_dict_checked(encoder, first_positions(state, config.n_positions), str(path),
+                            ignore_prefixes=("mlp_head",))
     return encoder
+
+
+def first_positions(state: dict[str, torch.Tensor], n_positions: int) -> dict[str, torch.Tensor]:
+    """An encoder state whose position table ``ts_pos_embedding`` [1, P, d] holds more than
+    ``n_positions`` positions (pretrained on windows longer than 10 s: ``--window-s``) cut to
+    its first ``n_positions``: each position is one 0.1 s patch in either, so the encoder
+    then embeds windows of up to ``n_positions`` patches as it did in training. Any other
+    state is returned as it is."""
+    table = state.get("ts_pos_embedding")
+    if not isinstance(table, torch.Tensor) or table.dim() != 3 or table.shape[1] <= n_positions:
+        return state
+    return {**state, "ts_pos_embedding": table[:, :n_positions].contiguous()}

@@ -27,7 +27,7 @@ import shutil
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -101,6 +101,13 @@ class TrainConfig:
     mask_span_s: float = field(default=0.0, metadata={
         "help": "masked patches come in runs of this many seconds per channel (0 = each 0.1 s patch on its own, "
                 "the published recipe)", "valid": NON_NEGATIVE})
+    window_s: float = field(default=10.0, metadata={
+        "help": "seconds of signal in each training window (10 = the published model's); a longer window gives "
+                "the encoder more beats at once: its position table grows to one position per 0.1 s patch, the "
+                "first 100 being the published 10 s layout (csfm.model.checkpoint.load_pretrained keeps those to "
+                "load the encoder as a 10 s model)",
+        "valid": ((lambda v: 1 <= v <= 60 and abs(v * 10 - round(v * 10)) < 1e-9),
+                  "a whole number of 0.1 s patches from 1 to 60 s")})
     text_mask_ratio: float = field(default=0.5, metadata={"help": "share of text tokens masked",
                                                           "valid": in_range(0, 1)})
     lead_subset_prob: float = field(default=0.5, metadata={
@@ -214,6 +221,21 @@ def _resume_from(config: TrainConfig, out_dir: Path) -> Path | None:
 def mask_span_patches(config: TrainConfig) -> int:
     """--mask-span-s in patches of the model input (25 samples at 250 Hz: 0.1 s), at least 1."""
     return max(1, round(config.mask_span_s * PreprocessConfig().target_fs / PATCH_LEN))
+
+
+def training_preprocess(config: TrainConfig) -> PreprocessConfig:
+    """The reference preprocessing with windows of --window-s seconds."""
+    fs = PreprocessConfig().target_fs
+    return PreprocessConfig(window=round(config.window_s * fs / PATCH_LEN) * PATCH_LEN)
+
+
+def training_model_config(config: TrainConfig, vocab_size: int | None) -> ModelConfig:
+    """The --preset's sizes with the tokenizer's vocabulary and a position for every patch
+    of a --window-s window (never fewer than the preset's)."""
+    base = preset(config.preset)
+    positions = training_preprocess(config).window // PATCH_LEN
+    return replace(base, n_positions=max(base.n_positions, positions),
+                   **({"vocab_size": vocab_size} if vocab_size else {}))
 
 
 def _check_stored_options(directory: Path, config: TrainConfig) -> None:
@@ -348,7 +370,7 @@ def _usable_split(config: TrainConfig, records: MixedSource) -> tuple[list[int],
     usable signal is named here, not met as a crash mid-run."""
     if not len(records):
         raise OptionError("--data gives 0 training record(s): its sources hold no records")
-    unusable = find_unusable(records, range(len(records)), PreprocessConfig(), workers=config.workers,
+    unusable = find_unusable(records, range(len(records)), training_preprocess(config), workers=config.workers,
                              progress=not config.quiet)
     try:
         check_usable(unusable, len(records), config.skip_unusable)
@@ -389,7 +411,7 @@ def _plan(config: TrainConfig) -> _Plan:
         raise OptionError(f"--data gives {len(train_idx)} training record(s) after the --val-fraction split: "
                           f"too few for {world} process(es)")
     tokenizer, learned = _tokenizer(config, records, train_idx, out_dir, resume_from is not None)
-    model_config = preset(config.preset, **({"vocab_size": tokenizer.vocab_size} if tokenizer else {}))
+    model_config = training_model_config(config, tokenizer.vocab_size if tokenizer else None)
     weights, state = _load_checkpoint(resume_from, model_config) if resume_from is not None else (None, None)
     total_steps = config.epochs * -(-batches // config.accum_steps)  # the last step of an epoch may be short
     if config.max_steps:
@@ -468,7 +490,7 @@ def _set_up(plan: _Plan, run: _Run) -> _Session:
             optimizer.load_state_dict(plan.resume_state["optimizer"])
         scheduler.load_state_dict(plan.resume_state["scheduler"])
         position, history = dict(plan.resume_state["position"]), dict(plan.resume_state["history"])
-    preprocess = PreprocessConfig()
+    preprocess = training_preprocess(config)
     train_set = PretrainWindows(plan.records, plan.tokenizer, preprocess, config.lead_subset_prob,
                                 plan.model_config.max_text_tokens, config.seed, plan.train_idx, config.cache_mb,
                                 views=2 if config.contrastive_weight else 1)

@@ -21,8 +21,11 @@ Rows (each a ``rows`` entry of the config, run in order):
   apart; ``class_weight: balanced`` weights the cross-entropy by inverse class frequency;
   ``head_epochs`` first trains the head alone on the frozen encoder; ``head_init: probe`` starts
   the head as the ``probe`` row's logistic regression fitted on the training records, its
-  standardisation folded into the weights, so fine-tuning starts from the probe: LP-FT);
-  a record's class probabilities are the mean over all its windows.
+  standardisation folded into the weights, so fine-tuning starts from the probe: LP-FT;
+  ``unit: record`` gives the head each record's mean window embedding, as the probe does, so
+  with ``head_init: probe`` training starts at the probe's predictions); a record's class
+  probabilities are the mean over all its windows' (unit ``window``, the default) or its
+  mean embedding's.
 
 Stratified ``n_folds``-fold cross-validation over records, the fold of each record saved to
 ``out/folds.json`` and reused. Each row gets the challenge score (mean F1 of N, A, O from the
@@ -53,7 +56,7 @@ from csfm.data.splits import folds_or_load
 from csfm.data.windows import RecordWindows, Sample, all_windows
 from csfm.evaluation.embedding import embed_windows, load_encoder
 from csfm.evaluation.finetune import FineTuneConfig, finetune
-from csfm.evaluation.finetuned import predict_records
+from csfm.evaluation.finetuned import UNITS, predict_records
 from csfm.model.heads import ClassificationHead
 from csfm.evaluation.metrics import reliability_plot, save_results
 from csfm.model.encoder import RECORD_POOLINGS, TOKEN_POOLINGS, CSFMEncoder, pool_by_owner, pooled_width
@@ -65,7 +68,8 @@ _ROW_KEYS = {
     "probe": {"name", "kind", "checkpoint", "random_init", "token_pooling", "pooling"},
     "random_cnn": {"name", "kind", "width", "depth", "pooling"},
     "finetune": {"name", "kind", "checkpoint", "random_init", "token_pooling", "epochs", "batch_size", "lr",
-                 "layer_decay", "weight_decay", "patience", "stride_s", "class_weight", "head_epochs", "head_init"},
+                 "layer_decay", "weight_decay", "patience", "stride_s", "class_weight", "head_epochs", "head_init",
+                 "unit"},
 }
 
 
@@ -115,7 +119,7 @@ class BenchmarkConfig:
 
 
 _ROW_CHOICES = {"model": MODELS, "pooling": RECORD_POOLINGS, "class_weight": ("none", "balanced"),
-                "token_pooling": TOKEN_POOLINGS, "head_init": ("random", "probe")}
+                "token_pooling": TOKEN_POOLINGS, "head_init": ("random", "probe"), "unit": UNITS}
 
 
 def _check_row(i: int, row: dict[str, Any]) -> None:
@@ -222,7 +226,7 @@ def finetune_probabilities(row: dict[str, Any], data: LabelledWindows, fold: np.
                          f"got {row['stride_s']}")
 
     settings = {k: row[k] for k in ("epochs", "batch_size", "lr", "layer_decay", "weight_decay", "patience",
-                                    "head_epochs") if k in row}
+                                    "head_epochs", "unit") if k in row}
     config = FineTuneConfig(pooling=row.get("token_pooling", "mean"), seed=seed, **settings)
     base = _encoder(row, seed)
     by_record = dict(zip(data.record_ids, data.codes.tolist()))
