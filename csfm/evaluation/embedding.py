@@ -67,7 +67,7 @@ class EmbedConfig:
                                                     "choices": MODALITIES})
     pooling: str = field(default="cls", metadata={
         "help": "per window: cls (as the reference), mean of tokens, mean+std (2 d wide) or mean+std+rhythm "
-                "(2 d + 50 wide: also how alike tokens 0.1-2.5 s apart are)",
+                "(2 d + 100 wide: also how alike tokens 0.1-2.5 s apart are, and how steadily along the window)",
         "choices": TOKEN_POOLINGS})
     batch_windows: int = field(default=32, metadata={"help": "10 s windows per encoder batch (>= 1)"})
     keep_windows: bool = field(default=False, metadata={"help": "also save every window's embedding and start time"})

@@ -196,8 +196,8 @@ def pooled_width(dim: int, pooling: str) -> int:
 def pool_tokens(out: "EncoderOutput", pooling: str) -> torch.Tensor:
     """One float32 vector per sample: "cls" [B, d], "mean" of the non-CLS tokens [B, d],
     "mean+std" [B, 2 d], their mean and standard deviation side by side, or "mean+std+rhythm"
-    [B, 2 d + RHYTHM_WIDTH], those and how alike the patch tokens are 0.1-2.5 s apart
-    (``csfm.model.token_rhythm``; needs out.patch_places). The last two take samples of at most
+    [B, 2 d + RHYTHM_WIDTH], those and how alike the patch tokens are 0.1-2.5 s apart, and how
+    steadily (``csfm.model.token_rhythm``; needs out.patch_places). The last two take samples of at most
     one window; the std is floored at 1e-6 so its gradient stays finite."""
     check_token_pooling(pooling)
     if pooling in ("cls", "mean"):

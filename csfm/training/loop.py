@@ -96,7 +96,7 @@ class TrainConfig:
         "valid": NON_NEGATIVE})
     rhythm_input: str = field(default="mean", metadata={
         "help": "what the rhythm head reads: mean (the mean encoded patch token) or tokens (how alike the visible "
-                "patch tokens are 0.1-2.5 s apart, as mean+std+rhythm pooling reads them)",
+                "patch tokens are 0.1-2.5 s apart and how steadily, as mean+std+rhythm pooling reads them)",
         "choices": RHYTHM_INPUTS})
     mask_span_s: float = field(default=0.0, metadata={
         "help": "masked patches come in runs of this many seconds per channel (0 = each 0.1 s patch on its own, "

@@ -8,8 +8,9 @@ Rows (each a ``rows`` entry of the config, run in order):
 - ``probe``: the encoder of ``checkpoint`` (a checkpoint or a ``csfm.training.loop`` run directory;
   ``random_init: true`` keeps its architecture but not its weights, the floor pretraining
   must clear) embeds every 10 s window (``token_pooling`` cls, mean, mean+std of the
-  window's tokens, or mean+std+rhythm: also their correlations 0.1-2.5 s apart); a record is the mean
-  of its windows (``pooling: mean``) or their mean and max side by side (``mean+max``);
+  window's tokens, or mean+std+rhythm: also their correlations 0.1-2.5 s apart and the
+  spread of those along the window); a record is the mean of its windows (``pooling:
+  mean``) or their mean and max side by side (``mean+max``);
   then a standardised logistic regression with C chosen by inner CV;
 - ``random_cnn``: the floor of random features: an untrained 1-D CNN (``depth`` strided
   convolutions of ``width`` channels, :mod:`csfm.benchmarks.cinc2017.random_cnn`) gives each
