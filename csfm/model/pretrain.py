@@ -303,17 +303,18 @@ class MaskedPretrainer(nn.Module):
         text_ce, n_text_scored = self._text_ce(batch, text_states, text_plan)
         out = PretrainOutput(signal_sse, n_signal, text_ce, n_text_scored, self.signal_weight,
                              self.text_weight, pred, signal_plan.mask, n_patch)
-        if (paired and self.contrastive_weight > 0) or self.rhythm_weight > 0:
+        contrast = paired and self.contrastive_weight > 0
+        if contrast or self.rhythm_weight > 0:
             _, patch_tokens, _ = encoded.layout.split(encoded.tokens)
-            owner = host_segment_positions(signal_plan.n_kept, "cpu")[0]
-            pooled = pool_by_owner(patch_tokens, owner, len(n_patch))
-            if paired and self.contrastive_weight > 0:
+            pooled = None  # the mean visible patch token of each sample, where something reads it
+            if contrast or self.rhythm_input == "mean":
+                pooled = pool_by_owner(patch_tokens, host_segment_positions(signal_plan.n_kept, "cpu")[0], len(n_patch))
+            if contrast:
                 out.contrast_ce = paired_info_nce(self.projection(pooled), self.temperature)
                 out.n_contrast, out.contrast_weight = len(n_patch), self.contrastive_weight
             if self.rhythm_weight > 0:
-                read = pooled
-                if self.rhythm_input == "tokens":
-                    read = token_rhythm(patch_tokens, batch.patch_places(signal_plan.keep_rows))
+                read = pooled if self.rhythm_input == "mean" else \
+                    token_rhythm(patch_tokens, batch.patch_places(signal_plan.keep_rows))
                 out.rhythm_sse = self._rhythm_sse(batch, read)
                 out.n_rhythm, out.rhythm_weight = len(n_patch), self.rhythm_weight
         return out
