@@ -14,12 +14,23 @@ Sections run in pairs, one pass over the run per pair, so that the state of both
 sections stays in registers. Each pass runs four recurrences interleaved, so that the
 core overlaps them instead of waiting on one (about 3x faster per sample): four channels
 at once when a group of four channels is finite throughout (most multi-lead records),
-otherwise, for a run of at least ``_LANE_MIN`` x ``warmup`` samples, four overlapping
-stretches of the run. Every stretch but the first starts ``warmup`` samples early, from
-the steady state for its first sample; warmup is chosen so that this start-up error
-decays below 1e-12 of itself (slowest pole radius r: r ** warmup <= 1e-12; 3,112 samples
-for 0.5-40 Hz at 250 Hz), so long runs match ``sosfiltfilt`` as closely as short ones
-(float32 rounding: ~5e-8 of the output's range on MIT-BIH and PTB records).
+otherwise four consecutive stretches of the run:
+
+- up to ``_EXACT_MAX`` samples a stretch (a 10 s window, a CinC record), exactly: stretches
+  after the first start from a zero state, and once the stretch before has ended, its true
+  end state s is carried in (each output k of the stretch gains ``C A^k s``, the zero-input
+  response of the two sections to s, read from a table made once per filter; the stretch's
+  end state gains ``A^m s``). Linear algebra, not an approximation: equal to one plain
+  recurrence to ~1e-13 of the output's range in float64;
+- longer, as overlapping stretches: every stretch but the first starts ``warmup`` samples
+  early, from the steady state for its first sample; warmup is chosen so that this start-up
+  error decays below 1e-12 of itself (slowest pole radius r: r ** warmup <= 1e-12; 3,112
+  samples for 0.5-40 Hz at 250 Hz), a small share of such a stretch.
+
+Runs shorter than ``_LANE_MIN_EXACT`` samples, or too long to run exactly and shorter than
+``_LANE_MIN`` x warmup, run as one recurrence. Long or short, runs match
+``sosfiltfilt`` as closely (float32 rounding: ~5e-8 of the output's range on MIT-BIH and PTB
+records).
 """
 from __future__ import annotations
 
@@ -34,7 +45,9 @@ from csfm_kernels.signal._parallel import serial_or_parallel
 from csfm_kernels.signal.resample import FASTMATH, check_rate, check_signal, finite, output_array
 
 _SETTLE = 1e-12  # a lane's start-up error must decay below this fraction of itself
-_LANE_MIN = 2  # a pass runs in lanes from _LANE_MIN x warmup samples on
+_EXACT_MAX = 1 << 12  # stretches up to this long run exactly (the zero-input response table, 128 KB, stays in cache)
+_LANE_MIN_EXACT = 64  # runs from this long on run as four stretches
+_LANE_MIN = 2  # beyond 4 x _EXACT_MAX, runs from _LANE_MIN x warmup samples on run as overlapping stretches
 _COPY_CHUNK = 256  # samples checked for finiteness at once when copying a run
 
 
@@ -55,9 +68,9 @@ def bandpass(x: np.ndarray, fs: float, low_hz: float, high_hz: float, order: int
     low_hz, high_hz = _check_band(low_hz, high_hz, fs)
     if not isinstance(order, (int, np.integer)) or isinstance(order, bool) or order < 1:
         raise ValueError(f"order must be a positive integer, got {order!r}")
-    sos, zi, padlen, warmup = _butter_sections(fs, low_hz, high_hz, int(order))
+    sos, zi, padlen, warmup, response = _butter_sections(fs, low_hz, high_hz, int(order))
     out = output_array(out, x.shape)
-    _filtfilt_runs(x.size, x, sos, zi, padlen, warmup, out)
+    _filtfilt_runs(x.size, x, sos, zi, padlen, warmup, response, out)
     return out
 
 
@@ -73,22 +86,26 @@ def _check_band(low_hz: object, high_hz: object, fs: float) -> tuple[float, floa
 
 
 @lru_cache(maxsize=64)
-def _butter_sections(fs: float, low_hz: float, high_hz: float, order: int) -> tuple[np.ndarray, np.ndarray, int, int]:
-    """(sos [S, 6], zi [S, 2], padlen, warmup) of the band-pass, as ``sosfiltfilt`` would use them.
+def _butter_sections(fs: float, low_hz: float, high_hz: float,
+                     order: int) -> tuple[np.ndarray, np.ndarray, int, int, np.ndarray]:
+    """(sos [S, 6], zi [S, 2], padlen, warmup, response [P, _EXACT_MAX, 4]) of the band-pass,
+    as ``sosfiltfilt`` would use them.
 
     zi is the per-section state of the steady response to a unit step (``sosfilt_zi``);
     padlen = 3 * (2 * S + 1 - trailing zero coefficients), scipy's default. warmup: samples
     after which a start-up error has decayed below _SETTLE of itself (its slowest pole,
-    of radius r, gives r ** warmup <= _SETTLE).
+    of radius r, gives r ** warmup <= _SETTLE). response: per pair of sections (P = ceil(S /
+    2)), the zero-input output k samples after each unit state (``_zero_input_response``).
     """
     sos = scipy.signal.butter(order, (low_hz, high_hz), btype="band", fs=fs, output="sos")
     zi = scipy.signal.sosfilt_zi(sos)
     n_taps = 2 * len(sos) + 1 - min(int((sos[:, 2] == 0).sum()), int((sos[:, 5] == 0).sum()))
     radius = max(np.abs(np.roots([1.0, a1, a2])).max() for a1, a2 in sos[:, 4:])
     warmup = int(np.ceil(np.log(_SETTLE) / np.log(radius)))
-    for arr in (sos, zi):
+    response = np.stack([_zero_input_response(_pair_coefficients(sos, s), _EXACT_MAX) for s in range(0, len(sos), 2)])
+    for arr in (sos, zi, response):
         arr.setflags(write=False)
-    return sos, zi, 3 * n_taps, warmup
+    return sos, zi, 3 * n_taps, warmup, response
 
 
 @njit(cache=True)
@@ -125,6 +142,63 @@ def _pair_step(v, coef, state):
     return out, (z0, z1, w0, w1)
 
 
+@njit(cache=True)
+def _transition(coef):
+    """A [4, 4]: how the state (z0, z1, w0, w1) of a pair of sections moves in one sample of
+    zero input (``_pair_step`` with v = 0), so that state_{k+1} = A state_k."""
+    _, _, _, a1, a2, c0, c1, c2, d1, d2 = coef
+    return np.array([[-a1, 1.0, 0.0, 0.0],
+                     [-a2, 0.0, 0.0, 0.0],
+                     [c1 - d1 * c0, 0.0, -d1, 1.0],
+                     [c2 - d2 * c0, 0.0, -d2, 0.0]])
+
+
+@njit(cache=True)
+def _zero_input_response(coef, n):
+    """[n, 4]: row k holds the pair's output k samples after starting from each unit state
+    with zero input (C A^k, C = (c0, 0, 1, 0): the output is c0 z0 + w0)."""
+    a = _transition(coef)
+    out = np.zeros((n, 4))
+    out[0, 0], out[0, 2] = coef[5], 1.0
+    for k in range(1, n):
+        for j in range(4):
+            out[k, j] = out[k - 1, 0] * a[0, j] + out[k - 1, 1] * a[1, j] + out[k - 1, 2] * a[2, j] + \
+                out[k - 1, 3] * a[3, j]
+    return out
+
+
+@njit(cache=True)
+def _product(a, b):
+    """a [4, 4] @ b [4, 4], written out (no BLAS call for 64 products)."""
+    out = np.zeros((4, 4))
+    for i in range(4):
+        for j in range(4):
+            for k in range(4):
+                out[i, j] += a[i, k] * b[k, j]
+    return out
+
+
+@njit(cache=True)
+def _matrix_power(a, m):
+    """a [4, 4] ** m (m >= 0) by repeated squaring."""
+    result, base = np.eye(4), a.copy()
+    while m:
+        if m & 1:
+            result = _product(result, base)
+        base = _product(base, base)
+        m >>= 1
+    return result
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _carry_in(out, start, m, response, state):
+    """Adds to out[start:start + m] the zero-input response to ``state`` (a 4-tuple) of a
+    stretch filtered from a zero state: out[start + k] += response[k] . state."""
+    t0, t1, t2, t3 = state
+    for k in range(m):
+        out[start + k] += response[k, 0] * t0 + response[k, 1] * t1 + response[k, 2] * t2 + response[k, 3] * t3
+
+
 @njit(cache=True, fastmath=FASTMATH)
 def _four_lanes(srcs, dsts, offsets, steps, coef, states):
     """Four independent runs of two sections, interleaved so that the core overlaps their
@@ -145,16 +219,21 @@ def _four_lanes(srcs, dsts, offsets, steps, coef, states):
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def _pair_pass(src, dst, sos, zi, s, x0, warmup):
+def _pair_pass(src, dst, sos, zi, s, x0, warmup, response):
     """dst [G, n] = sections s, s + 1 run over each row of src [G, n] (views, either
     direction), row g started from the steady state for a constant x0[g] at the cascade's
-    input. G = 4: the rows run as four interleaved lanes.
+    input. G = 4: the rows run as four interleaved lanes. response [_EXACT_MAX, 4]: the
+    pair's zero-input response table.
 
-    G = 1 and n >= _LANE_MIN * warmup: the row is cut into four overlapping lanes, lane g
-    filtering src[g m:g m + m + warmup], m = (n - warmup) // 4, the last lane on to the
-    end. Lanes after the first start from the steady state for their first sample and
-    only their outputs after the first warmup count: the earlier lane overwrites the
-    others later in the same loop. G = 1 and a shorter row: one plain recurrence.
+    G = 1: the row is cut into four stretches run as lanes (see the module doc). With m =
+    n // 4 <= _EXACT_MAX, lane g filters src[g m:(g + 1) m] from a zero state (lane 0 from
+    the true one) and the true state each lane starts from is carried in afterwards, lane
+    by lane; the last n - 4 m samples follow from the last lane's true end state. Longer:
+    lane g filters src[g m:g m + m + warmup], m = (n - warmup) // 4, lanes after the first
+    starting from the steady state for their first sample, only their outputs after the
+    first warmup counting (the earlier lane overwrites the others later in the same loop).
+    Rows shorter than _LANE_MIN_EXACT, or too long to run exactly and shorter than _LANE_MIN
+    x warmup: one plain recurrence.
     """
     n = src.shape[1]
     coef = _pair_coefficients(sos, s)
@@ -165,15 +244,28 @@ def _pair_pass(src, dst, sos, zi, s, x0, warmup):
         return
     row, out = src[0], dst[0]
     state = _pair_steady_state(zi, s, x0[0])
-    if n < _LANE_MIN * warmup:
-        for i in range(n):
-            out[i], state = _pair_step(row[i], coef, state)
-        return
-    m = (n - warmup) // 4
-    states = (state, _pair_steady_state(zi, s, row[m]), _pair_steady_state(zi, s, row[2 * m]),
-              _pair_steady_state(zi, s, row[3 * m]))
-    state = _four_lanes((row, row, row, row), (out, out, out, out), (0, m, 2 * m, 3 * m), m + warmup, coef, states)[3]
-    for i in range(4 * m + warmup, n):
+    if n < _LANE_MIN_EXACT or (n // 4 > _EXACT_MAX and n < _LANE_MIN * warmup):
+        done = 0
+    elif n // 4 <= _EXACT_MAX:
+        m, zero = n // 4, (0.0, 0.0, 0.0, 0.0)
+        ends = _four_lanes((row, row, row, row), (out, out, out, out), (0, m, 2 * m, 3 * m), m, coef,
+                           (state, zero, zero, zero))
+        carried = _matrix_power(_transition(coef), m)
+        state = ends[0]
+        for g in range(1, 4):  # lane g began at the state lane g - 1 truly ended in
+            _carry_in(out, g * m, m, response, state)
+            moved = [carried[i, 0] * state[0] + carried[i, 1] * state[1] + carried[i, 2] * state[2]
+                     + carried[i, 3] * state[3] for i in range(4)]
+            state = (ends[g][0] + moved[0], ends[g][1] + moved[1], ends[g][2] + moved[2], ends[g][3] + moved[3])
+        done = 4 * m
+    else:
+        m = (n - warmup) // 4
+        states = (state, _pair_steady_state(zi, s, row[m]), _pair_steady_state(zi, s, row[2 * m]),
+                  _pair_steady_state(zi, s, row[3 * m]))
+        state = _four_lanes((row, row, row, row), (out, out, out, out), (0, m, 2 * m, 3 * m), m + warmup, coef,
+                            states)[3]
+        done = 4 * m + warmup
+    for i in range(done, n):
         out[i], state = _pair_step(row[i], coef, state)
 
 
@@ -209,7 +301,7 @@ def _odd_pad(buf, padlen):
 
 
 @njit(cache=True)
-def _filtfilt_padded(buf, tmp, sos, zi, padlen, warmup):
+def _filtfilt_padded(buf, tmp, sos, zi, padlen, warmup, response):
     """sosfiltfilt of each row of buf [G, n + 2 * padlen] (G = 1 or 4) whose middle n
     samples are a finite run; tmp: scratch of the same shape. Returns the filtered rows:
     buf or tmp."""
@@ -218,11 +310,11 @@ def _filtfilt_padded(buf, tmp, sos, zi, padlen, warmup):
     src, dst = buf, tmp
     x0 = src[:, 0].copy()
     for s in range(0, sos.shape[0], 2):
-        _pair_pass(src, dst, sos, zi, s, x0, warmup)
+        _pair_pass(src, dst, sos, zi, s, x0, warmup, response[s // 2])
         src, dst = dst, src
     x0 = src[:, src.shape[1] - 1].copy()
     for s in range(0, sos.shape[0], 2):
-        _pair_pass(src[:, ::-1], dst[:, ::-1], sos, zi, s, x0, warmup)
+        _pair_pass(src[:, ::-1], dst[:, ::-1], sos, zi, s, x0, warmup, response[s // 2])
         src, dst = dst, src
     return src
 
@@ -237,7 +329,7 @@ def _skip_gap(row, start):
 
 
 @njit(cache=True)
-def _filtfilt_row(row, out_row, padlen, sos, zi, warmup, ext, tmp):
+def _filtfilt_row(row, out_row, padlen, sos, zi, warmup, response, ext, tmp):
     """out_row [T] (may be row) = row [T] with each finite run longer than padlen filtered,
     the rest NaN; ext, tmp: scratch [1, T + 2 padlen]. A run is read whole before its
     output is written."""
@@ -248,7 +340,8 @@ def _filtfilt_row(row, out_row, padlen, sos, zi, warmup, ext, tmp):
         stop = _copy_finite_run(row, start, ext[0, padlen:])
         n = stop - start
         if n > padlen:
-            filtered = _filtfilt_padded(ext[:, :n + 2 * padlen], tmp[:, :n + 2 * padlen], sos, zi, padlen, warmup)
+            filtered = _filtfilt_padded(ext[:, :n + 2 * padlen], tmp[:, :n + 2 * padlen], sos, zi, padlen, warmup,
+                                        response)
             out_row[start:stop] = filtered[0, padlen:padlen + n]
         else:
             out_row[start:stop] = np.nan
@@ -257,7 +350,7 @@ def _filtfilt_row(row, out_row, padlen, sos, zi, warmup, ext, tmp):
 
 
 @serial_or_parallel()
-def _filtfilt_runs(x, sos, zi, padlen, warmup, out):
+def _filtfilt_runs(x, sos, zi, padlen, warmup, response, out):
     """out [C, T] (may be x) = x [C, T] with each finite run longer than padlen filtered,
     the rest NaN. Channels go in groups of four: a group whose channels are all finite
     throughout runs as four interleaved lanes, any other channel on its own."""
@@ -269,9 +362,10 @@ def _filtfilt_runs(x, sos, zi, padlen, warmup, out):
         for c in range(first, last):
             whole = whole and _copy_finite_run(x[c], 0, ext[c - first, padlen:]) == n_samples
         if whole:
-            filtered = _filtfilt_padded(ext, tmp, sos, zi, padlen, warmup)
+            filtered = _filtfilt_padded(ext, tmp, sos, zi, padlen, warmup, response)
             for c in range(first, last):
                 out[c] = filtered[c - first, padlen:padlen + n_samples]
         else:
             for c in range(first, last):
-                _filtfilt_row(x[c], out[c], padlen, sos, zi, warmup, ext[c - first:c - first + 1], tmp[c - first:c - first + 1])
+                _filtfilt_row(x[c], out[c], padlen, sos, zi, warmup, response, ext[c - first:c - first + 1],
+                              tmp[c - first:c - first + 1])

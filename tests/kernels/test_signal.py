@@ -14,6 +14,8 @@ from hypothesis import strategies as st
 
 from csfm_kernels.signal import bandpass, resample, zscore
 from csfm_kernels.signal.resample import support_half
+from csfm_kernels.signal.filters import (_EXACT_MAX, _LANE_MIN_EXACT, _butter_sections, _pair_coefficients, _pair_pass,
+                                        _pair_steady_state, _pair_step)
 
 PHYSIONET = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "physionet"
 
@@ -292,6 +294,26 @@ def test_bandpass_matches_sosfiltfilt_on_long_runs(fs, band, order):
     _assert_relative(y[:1], _sosfiltfilt(x[:1], fs, *band, order))
     for run in (slice(0, 100_000), slice(100_050, 160_000), slice(160_001, None)):
         _assert_relative(y[1, run], _sosfiltfilt(x[1, run], fs, *band, order))
+
+
+@pytest.mark.parametrize("n", [_LANE_MIN_EXACT - 1, _LANE_MIN_EXACT, _LANE_MIN_EXACT + 3, 2_554,
+                               4 * _EXACT_MAX + 3, 4 * _EXACT_MAX + 4, 4 * _EXACT_MAX + 9_000])
+@pytest.mark.parametrize("order", [2, 3])
+def test_one_pass_in_four_stretches_equals_one_recurrence(n, order):
+    """One channel's pass of a pair of sections, cut into four stretches run as lanes (exactly,
+    the true start states carried in, up to 4 x _EXACT_MAX samples; overlapping beyond), equals
+    the plain recurrence from the same start, forward and on a reversed view."""
+    sos, zi, _, warmup, response = _butter_sections(250.0, 0.5, 40.0, order)
+    x = 50.0 + np.cumsum(np.random.default_rng(n).standard_normal(n))
+    for pair in range(response.shape[0]):
+        coef = _pair_coefficients(sos, 2 * pair)
+        for src in (x, x[::-1]):
+            expected, state = np.empty(n), _pair_steady_state(zi, 2 * pair, src[0])
+            for i in range(n):
+                expected[i], state = _pair_step(src[i], coef, state)
+            got = np.empty((1, n))
+            _pair_pass(src[None], got, sos, zi, 2 * pair, np.array([src[0]]), warmup, response[pair])
+            np.testing.assert_allclose(got[0], expected, rtol=0, atol=1e-9 * np.abs(expected).max())
 
 
 def test_bandpass_filters_each_finite_run_alone():
