@@ -37,6 +37,7 @@ UNITS = ("window", "record")
 
 
 def check_unit(unit: str) -> None:
+    """ValueError unless ``unit`` is one of UNITS."""
     if unit not in UNITS:
         raise ValueError(f"unit must be one of {UNITS}, got {unit!r}")
 
@@ -82,8 +83,8 @@ class ModelCard:
     task: binary, multiclass or regression; labels: the label values in output order (binary:
     [negative, positive]; regression: []); pooling: token pooling into the head; label_key: the
     record metadata key it was trained on; channel_types: the channel types (0..12, I..V6, PPG)
-    seen in training; modality: both, ecg or ppg; unit: what the head is given (UNITS); preprocess: the PreprocessConfig fields;
-    csfm_version and format_version: what wrote it."""
+    seen in training; modality: both, ecg or ppg; unit: what the head is given (UNITS);
+    preprocess: the PreprocessConfig fields; csfm_version and format_version: what wrote it."""
 
     task: str
     labels: list[str]
