@@ -164,12 +164,17 @@ def _outputs(out: torch.Tensor, task: str) -> np.ndarray:
     return torch.softmax(out, -1).numpy() if task == "multiclass" else out.reshape(-1).numpy()
 
 
+def _in_batches(fn, samples: Sequence[Sample], batch_size: int) -> torch.Tensor:
+    """fn (a Batch -> [B, ...] tensor) over ``samples`` collated ``batch_size`` at a time,
+    concatenated: [N, ...]."""
+    return torch.cat([fn(collate(samples[i:i + batch_size])) for i in range(0, len(samples), batch_size)])
+
+
 @torch.no_grad()
 def predict(model: EncoderWithHead, samples: Sequence[Sample], task: str, batch_size: int = 32) -> np.ndarray:
     """Per window: P(class 1) [N] (binary), class probabilities [N, K] (multiclass) or values [N] (regression)."""
     model.eval()
-    return _outputs(torch.cat([model(collate(samples[i:i + batch_size]))
-                               for i in range(0, len(samples), batch_size)]), task)
+    return _outputs(_in_batches(model, samples, batch_size), task)
 
 
 @torch.no_grad()
@@ -181,7 +186,7 @@ def predict_records(model: EncoderWithHead, windows: Sequence[RecordWindows], ta
     samples = [s for part in windows for s in part.samples()]
     owner = torch.tensor([r for r, part in enumerate(windows) for _ in range(len(part.x))], dtype=torch.int64)
     if model.unit == "record":
-        embedded = torch.cat([model.embed(collate(samples[i:i + batch_size])) for i in range(0, len(samples), batch_size)])
+        embedded = _in_batches(model.embed, samples, batch_size)
         return _outputs(model.head(pool_by_owner(embedded, owner, len(windows))), task).astype(np.float64)
     per_window = torch.from_numpy(predict(model, samples, task, batch_size)).double()
     pooled = pool_by_owner(per_window.reshape(len(samples), -1), owner, len(windows)).numpy()

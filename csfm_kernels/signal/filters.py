@@ -142,29 +142,28 @@ def _pair_step(v, coef, state):
     return out, (z0, z1, w0, w1)
 
 
+_UNIT_STATES = ((1.0, 0.0, 0.0, 0.0), (0.0, 1.0, 0.0, 0.0), (0.0, 0.0, 1.0, 0.0), (0.0, 0.0, 0.0, 1.0))
+"""The unit states (z0, z1, w0, w1) of a pair of sections."""
+
+
 @njit(cache=True)
 def _transition(coef):
-    """A [4, 4]: how the state (z0, z1, w0, w1) of a pair of sections moves in one sample of
-    zero input (``_pair_step`` with v = 0), so that state_{k+1} = A state_k."""
-    _, _, _, a1, a2, c0, c1, c2, d1, d2 = coef
-    return np.array([[-a1, 1.0, 0.0, 0.0],
-                     [-a2, 0.0, 0.0, 0.0],
-                     [c1 - d1 * c0, 0.0, -d1, 1.0],
-                     [c2 - d2 * c0, 0.0, -d2, 0.0]])
+    """A [4, 4]: how the state of a pair of sections moves in one sample of zero input, so
+    that state_{k+1} = A state_k; column j is ``_pair_step`` of v = 0 from unit state j."""
+    a = np.empty((4, 4))
+    for j in range(4):
+        _, moved = _pair_step(0.0, coef, _UNIT_STATES[j])
+        a[0, j], a[1, j], a[2, j], a[3, j] = moved
+    return a
 
 
 @njit(cache=True)
 def _zero_input_response(coef, n):
     """[n, 4]: row k holds the pair's output k samples after starting from each unit state
-    with zero input (C A^k, C = (c0, 0, 1, 0): the output is c0 z0 + w0)."""
-    a = _transition(coef)
-    out = np.zeros((n, 4))
-    out[0, 0], out[0, 2] = coef[5], 1.0
-    for k in range(1, n):
-        for j in range(4):
-            out[k, j] = out[k - 1, 0] * a[0, j] + out[k - 1, 1] * a[1, j] + out[k - 1, 2] * a[2, j] + \
-                out[k - 1, 3] * a[3, j]
-    return out
+    with zero input (C A^k), run as four lanes of ``_four_lanes``."""
+    zeros, out = np.zeros(n), np.empty((4, n))
+    _four_lanes((zeros, zeros, zeros, zeros), (out[0], out[1], out[2], out[3]), (0, 0, 0, 0), n, coef, _UNIT_STATES)
+    return np.ascontiguousarray(out.T)
 
 
 @njit(cache=True)
