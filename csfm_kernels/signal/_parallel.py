@@ -1,6 +1,9 @@
 """A numba kernel written with ``prange``, compiled twice: parallel for large inputs, serial for
-small ones. Starting numba's worker threads costs tens of microseconds per call, more than a
-10 s window of one channel takes to filter: small calls run in the calling thread.
+small ones. Waking numba's worker threads costs 60-150 us per call after the process did other
+work (measured on a 2-core VM: parallel calls on inputs of up to 2.5 M samples, the band-pass of
+256 x 2,500 samples among them, took as long as serial ones, median of 15 calls each after 10 ms
+of other work), more than a 10 s window of twelve leads takes to preprocess: calls below
+PARALLEL_MIN_SAMPLES run in the calling thread.
 """
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ from typing import Callable
 
 from numba import njit
 
-PARALLEL_MIN_SAMPLES = 1 << 16
+PARALLEL_MIN_SAMPLES = 1 << 20
 """Input samples (all channels) from which a call runs on numba's threads."""
 
 
