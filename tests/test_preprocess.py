@@ -87,7 +87,7 @@ def test_signal_rejects_bad_channel_types(types, match):
 
 
 def test_signal_rejects_bad_rate_and_shape():
-    with pytest.raises(ValueError, match="fs_in"):
+    with pytest.raises(ValueError, match="fs must"):
         preprocess_signal(np.zeros((1, 1000)), -1.0, [II])
     with pytest.raises(ValueError, match="2-D"):
         preprocess_signal(np.zeros(1000), 250.0, [II])

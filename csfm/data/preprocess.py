@@ -12,12 +12,15 @@ left out; a record without a window of enough valid samples is unusable), shared
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from typing import Sequence
 
 import numpy as np
 
 from csfm.data.record import PPG_TYPE, Record
-from csfm_kernels.signal import bandpass, check_signal, resample, zscore
+from csfm_kernels.signal import check_signal
+from csfm_kernels.signal.chain import ChainPlan, chain_plan, resample_bandpass_zscore
+from csfm_kernels.signal.resample import check_rate
 
 MODALITIES = ("both", "ecg", "ppg")
 """Channel sets a record can be reduced to: all channels, the ECG leads, or the PPG."""
@@ -111,12 +114,10 @@ def preprocess_signal(signal: np.ndarray, fs: float, channel_types: Sequence[int
     """
     config = config or PreprocessConfig()
     signal = check_signal(signal, "signal")
-    types = _check_channel_types(channel_types, signal.shape[0])
-    x = resample(signal, fs, config.target_fs, band_hz=_resample_band_hz(types, config))
-    _bandpass_by_type(x, types, config)
-    valid = np.empty(x.shape, np.bool_)
-    zscore(x, config.std_floor, out=x, valid=valid)
-    return x, valid
+    plan, band_of_row = _chain_for(check_rate(fs, "fs"), _types_key(channel_types), config)
+    if band_of_row.shape[0] != signal.shape[0]:
+        raise ValueError(f"channel_types has {band_of_row.shape[0]} entries for {signal.shape[0]} channels")
+    return resample_bandpass_zscore(signal, plan, band_of_row, config.std_floor)
 
 
 def make_windows(x: np.ndarray, valid: np.ndarray, config: PreprocessConfig | None = None,
@@ -262,34 +263,37 @@ class RecordCheck:
                 f"signal in {self.seconds:.1f} s)")
 
 
-def _check_channel_types(channel_types: Sequence[int], n_channels: int) -> np.ndarray:
-    """channel_types as an int array [C] with values in 0..PPG_TYPE; ValueError naming it."""
+def _types_key(channel_types: Sequence[int]) -> tuple[int, ...]:
+    """channel_types [C] as a tuple of Python ints (a cache key); ValueError unless a 1-D
+    sequence of integers."""
+    if isinstance(channel_types, (list, tuple)) and all(type(t) is int for t in channel_types):
+        return tuple(channel_types)
     types = np.asarray(channel_types)
     if types.ndim != 1 or (types.size and types.dtype.kind not in "iu"):
         raise ValueError(f"channel_types must be a list of ints, got {channel_types!r}")
-    if len(types) != n_channels:
-        raise ValueError(f"channel_types has {len(types)} entries for {n_channels} channels")
-    if types.size and (types.min() < 0 or types.max() > PPG_TYPE):
-        raise ValueError(f"channel_types must lie in 0..{PPG_TYPE}, got {types.tolist()}")
-    return types.astype(np.int64)
+    return tuple(types.tolist())
 
 
-def _resample_band_hz(types: np.ndarray, config: PreprocessConfig) -> float:
-    """Highest frequency (Hz) the resampler must keep for channels of these types [C]:
-    _RESAMPLE_BAND_FACTOR x the highest band-pass edge among them."""
-    is_ppg = types == PPG_TYPE
+@lru_cache(maxsize=256)
+def _chain_for(fs: float, types: tuple[int, ...], config: PreprocessConfig) -> tuple[ChainPlan, np.ndarray]:
+    """(plan, band_of_row [C] int64) of preprocessing channels of these types at fs Hz:
+    band 0 (ecg_band) for ECG channels, band 1 (ppg_band) for PPG; ValueError for a type
+    outside 0..PPG_TYPE."""
+    if types and not 0 <= min(types) <= max(types) <= PPG_TYPE:
+        raise ValueError(f"channel_types must lie in 0..{PPG_TYPE}, got {list(types)}")
+    is_ppg = np.array(types, np.int64) == PPG_TYPE
+    plan = chain_plan(fs, config.target_fs, (config.ecg_band, config.ppg_band), config.filter_order,
+                      _resample_band_hz(is_ppg, config))
+    band_of_row = is_ppg.astype(np.int64)
+    band_of_row.setflags(write=False)
+    return plan, band_of_row
+
+
+def _resample_band_hz(is_ppg: np.ndarray, config: PreprocessConfig) -> float:
+    """Highest frequency (Hz) the resampler must keep for channels where is_ppg [C] (bool)
+    tells PPG from ECG: _RESAMPLE_BAND_FACTOR x the highest band-pass edge among them."""
     edges = [band[1] for band, rows in ((config.ecg_band, ~is_ppg), (config.ppg_band, is_ppg)) if rows.any()]
     return _RESAMPLE_BAND_FACTOR * max(edges, default=config.ecg_band[1])
-
-
-def _bandpass_by_type(x: np.ndarray, types: np.ndarray, config: PreprocessConfig) -> None:
-    """Band-passes x [C, T] float32 at target_fs in place: ECG rows in ecg_band, PPG rows in ppg_band."""
-    is_ppg = types == PPG_TYPE
-    for band, rows in ((config.ecg_band, ~is_ppg), (config.ppg_band, is_ppg)):
-        if rows.all():
-            bandpass(x, config.target_fs, *band, order=config.filter_order, out=x)
-        elif rows.any():
-            x[rows] = bandpass(x[rows], config.target_fs, *band, order=config.filter_order)
 
 
 def _window_starts(n_samples: int, window: int, stride: int, pad_last: bool) -> np.ndarray:

@@ -68,9 +68,8 @@ def bandpass(x: np.ndarray, fs: float, low_hz: float, high_hz: float, order: int
     low_hz, high_hz = _check_band(low_hz, high_hz, fs)
     if not isinstance(order, (int, np.integer)) or isinstance(order, bool) or order < 1:
         raise ValueError(f"order must be a positive integer, got {order!r}")
-    sos, zi, padlen, warmup, response = _butter_sections(fs, low_hz, high_hz, int(order))
     out = output_array(out, x.shape)
-    _filtfilt_runs(x.size, x, sos, zi, padlen, warmup, response, out)
+    _filtfilt_runs(x.size, x, np.arange(x.shape[0]), *butter_sections(fs, low_hz, high_hz, int(order)), out)
     return out
 
 
@@ -86,7 +85,7 @@ def _check_band(low_hz: object, high_hz: object, fs: float) -> tuple[float, floa
 
 
 @lru_cache(maxsize=64)
-def _butter_sections(fs: float, low_hz: float, high_hz: float,
+def butter_sections(fs: float, low_hz: float, high_hz: float,
                      order: int) -> tuple[np.ndarray, np.ndarray, int, int, np.ndarray]:
     """(sos [S, 6], zi [S, 2], padlen, warmup, response [P, _EXACT_MAX, 4]) of the band-pass,
     as ``sosfiltfilt`` would use them.
@@ -349,22 +348,36 @@ def _filtfilt_row(row, out_row, padlen, sos, zi, warmup, response, ext, tmp):
 
 
 @serial_or_parallel()
-def _filtfilt_runs(x, sos, zi, padlen, warmup, response, out):
-    """out [C, T] (may be x) = x [C, T] with each finite run longer than padlen filtered,
-    the rest NaN. Channels go in groups of four: a group whose channels are all finite
-    throughout runs as four interleaved lanes, any other channel on its own."""
-    n_channels, n_samples = x.shape
-    for group in prange((n_channels + 3) // 4):
-        first, last = 4 * group, min(n_channels, 4 * group + 4)
-        ext, tmp = np.empty((last - first, n_samples + 2 * padlen)), np.empty((last - first, n_samples + 2 * padlen))
-        whole = last - first == 4 and n_samples > padlen
-        for c in range(first, last):
-            whole = whole and _copy_finite_run(x[c], 0, ext[c - first, padlen:]) == n_samples
-        if whole:
-            filtered = _filtfilt_padded(ext, tmp, sos, zi, padlen, warmup, response)
-            for c in range(first, last):
-                out[c] = filtered[c - first, padlen:padlen + n_samples]
-        else:
-            for c in range(first, last):
-                _filtfilt_row(x[c], out[c], padlen, sos, zi, warmup, response, ext[c - first:c - first + 1],
-                              tmp[c - first:c - first + 1])
+def _filtfilt_runs(x, rows, sos, zi, padlen, warmup, response, out):
+    """out [C, T] (may be x) = x [C, T] with each finite run of the channels ``rows`` longer
+    than padlen filtered, the rest NaN; one ``filtfilt_group`` per parallel task."""
+    for group in prange(filter_groups(rows.shape[0])):
+        filtfilt_group(x, rows, group, sos, zi, padlen, warmup, response, out)
+
+
+@njit(cache=True)
+def filter_groups(n_rows):
+    """Groups of four channels (the last may be smaller) that n_rows channels form."""
+    return (n_rows + 3) // 4
+
+
+@njit(cache=True)
+def filtfilt_group(x, rows, group, sos, zi, padlen, warmup, response, out):
+    """Filters channels rows[4 group:4 group + 4] of x [C, T] into out [C, T] (may be x):
+    each finite run longer than padlen as ``sosfiltfilt`` with the sections of
+    ``butter_sections``, the rest NaN. Four channels finite throughout run as four
+    interleaved lanes, any other channel on its own."""
+    n_samples = x.shape[1]
+    chosen = rows[4 * group:4 * group + 4]
+    ext, tmp = np.empty((chosen.shape[0], n_samples + 2 * padlen)), np.empty((chosen.shape[0], n_samples + 2 * padlen))
+    whole = chosen.shape[0] == 4 and n_samples > padlen
+    for i in range(chosen.shape[0]):
+        whole = whole and _copy_finite_run(x[chosen[i]], 0, ext[i, padlen:]) == n_samples
+    if whole:
+        filtered = _filtfilt_padded(ext, tmp, sos, zi, padlen, warmup, response)
+        for i in range(4):
+            out[chosen[i]] = filtered[i, padlen:padlen + n_samples]
+    else:
+        for i in range(chosen.shape[0]):
+            _filtfilt_row(x[chosen[i]], out[chosen[i]], padlen, sos, zi, warmup, response, ext[i:i + 1],
+                          tmp[i:i + 1])

@@ -22,9 +22,7 @@ def zscore(x: np.ndarray, std_floor: float, out: np.ndarray | None = None,
     valid), and a channel with no finite sample is all NaN (all 0). T = 0 gives [C, 0].
     """
     x = check_signal(x)
-    floor = float(std_floor) if isinstance(std_floor, (int, float, np.number)) else np.nan
-    if not (np.isfinite(floor) and floor > 0):
-        raise ValueError(f"std_floor must be a positive finite number, got {std_floor!r}")
+    floor = check_std_floor(std_floor)
     out = output_array(out, x.shape)
     if valid is None:
         _zscore(x.size, x, floor, np.nan, out, np.empty((x.shape[0], 0), np.bool_))
@@ -35,6 +33,14 @@ def zscore(x: np.ndarray, std_floor: float, out: np.ndarray | None = None,
                          f"{getattr(valid, 'dtype', type(valid).__name__)} {getattr(valid, 'shape', '')}")
     _zscore(x.size, x, floor, 0.0, out, valid)
     return out
+
+
+def check_std_floor(std_floor: object) -> float:
+    """std_floor as a positive finite float; ValueError otherwise."""
+    floor = float(std_floor) if isinstance(std_floor, (int, float, np.number)) else np.nan
+    if not (np.isfinite(floor) and floor > 0):
+        raise ValueError(f"std_floor must be a positive finite number, got {std_floor!r}")
+    return floor
 
 
 @njit(cache=True, fastmath=FASTMATH)
@@ -56,22 +62,28 @@ def _finite_mean_std(row):
     return mean, np.sqrt(squares / count)
 
 
-@serial_or_parallel(fastmath=FASTMATH)
+@serial_or_parallel()
 def _zscore(x, std_floor, missing, out, valid):
-    """out [C, T] (may be x) = z-scores of x [C, T]; non-finite samples become missing.
-    valid: [C, T] bool receiving the finite mask, or [C, 0] for none."""
+    """out [C, T] (may be x) = z-scores of x [C, T], one ``zscore_row`` per parallel task."""
     for c in prange(x.shape[0]):
-        row, out_row = x[c], out[c]
-        mean, std = _finite_mean_std(row)
-        scale = 1.0 / max(std, std_floor)
-        if valid.shape[1] == 0:
-            for t in range(row.shape[0]):
-                v = np.float64(row[t])
-                out_row[t] = (v - mean) * scale if finite(v) else missing
-        else:
-            valid_row = valid[c]
-            for t in range(row.shape[0]):
-                v = np.float64(row[t])
-                ok = finite(v)
-                out_row[t] = (v - mean) * scale if ok else missing
-                valid_row[t] = ok
+        zscore_row(x, c, std_floor, missing, out, valid)
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def zscore_row(x, c, std_floor, missing, out, valid):
+    """out[c] (may be x[c]) = z-scores of x[c] (x [C, T]); non-finite samples become
+    missing. valid: [C, T] bool receiving the finite mask, or [C, 0] for none."""
+    row, out_row = x[c], out[c]
+    mean, std = _finite_mean_std(row)
+    scale = 1.0 / max(std, std_floor)
+    if valid.shape[1] == 0:
+        for t in range(row.shape[0]):
+            v = np.float64(row[t])
+            out_row[t] = (v - mean) * scale if finite(v) else missing
+    else:
+        valid_row = valid[c]
+        for t in range(row.shape[0]):
+            v = np.float64(row[t])
+            ok = finite(v)
+            out_row[t] = (v - mean) * scale if ok else missing
+            valid_row[t] = ok

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 from fractions import Fraction
 from functools import lru_cache
+from typing import NamedTuple
 
 import numpy as np
 from numba import njit, prange
@@ -121,14 +122,48 @@ def resample(x: np.ndarray, fs_in: float, fs_out: float = 250.0, band_hz: float 
     n_out = round(x.shape[1] * fs_out / fs_in)
     if x.shape[1] == 0 or n_out == 0:
         return np.zeros((x.shape[0], n_out), np.float32)
-    ratio, width, beta, half = _plan(fs_in, fs_out, band_hz)
-    if ratio == (1, 1):
+    plan = resample_plan(fs_in, fs_out, band_hz)
+    if plan.mode == COPY:
         return x.astype(np.float32)
+    if plan.mode == POLYPHASE:
+        return _resample_polyphase(x.size, x, plan.bank, plan.up, plan.down, plan.half, n_out)
+    return _resample_interpolated(x.size, x, plan.table, plan.scale, plan.step, plan.half, n_out)
+
+
+COPY, POLYPHASE, INTERPOLATED = 0, 1, 2
+"""``ResamplePlan.mode``: equal rates, a rational ratio with up <= _MAX_PHASES, any other ratio."""
+
+
+class ResamplePlan(NamedTuple):
+    """How ``resample`` goes from one rate to another: ``mode`` (COPY, POLYPHASE or
+    INTERPOLATED), the support half (input samples), the polyphase bank [up, 2 half] float32
+    with up and down, the kernel table with scale (input samples -> samples of the lower
+    rate) and step (input samples per output). Fields a mode does not use hold placeholders."""
+
+    mode: int
+    half: int
+    bank: np.ndarray
+    up: int
+    down: int
+    table: np.ndarray
+    scale: float
+    step: float
+
+
+@lru_cache(maxsize=256)
+def resample_plan(fs_in: float, fs_out: float, band_hz: float | None) -> ResamplePlan:
+    """The ``ResamplePlan`` of resampling fs_in -> fs_out Hz keeping band_hz (Hz or None),
+    rates already checked."""
+    ratio, width, beta, half = _plan(fs_in, fs_out, band_hz)
+    no_bank, no_table = np.zeros((1, 1), np.float32), np.zeros(1)
+    if ratio == (1, 1):
+        return ResamplePlan(COPY, 0, no_bank, 1, 1, no_table, 1.0, 1.0)
     if ratio is not None:
         up, down = ratio
-        return _resample_polyphase(x.size, x, _polyphase_bank(up, down, half, width, beta), up, down, half, n_out)
-    scale = min(1.0, fs_out / fs_in)  # input samples -> samples of the lower rate
-    return _resample_interpolated(x.size, x, _kernel_table(width, beta), scale, fs_in / fs_out, half, n_out)
+        return ResamplePlan(POLYPHASE, half, _polyphase_bank(up, down, half, width, beta), up, down, no_table, 1.0,
+                            down / up)
+    return ResamplePlan(INTERPOLATED, half, no_bank, 1, 1, _kernel_table(width, beta), min(1.0, fs_out / fs_in),
+                        fs_in / fs_out)
 
 
 def support_half(fs_in: float, fs_out: float, band_hz: float | None = None) -> int:
@@ -292,34 +327,49 @@ def _phase_outputs(taps, streams, first_input, down, acc):
 
 @serial_or_parallel()
 def _resample_polyphase(x, bank, up, down, half, n_out):
-    """x [C, T] -> [C, n_out] float32 with output n at input position n * down / up.
-
-    A task computes up x _PHASE_BLOCK consecutive outputs of one channel; outputs p, p + up,
-    p + 2 up, ... share phase p (hence taps) and read supports down input samples apart, so
-    the task's input span is deinterleaved into down streams in which those supports are
-    contiguous.
-    """
-    n_channels = x.shape[0]
-    block = up * _PHASE_BLOCK
-    n_blocks = (n_out + block - 1) // block
-    out = np.empty((n_channels, n_out), np.float32)
-    for task in prange(n_channels * n_blocks):
-        c = task // n_blocks
-        first = (task % n_blocks) * block
-        last = min(n_out, first + block)
-        span_start = first // up * down - half + 1  # support start of the block's first output
-        length = (last - 1) * down // up + half + 1 - span_start
-        reference = _first_finite(x[c], span_start, span_start + length)
-        streams = np.empty((down, (length + down - 1) // down), np.float32)
-        _copy_streams(x[c], span_start, length, down, reference, streams)
-        acc = np.empty(_PHASE_BLOCK, np.float32)
-        for p in range(min(up, last - first)):
-            base, phase = divmod(p * down, up)  # floor(u) - floor(u of first) and up * frac(u)
-            n_phase = (last - first - p + up - 1) // up
-            _phase_outputs(bank[phase], streams, base, down, acc[:n_phase])
-            for k in range(n_phase):
-                out[c, first + p + k * up] = acc[k] + reference
+    """x [C, T] -> [C, n_out] float32 with output n at input position n * down / up, one
+    ``polyphase_task`` per parallel task."""
+    out = np.empty((x.shape[0], n_out), np.float32)
+    n_blocks = polyphase_blocks(up, n_out)
+    for task in prange(x.shape[0] * n_blocks):
+        polyphase_task(x, bank, up, down, half, out, task, n_blocks)
     return out
+
+
+@njit(cache=True)
+def polyphase_blocks(up, n_out):
+    """Tasks per channel of the polyphase path: blocks of up x _PHASE_BLOCK outputs."""
+    block = up * _PHASE_BLOCK
+    return (n_out + block - 1) // block
+
+
+@njit(cache=True)
+def polyphase_task(x, bank, up, down, half, out, task, n_blocks):
+    """Writes one block of up x _PHASE_BLOCK consecutive outputs of one channel (task =
+    channel x n_blocks + block) of x [C, T] resampled into out [C, n_out], output n at input
+    position n * down / up.
+
+    Outputs p, p + up, p + 2 up, ... of the block share phase p (hence taps) and read
+    supports down input samples apart, so the block's input span is deinterleaved into down
+    streams in which those supports are contiguous.
+    """
+    n_out = out.shape[1]
+    c = task // n_blocks
+    block = up * _PHASE_BLOCK
+    first = (task % n_blocks) * block
+    last = min(n_out, first + block)
+    span_start = first // up * down - half + 1  # support start of the block's first output
+    length = (last - 1) * down // up + half + 1 - span_start
+    reference = _first_finite(x[c], span_start, span_start + length)
+    streams = np.empty((down, (length + down - 1) // down), np.float32)
+    _copy_streams(x[c], span_start, length, down, reference, streams)
+    acc = np.empty(_PHASE_BLOCK, np.float32)
+    for p in range(min(up, last - first)):
+        base, phase = divmod(p * down, up)  # floor(u) - floor(u of first) and up * frac(u)
+        n_phase = (last - first - p + up - 1) // up
+        _phase_outputs(bank[phase], streams, base, down, acc[:n_phase])
+        for k in range(n_phase):
+            out[c, first + p + k * up] = acc[k] + reference
 
 
 @njit(cache=True)
@@ -343,24 +393,37 @@ def _interpolated_taps(table, scale, frac, taps):
 
 @serial_or_parallel()
 def _resample_interpolated(x, table, scale, step, half, n_out):
-    """x [C, T] -> [C, n_out] float32 with output n at input position n * step; each
-    output's taps are computed once and applied to every channel."""
-    n_channels = x.shape[0]
-    n_chunks = (n_out + _CHUNK - 1) // _CHUNK
-    out = np.empty((n_channels, n_out), np.float32)
-    for chunk in prange(n_chunks):
-        first = chunk * _CHUNK
-        last = min(n_out, first + _CHUNK)
-        span_start = int(np.floor(first * step)) - half + 1
-        spans = np.empty((n_channels, int(np.floor((last - 1) * step)) + half + 1 - span_start))
-        for c in range(n_channels):
-            _copy_span(x[c], span_start, spans[c])
-        taps = np.empty(2 * half)
-        for n in range(first, last):
-            position = n * step
-            base = int(np.floor(position))
-            _interpolated_taps(table, scale, position - base, taps)
-            offset = base - half + 1 - span_start
-            for c in range(n_channels):
-                out[c, n] = _dot(taps, spans[c, offset:offset + 2 * half])
+    """x [C, T] -> [C, n_out] float32 with output n at input position n * step, one
+    ``interpolated_chunk`` per parallel task."""
+    out = np.empty((x.shape[0], n_out), np.float32)
+    for chunk in prange(interpolated_chunks(n_out)):
+        interpolated_chunk(x, table, scale, step, half, out, chunk)
     return out
+
+
+@njit(cache=True)
+def interpolated_chunks(n_out):
+    """Tasks of the interpolated path: chunks of _CHUNK outputs (all channels)."""
+    return (n_out + _CHUNK - 1) // _CHUNK
+
+
+@njit(cache=True)
+def interpolated_chunk(x, table, scale, step, half, out, chunk):
+    """Writes outputs chunk x _CHUNK .. of every channel of x [C, T] resampled into out [C,
+    n_out], output n at input position n * step; each output's taps are computed once and
+    applied to every channel."""
+    n_channels, n_out = x.shape[0], out.shape[1]
+    first = chunk * _CHUNK
+    last = min(n_out, first + _CHUNK)
+    span_start = int(np.floor(first * step)) - half + 1
+    spans = np.empty((n_channels, int(np.floor((last - 1) * step)) + half + 1 - span_start))
+    for c in range(n_channels):
+        _copy_span(x[c], span_start, spans[c])
+    taps = np.empty(2 * half)
+    for n in range(first, last):
+        position = n * step
+        base = int(np.floor(position))
+        _interpolated_taps(table, scale, position - base, taps)
+        offset = base - half + 1 - span_start
+        for c in range(n_channels):
+            out[c, n] = _dot(taps, spans[c, offset:offset + 2 * half])

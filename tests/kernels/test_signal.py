@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from csfm_kernels.signal import bandpass, resample, zscore
 from csfm_kernels.signal.resample import support_half
-from csfm_kernels.signal.filters import (_EXACT_MAX, _LANE_MIN_EXACT, _butter_sections, _pair_coefficients, _pair_pass,
+from csfm_kernels.signal.filters import (_EXACT_MAX, _LANE_MIN_EXACT, butter_sections, _pair_coefficients, _pair_pass,
                                         _pair_steady_state, _pair_step)
 
 PHYSIONET = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "physionet"
@@ -303,7 +303,7 @@ def test_one_pass_in_four_stretches_equals_one_recurrence(n, order):
     """One channel's pass of a pair of sections, cut into four stretches run as lanes (exactly,
     the true start states carried in, up to 4 x _EXACT_MAX samples; overlapping beyond), equals
     the plain recurrence from the same start, forward and on a reversed view."""
-    sos, zi, _, warmup, response = _butter_sections(250.0, 0.5, 40.0, order)
+    sos, zi, _, warmup, response = butter_sections(250.0, 0.5, 40.0, order)
     x = 50.0 + np.cumsum(np.random.default_rng(n).standard_normal(n))
     for pair in range(response.shape[0]):
         coef = _pair_coefficients(sos, 2 * pair)
