@@ -68,19 +68,18 @@ def resample_bandpass_zscore(x: np.ndarray, plan: ChainPlan, band_of_row: np.nda
     finite runs too short to band-pass).
     """
     x, std_floor = check_signal(x), check_std_floor(std_floor)
-    band_of_row = np.asarray(band_of_row)
-    if band_of_row.shape != (x.shape[0],) or band_of_row.dtype != np.int64:
+    if not (isinstance(band_of_row, np.ndarray) and band_of_row.shape == (x.shape[0],)
+            and band_of_row.dtype == np.int64):
         raise ValueError(f"band_of_row must be a [{x.shape[0]}] int64 array (one band per channel), got "
-                         f"{band_of_row.dtype} {band_of_row.shape}")
-    if band_of_row.size and not 0 <= band_of_row.min() <= band_of_row.max() < plan.sos.shape[0]:
-        raise ValueError(f"band_of_row must index the plan's {plan.sos.shape[0]} bands, got {band_of_row.tolist()}")
+                         f"{getattr(band_of_row, 'dtype', type(band_of_row).__name__)} {np.shape(band_of_row)}")
     n_out = round(x.shape[1] * plan.fs_out / plan.fs_in)
-    out, valid = np.zeros((x.shape[0], n_out), np.float32), np.zeros((x.shape[0], n_out), np.bool_)
     if x.shape[1] == 0 or n_out == 0:
-        return out, valid
+        return np.zeros((x.shape[0], n_out), np.float32), np.zeros((x.shape[0], n_out), np.bool_)
+    out, valid = np.empty((x.shape[0], n_out), np.float32), np.empty((x.shape[0], n_out), np.bool_)
     rs = plan.resample
-    _chain(x.size, x, rs.mode, rs.half, rs.bank, rs.up, rs.down, rs.table, rs.scale, rs.step, band_of_row, plan.sos,
-           plan.zi, plan.padlen, plan.warmup, plan.response, std_floor, out, valid)
+    if not _chain(x.size, x, rs.mode, rs.half, rs.bank, rs.up, rs.down, rs.table, rs.scale, rs.step, band_of_row,
+                  plan.sos, plan.zi, plan.padlen, plan.warmup, plan.response, std_floor, out, valid):
+        raise ValueError(f"band_of_row must index the plan's {plan.sos.shape[0]} bands, got {band_of_row.tolist()}")
     return out, valid
 
 
@@ -88,8 +87,12 @@ def resample_bandpass_zscore(x: np.ndarray, plan: ChainPlan, band_of_row: np.nda
 def _chain(x, mode, half, bank, up, down, table, scale, step, band_of_row, sos, zi, padlen, warmup, response,
            std_floor, out, valid):
     """out [C, n_out], valid [C, n_out] = the chain of x [C, T]: the three kernels' parallel
-    tasks, one kernel after the other."""
+    tasks, one kernel after the other. Returns False (and does nothing) when a band_of_row
+    entry is not a band of sos [B, S, 6]."""
     n_channels, n_out = out.shape
+    for c in range(n_channels):
+        if not 0 <= band_of_row[c] < sos.shape[0]:
+            return False
     if mode == COPY:
         for c in prange(n_channels):
             for t in range(n_out):
@@ -107,3 +110,4 @@ def _chain(x, mode, half, bank, up, down, table, scale, step, band_of_row, sos, 
             filtfilt_group(out, rows, group, sos[b], zi[b], padlen[b], warmup[b], response[b], out)
     for c in prange(n_channels):
         zscore_row(out, c, std_floor, 0.0, out, valid)
+    return True
