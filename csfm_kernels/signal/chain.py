@@ -35,8 +35,7 @@ class ChainPlan(NamedTuple):
     sos: np.ndarray
     zi: np.ndarray
     padlen: np.ndarray
-    warmup: np.ndarray
-    response: np.ndarray
+    powers: np.ndarray
 
 
 @lru_cache(maxsize=64)
@@ -52,9 +51,8 @@ def chain_plan(fs_in: float, fs_out: float, bands: tuple[tuple[float, float], ..
     if not bands:
         raise ValueError("bands must hold at least one (low_hz, high_hz) pair")
     filters = [butter_sections(fs_out, *_check_band(*band, fs_out), int(order)) for band in bands]
-    sos, zi, padlen, warmup, response = (np.stack([np.asarray(f[i]) for f in filters]) for i in range(5))
-    return ChainPlan(fs_in, fs_out, resample_plan(fs_in, fs_out, band_hz), sos, zi, padlen.astype(np.int64),
-                     warmup.astype(np.int64), response)
+    sos, zi, padlen, powers = (np.stack([np.asarray(f[i]) for f in filters]) for i in range(4))
+    return ChainPlan(fs_in, fs_out, resample_plan(fs_in, fs_out, band_hz), sos, zi, padlen.astype(np.int64), powers)
 
 
 def resample_bandpass_zscore(x: np.ndarray, plan: ChainPlan, band_of_row: np.ndarray,
@@ -78,14 +76,14 @@ def resample_bandpass_zscore(x: np.ndarray, plan: ChainPlan, band_of_row: np.nda
     out, valid = np.empty((x.shape[0], n_out), np.float32), np.empty((x.shape[0], n_out), np.bool_)
     rs = plan.resample
     if not _chain(x.size, x, rs.mode, rs.half, rs.bank, rs.up, rs.down, rs.table, rs.scale, rs.step, band_of_row,
-                  plan.sos, plan.zi, plan.padlen, plan.warmup, plan.response, std_floor, out, valid):
+                  plan.sos, plan.zi, plan.padlen, plan.powers, std_floor, out, valid):
         raise ValueError(f"band_of_row must index the plan's {plan.sos.shape[0]} bands, got {band_of_row.tolist()}")
     return out, valid
 
 
 @serial_or_parallel()
-def _chain(x, mode, half, bank, up, down, table, scale, step, band_of_row, sos, zi, padlen, warmup, response,
-           std_floor, out, valid):
+def _chain(x, mode, half, bank, up, down, table, scale, step, band_of_row, sos, zi, padlen, powers, std_floor, out,
+           valid):
     """out [C, n_out], valid [C, n_out] = the chain of x [C, T]: the three kernels' parallel
     tasks, one kernel after the other. Returns False (and does nothing) when a band_of_row
     entry is not a band of sos [B, S, 6]."""
@@ -107,7 +105,7 @@ def _chain(x, mode, half, bank, up, down, table, scale, step, band_of_row, sos, 
     for b in range(sos.shape[0]):
         rows = np.nonzero(band_of_row == b)[0]
         for group in prange(filter_groups(rows.shape[0])):
-            filtfilt_group(out, rows, group, sos[b], zi[b], padlen[b], warmup[b], response[b], out)
+            filtfilt_group(out, rows, group, sos[b], zi[b], padlen[b], powers[b], out)
     for c in prange(n_channels):
         zscore_row(out, c, std_floor, 0.0, out, valid)
     return True

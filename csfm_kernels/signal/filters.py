@@ -11,26 +11,24 @@ short to pad; ``sosfiltfilt`` refuses such input) becomes NaN: it joins the gap 
 than passing through unfiltered. NaN never spreads beyond its own gap.
 
 Sections run in pairs, one pass over the run per pair, so that the state of both
-sections stays in registers. Each pass runs four recurrences interleaved, so that the
-core overlaps them instead of waiting on one (about 3x faster per sample): four channels
-at once when a group of four channels is finite throughout (most multi-lead records),
-otherwise four consecutive stretches of the run:
+sections stays in registers. The recurrence of one run waits on its previous sample, so
+independent recurrences run side by side:
 
-- up to ``_EXACT_MAX`` samples a stretch (a 10 s window, a CinC record), exactly: stretches
-  after the first start from a zero state, and once the stretch before has ended, its true
-  end state s is carried in (each output k of the stretch gains ``C A^k s``, the zero-input
-  response of the two sections to s, read from a table made once per filter; the stretch's
-  end state gains ``A^m s``). Linear algebra, not an approximation: equal to one plain
-  recurrence to ~1e-13 of the output's range in float64;
-- longer, as overlapping stretches: every stretch but the first starts ``warmup`` samples
-  early, from the steady state for its first sample; warmup is chosen so that this start-up
-  error decays below 1e-12 of itself (slowest pole radius r: r ** warmup <= 1e-12; 3,112
-  samples for 0.5-40 Hz at 250 Hz), a small share of such a stretch.
+- a group of four channels finite throughout (most multi-lead records) runs as four
+  interleaved scalar lanes, one channel each;
+- any other channel, run by run, is cut into ``_LANES`` stretches of equal length m (up to
+  ``_STRETCH_MAX``; longer runs go in consecutive chunks of that many stretches) filtered at
+  once, stretch g in lane g of one vector (the compiler vectorises across lanes). A first
+  run of the lanes from zero states (stretch 0 from the run's true state) gives each
+  stretch's end state; its true end state is that plus ``A^m`` times the true end state of
+  the stretch before (A: the pair's one-sample state transition, its powers kept per
+  filter), and a second run from those true starts gives the output: linear algebra, not
+  an approximation, equal to one plain recurrence to ~1e-11 of the output's range in
+  float64. Runs shorter than ``_LANES`` x ``_STRETCH_MIN`` samples, and the last few
+  samples of a chunked run, run as one plain recurrence.
 
-Runs shorter than ``_LANE_MIN_EXACT`` samples, or too long to run exactly and shorter than
-``_LANE_MIN`` x warmup, run as one recurrence. Long or short, runs match
-``sosfiltfilt`` as closely (float32 rounding: ~5e-8 of the output's range on MIT-BIH and PTB
-records).
+Runs match ``sosfiltfilt`` to float32 rounding (~5e-8 of the output's range on MIT-BIH and
+PTB records).
 """
 from __future__ import annotations
 
@@ -44,10 +42,10 @@ from csfm_kernels.signal._parallel import serial_or_parallel
 
 from csfm_kernels.signal.resample import FASTMATH, check_rate, check_signal, finite, output_array
 
-_SETTLE = 1e-12  # a lane's start-up error must decay below this fraction of itself
-_EXACT_MAX = 1 << 12  # stretches up to this long run exactly (the zero-input response table, 128 KB, stays in cache)
-_LANE_MIN_EXACT = 64  # runs from this long on run as four stretches
-_LANE_MIN = 2  # beyond 4 x _EXACT_MAX, runs from _LANE_MIN x warmup samples on run as overlapping stretches
+_LANES = 16  # stretches of a channel's run filtered at once (16 float64: one or two SIMD registers a state variable)
+_STRETCH_MAX = 1 << 10  # longest stretch, in samples (the powers of A kept: 1,025 x 4 x 4 per pair of sections)
+_STRETCH_MIN = 16  # runs shorter than _LANES x this run as one plain recurrence
+_TILE = 8  # rows of a chunk moved into or out of the lane layout at once
 _COPY_CHUNK = 256  # samples checked for finiteness at once when copying a run
 
 
@@ -86,25 +84,22 @@ def _check_band(low_hz: object, high_hz: object, fs: float) -> tuple[float, floa
 
 @lru_cache(maxsize=64)
 def butter_sections(fs: float, low_hz: float, high_hz: float,
-                     order: int) -> tuple[np.ndarray, np.ndarray, int, int, np.ndarray]:
-    """(sos [S, 6], zi [S, 2], padlen, warmup, response [P, _EXACT_MAX, 4]) of the band-pass,
-    as ``sosfiltfilt`` would use them.
+                    order: int) -> tuple[np.ndarray, np.ndarray, int, np.ndarray]:
+    """(sos [S, 6], zi [S, 2], padlen, powers [P, _STRETCH_MAX + 1, 4, 4]) of the band-pass,
+    as ``sosfiltfilt`` would use them; fs, low_hz, high_hz in Hz, already checked.
 
     zi is the per-section state of the steady response to a unit step (``sosfilt_zi``);
-    padlen = 3 * (2 * S + 1 - trailing zero coefficients), scipy's default. warmup: samples
-    after which a start-up error has decayed below _SETTLE of itself (its slowest pole,
-    of radius r, gives r ** warmup <= _SETTLE). response: per pair of sections (P = ceil(S /
-    2)), the zero-input output k samples after each unit state (``_zero_input_response``).
+    padlen = 3 * (2 * S + 1 - trailing zero coefficients), scipy's default. powers: per pair
+    of sections (P = ceil(S / 2)), the powers of its state transition matrix
+    (``_zero_input_states``).
     """
     sos = scipy.signal.butter(order, (low_hz, high_hz), btype="band", fs=fs, output="sos")
     zi = scipy.signal.sosfilt_zi(sos)
     n_taps = 2 * len(sos) + 1 - min(int((sos[:, 2] == 0).sum()), int((sos[:, 5] == 0).sum()))
-    radius = max(np.abs(np.roots([1.0, a1, a2])).max() for a1, a2 in sos[:, 4:])
-    warmup = int(np.ceil(np.log(_SETTLE) / np.log(radius)))
-    response = np.stack([_zero_input_response(_pair_coefficients(sos, s), _EXACT_MAX) for s in range(0, len(sos), 2)])
-    for arr in (sos, zi, response):
+    powers = np.stack([_zero_input_states(_pair_coefficients(sos, s)) for s in range(0, len(sos), 2)])
+    for arr in (sos, zi, powers):
         arr.setflags(write=False)
-    return sos, zi, 3 * n_taps, warmup, response
+    return sos, zi, 3 * n_taps, powers
 
 
 @njit(cache=True)
@@ -141,130 +136,134 @@ def _pair_step(v, coef, state):
     return out, (z0, z1, w0, w1)
 
 
-_UNIT_STATES = ((1.0, 0.0, 0.0, 0.0), (0.0, 1.0, 0.0, 0.0), (0.0, 0.0, 1.0, 0.0), (0.0, 0.0, 0.0, 1.0))
-"""The unit states (z0, z1, w0, w1) of a pair of sections."""
-
-
 @njit(cache=True)
-def _transition(coef):
-    """A [4, 4]: how the state of a pair of sections moves in one sample of zero input, so
-    that state_{k+1} = A state_k; column j is ``_pair_step`` of v = 0 from unit state j."""
-    a = np.empty((4, 4))
+def _zero_input_states(coef):
+    """[_STRETCH_MAX + 1, 4, 4]: entry k is A^k, A the pair's one-sample state transition:
+    column j holds the state k samples of zero input after unit state j, run through
+    ``_pair_step`` (as exact as the recurrence; repeated squaring of A lost up to 1e-6 of
+    A^4096's entries for a 0.05 Hz high-pass at 250 Hz)."""
+    powers = np.empty((_STRETCH_MAX + 1, 4, 4))
+    powers[0] = np.eye(4)
     for j in range(4):
-        _, moved = _pair_step(0.0, coef, _UNIT_STATES[j])
-        a[0, j], a[1, j], a[2, j], a[3, j] = moved
-    return a
-
-
-@njit(cache=True)
-def _zero_input_response(coef, n):
-    """[n, 4]: row k holds the pair's output k samples after starting from each unit state
-    with zero input (C A^k), run as four lanes of ``_four_lanes``."""
-    zeros, out = np.zeros(n), np.empty((4, n))
-    _four_lanes((zeros, zeros, zeros, zeros), (out[0], out[1], out[2], out[3]), (0, 0, 0, 0), n, coef, _UNIT_STATES)
-    return np.ascontiguousarray(out.T)
-
-
-@njit(cache=True)
-def _product(a, b):
-    """a [4, 4] @ b [4, 4], written out (no BLAS call for 64 products)."""
-    out = np.zeros((4, 4))
-    for i in range(4):
-        for j in range(4):
-            for k in range(4):
-                out[i, j] += a[i, k] * b[k, j]
-    return out
-
-
-@njit(cache=True)
-def _matrix_power(a, m):
-    """a [4, 4] ** m (m >= 0) by repeated squaring."""
-    result, base = np.eye(4), a.copy()
-    while m:
-        if m & 1:
-            result = _product(result, base)
-        base = _product(base, base)
-        m >>= 1
-    return result
+        state = (powers[0, 0, j], powers[0, 1, j], powers[0, 2, j], powers[0, 3, j])
+        for k in range(1, _STRETCH_MAX + 1):
+            _, state = _pair_step(0.0, coef, state)
+            powers[k, 0, j], powers[k, 1, j], powers[k, 2, j], powers[k, 3, j] = state
+    return powers
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def _carry_in(out, start, m, response, state):
-    """Adds to out[start:start + m] the zero-input response to ``state`` (a 4-tuple) of a
-    stretch filtered from a zero state: out[start + k] += response[k] . state."""
-    t0, t1, t2, t3 = state
-    for k in range(m):
-        out[start + k] += response[k, 0] * t0 + response[k, 1] * t1 + response[k, 2] * t2 + response[k, 3] * t3
-
-
-@njit(cache=True, fastmath=FASTMATH)
-def _four_lanes(srcs, dsts, offsets, steps, coef, states):
-    """Four independent runs of two sections, interleaved so that the core overlaps their
-    recurrences: dsts[g][offsets[g] + k] = filtered srcs[g][offsets[g] + k] for k < steps,
-    lane g started from states[g]. srcs, dsts: 4-tuples of 1-D views. Returns the 4 final
-    states."""
-    a0, a1, a2, a3 = srcs
-    b0, b1, b2, b3 = dsts
-    o0, o1, o2, o3 = offsets
+def _four_lanes(rows, coef, states):
+    """The pair run in place over each of the four rows [4, n] (views, either direction),
+    interleaved so that the core overlaps their recurrences, row g from states[g]."""
     s0, s1, s2, s3 = states
-    for k in range(steps):
-        y0, s0 = _pair_step(a0[o0 + k], coef, s0)
-        y1, s1 = _pair_step(a1[o1 + k], coef, s1)
-        y2, s2 = _pair_step(a2[o2 + k], coef, s2)
-        y3, s3 = _pair_step(a3[o3 + k], coef, s3)
-        b0[o0 + k], b1[o1 + k], b2[o2 + k], b3[o3 + k] = y0, y1, y2, y3
-    return s0, s1, s2, s3
+    r0, r1, r2, r3 = rows[0], rows[1], rows[2], rows[3]
+    for k in range(rows.shape[1]):
+        r0[k], s0 = _pair_step(r0[k], coef, s0)
+        r1[k], s1 = _pair_step(r1[k], coef, s1)
+        r2[k], s2 = _pair_step(r2[k], coef, s2)
+        r3[k], s3 = _pair_step(r3[k], coef, s3)
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def _pair_pass(src, dst, sos, zi, s, x0, warmup, response):
-    """dst [G, n] = sections s, s + 1 run over each row of src [G, n] (views, either
-    direction), row g started from the steady state for a constant x0[g] at the cascade's
-    input. G = 4: the rows run as four interleaved lanes. response [_EXACT_MAX, 4]: the
-    pair's zero-input response table.
+def _lanes(x, y, coef, state):
+    """y[k, g] = the pair's output for x[k, g]: _LANES independent recurrences, lane g down
+    column g of x [m, _LANES] from state[:, g]; state [4, _LANES] ends as the lanes' end
+    states. The inner loop over lanes is what the compiler vectorises."""
+    st = state.copy()
+    for k in range(x.shape[0]):
+        xk, yk = x[k], y[k]
+        for g in range(_LANES):
+            yk[g], (st[0, g], st[1, g], st[2, g], st[3, g]) = _pair_step(
+                xk[g], coef, (st[0, g], st[1, g], st[2, g], st[3, g]))
+    state[:] = st
 
-    G = 1: the row is cut into four stretches run as lanes (see the module doc). With m =
-    n // 4 <= _EXACT_MAX, lane g filters src[g m:(g + 1) m] from a zero state (lane 0 from
-    the true one) and the true state each lane starts from is carried in afterwards, lane
-    by lane; the last n - 4 m samples follow from the last lane's true end state. Longer:
-    lane g filters src[g m:g m + m + warmup], m = (n - warmup) // 4, lanes after the first
-    starting from the steady state for their first sample, only their outputs after the
-    first warmup counting (the earlier lane overwrites the others later in the same loop).
-    Rows shorter than _LANE_MIN_EXACT, or too long to run exactly and shorter than _LANE_MIN
-    x warmup: one plain recurrence.
-    """
-    n = src.shape[1]
-    coef = _pair_coefficients(sos, s)
-    if src.shape[0] == 4:
-        states = (_pair_steady_state(zi, s, x0[0]), _pair_steady_state(zi, s, x0[1]),
-                  _pair_steady_state(zi, s, x0[2]), _pair_steady_state(zi, s, x0[3]))
-        _four_lanes((src[0], src[1], src[2], src[3]), (dst[0], dst[1], dst[2], dst[3]), (0, 0, 0, 0), n, coef, states)
-        return
-    row, out = src[0], dst[0]
-    state = _pair_steady_state(zi, s, x0[0])
-    if n < _LANE_MIN_EXACT or (n // 4 > _EXACT_MAX and n < _LANE_MIN * warmup):
-        done = 0
-    elif n // 4 <= _EXACT_MAX:
-        m, zero = n // 4, (0.0, 0.0, 0.0, 0.0)
-        ends = _four_lanes((row, row, row, row), (out, out, out, out), (0, m, 2 * m, 3 * m), m, coef,
-                           (state, zero, zero, zero))
-        carried = _matrix_power(_transition(coef), m)
-        state = ends[0]
-        for g in range(1, 4):  # lane g began at the state lane g - 1 truly ended in
-            _carry_in(out, g * m, m, response, state)
-            moved = [carried[i, 0] * state[0] + carried[i, 1] * state[1] + carried[i, 2] * state[2]
-                     + carried[i, 3] * state[3] for i in range(4)]
-            state = (ends[g][0] + moved[0], ends[g][1] + moved[1], ends[g][2] + moved[2], ends[g][3] + moved[3])
-        done = 4 * m
-    else:
-        m = (n - warmup) // 4
-        states = (state, _pair_steady_state(zi, s, row[m]), _pair_steady_state(zi, s, row[2 * m]),
-                  _pair_steady_state(zi, s, row[3 * m]))
-        state = _four_lanes((row, row, row, row), (out, out, out, out), (0, m, 2 * m, 3 * m), m + warmup, coef,
-                            states)[3]
-        done = 4 * m + warmup
-    for i in range(done, n):
-        out[i], state = _pair_step(row[i], coef, state)
+
+@njit(cache=True)
+def _stretch_lengths(n):
+    """[K] int64: stretch length m of each chunk of a run of n samples (chunk i: _LANES m_i
+    consecutive samples): _STRETCH_MAX while whole chunks fit, then the rest // _LANES if
+    that is at least _STRETCH_MIN. The samples after the chunks are the run's tail."""
+    full, rest = divmod(n, _LANES * _STRETCH_MAX)
+    last = rest // _LANES if rest >= _LANES * _STRETCH_MIN else 0
+    lengths = np.full(full + (last > 0), _STRETCH_MAX, np.int64)
+    if last:
+        lengths[full] = last
+    return lengths
+
+
+@njit(cache=True)
+def _move_lanes(chunk, lanes, into):
+    """Copies chunk [_LANES m] (a view, either direction) into its lane layout lanes [m,
+    _LANES] (into; stretch g, samples g m .. g m + m - 1, in column g) or back. Rows go
+    _TILE at a time: each stretch's _TILE consecutive samples to one column of _TILE rows."""
+    m = lanes.shape[0]
+    for k0 in range(0, m, _TILE):
+        rows = min(_TILE, m - k0)
+        for g in range(_LANES):
+            stretch, column = chunk[g * m + k0:g * m + k0 + rows], lanes[k0:k0 + rows, g]
+            if into:  # the direction tested outside the copy loops: they vectorise
+                for k in range(rows):
+                    column[k] = stretch[k]
+            else:
+                for k in range(rows):
+                    stretch[k] = column[k]
+
+
+@njit(cache=True)
+def _lane_pass(x, y, coef, state, powers):
+    """y [m, _LANES] = the pair run over a chunk in lanes x [m, _LANES] (see ``_move_lanes``)
+    from the true state ``state`` (a 4-tuple); returns the true end state. powers: the
+    pair's ``_zero_input_states``."""
+    lanes = np.zeros((4, _LANES))
+    lanes[0, 0], lanes[1, 0], lanes[2, 0], lanes[3, 0] = state
+    _lanes(x, y, coef, lanes)  # end states: stretch 0 true, the others from zero
+    carried = powers[x.shape[0]]
+    for g in range(1, _LANES):  # true end of g = its zero-start end + A^m (true end of g - 1)
+        s0, s1, s2, s3 = lanes[0, g - 1], lanes[1, g - 1], lanes[2, g - 1], lanes[3, g - 1]
+        for i in range(4):
+            lanes[i, g] += carried[i, 0] * s0 + carried[i, 1] * s1 + carried[i, 2] * s2 + carried[i, 3] * s3
+    for g in range(_LANES - 1, 0, -1):  # stretch g starts where stretch g - 1 truly ended
+        lanes[:, g] = lanes[:, g - 1]
+    lanes[0, 0], lanes[1, 0], lanes[2, 0], lanes[3, 0] = state
+    _lanes(x, y, coef, lanes)
+    return lanes[0, _LANES - 1], lanes[1, _LANES - 1], lanes[2, _LANES - 1], lanes[3, _LANES - 1]
+
+
+@njit(cache=True)
+def _cascade_one(run, sos, zi, powers):
+    """The cascade's pairs of sections run in place over run [n] (a view, either
+    direction) from the steady state for its first sample: chunk by chunk
+    (``_stretch_lengths``) in lanes, each chunk through every pair while there, then the
+    tail sample by sample."""
+    n_pairs = (sos.shape[0] + 1) // 2
+    states = [_pair_steady_state(zi, 2 * p, run[0]) for p in range(n_pairs)]
+    lengths = _stretch_lengths(run.shape[0])
+    longest = lengths.max() if lengths.shape[0] else 0
+    a, b = np.empty((longest, _LANES)), np.empty((longest, _LANES))
+    done = 0
+    for m in lengths:
+        chunk, x, y = run[done:done + _LANES * m], a[:m], b[:m]
+        _move_lanes(chunk, x, True)
+        for p in range(n_pairs):
+            states[p] = _lane_pass(x, y, _pair_coefficients(sos, 2 * p), states[p], powers[p])
+            x, y = y, x
+        _move_lanes(chunk, x, False)
+        done += _LANES * m
+    for p in range(n_pairs):
+        coef, state = _pair_coefficients(sos, 2 * p), states[p]
+        for i in range(done, run.shape[0]):
+            run[i], state = _pair_step(run[i], coef, state)
+
+
+@njit(cache=True)
+def _cascade_four(rows, sos, zi):
+    """The cascade's pairs of sections run in place over rows [4, n] (views, either
+    direction) as four interleaved lanes, each row from the steady state for its first sample."""
+    x0 = rows[:, 0].copy()
+    for s in range(0, sos.shape[0], 2):
+        _four_lanes(rows, _pair_coefficients(sos, s), (_pair_steady_state(zi, s, x0[0]), _pair_steady_state(
+            zi, s, x0[1]), _pair_steady_state(zi, s, x0[2]), _pair_steady_state(zi, s, x0[3])))
 
 
 @njit(cache=True)
@@ -299,22 +298,17 @@ def _odd_pad(buf, padlen):
 
 
 @njit(cache=True)
-def _filtfilt_padded(buf, tmp, sos, zi, padlen, warmup, response):
-    """sosfiltfilt of each row of buf [G, n + 2 * padlen] (G = 1 or 4) whose middle n
-    samples are a finite run; tmp: scratch of the same shape. Returns the filtered rows:
-    buf or tmp."""
-    for g in range(buf.shape[0]):
-        _odd_pad(buf[g], padlen)
-    src, dst = buf, tmp
-    x0 = src[:, 0].copy()
-    for s in range(0, sos.shape[0], 2):
-        _pair_pass(src, dst, sos, zi, s, x0, warmup, response[s // 2])
-        src, dst = dst, src
-    x0 = src[:, src.shape[1] - 1].copy()
-    for s in range(0, sos.shape[0], 2):
-        _pair_pass(src[:, ::-1], dst[:, ::-1], sos, zi, s, x0, warmup, response[s // 2])
-        src, dst = dst, src
-    return src
+def _filtfilt_padded(bufs, sos, zi, padlen, powers):
+    """sosfiltfilt in place of each row of bufs [G, n + 2 padlen] (G = 1 or 4) whose middle n
+    samples are a finite run: forward, then backward in time."""
+    for g in range(bufs.shape[0]):
+        _odd_pad(bufs[g], padlen)
+    if bufs.shape[0] == 4:
+        _cascade_four(bufs, sos, zi)
+        _cascade_four(bufs[:, ::-1], sos, zi)
+    else:
+        _cascade_one(bufs[0], sos, zi, powers)
+        _cascade_one(bufs[0, ::-1], sos, zi, powers)
 
 
 @njit(cache=True)
@@ -327,10 +321,10 @@ def _skip_gap(row, start):
 
 
 @njit(cache=True)
-def _filtfilt_row(row, out_row, padlen, sos, zi, warmup, response, ext, tmp):
+def _filtfilt_row(row, out_row, sos, zi, padlen, powers, ext):
     """out_row [T] (may be row) = row [T] with each finite run longer than padlen filtered,
-    the rest NaN; ext, tmp: scratch [1, T + 2 padlen]. A run is read whole before its
-    output is written."""
+    the rest NaN; ext: scratch [1, T + 2 padlen]. A run is read whole before its output is
+    written."""
     n_samples = row.shape[0]
     start = _skip_gap(row, 0)
     out_row[:start] = np.nan
@@ -338,9 +332,8 @@ def _filtfilt_row(row, out_row, padlen, sos, zi, warmup, response, ext, tmp):
         stop = _copy_finite_run(row, start, ext[0, padlen:])
         n = stop - start
         if n > padlen:
-            filtered = _filtfilt_padded(ext[:, :n + 2 * padlen], tmp[:, :n + 2 * padlen], sos, zi, padlen, warmup,
-                                        response)
-            out_row[start:stop] = filtered[0, padlen:padlen + n]
+            _filtfilt_padded(ext[:, :n + 2 * padlen], sos, zi, padlen, powers)
+            out_row[start:stop] = ext[0, padlen:padlen + n]
         else:
             out_row[start:stop] = np.nan
         start = _skip_gap(row, stop)
@@ -348,11 +341,11 @@ def _filtfilt_row(row, out_row, padlen, sos, zi, warmup, response, ext, tmp):
 
 
 @serial_or_parallel()
-def _filtfilt_runs(x, rows, sos, zi, padlen, warmup, response, out):
+def _filtfilt_runs(x, rows, sos, zi, padlen, powers, out):
     """out [C, T] (may be x) = x [C, T] with each finite run of the channels ``rows`` longer
     than padlen filtered, the rest NaN; one ``filtfilt_group`` per parallel task."""
     for group in prange(filter_groups(rows.shape[0])):
-        filtfilt_group(x, rows, group, sos, zi, padlen, warmup, response, out)
+        filtfilt_group(x, rows, group, sos, zi, padlen, powers, out)
 
 
 @njit(cache=True)
@@ -362,22 +355,21 @@ def filter_groups(n_rows):
 
 
 @njit(cache=True)
-def filtfilt_group(x, rows, group, sos, zi, padlen, warmup, response, out):
+def filtfilt_group(x, rows, group, sos, zi, padlen, powers, out):
     """Filters channels rows[4 group:4 group + 4] of x [C, T] into out [C, T] (may be x):
     each finite run longer than padlen as ``sosfiltfilt`` with the sections of
     ``butter_sections``, the rest NaN. Four channels finite throughout run as four
-    interleaved lanes, any other channel on its own."""
+    interleaved lanes, any other channel on its own (its runs in _LANES stretches)."""
     n_samples = x.shape[1]
     chosen = rows[4 * group:4 * group + 4]
-    ext, tmp = np.empty((chosen.shape[0], n_samples + 2 * padlen)), np.empty((chosen.shape[0], n_samples + 2 * padlen))
+    ext = np.empty((chosen.shape[0], n_samples + 2 * padlen))
     whole = chosen.shape[0] == 4 and n_samples > padlen
     for i in range(chosen.shape[0]):
         whole = whole and _copy_finite_run(x[chosen[i]], 0, ext[i, padlen:]) == n_samples
     if whole:
-        filtered = _filtfilt_padded(ext, tmp, sos, zi, padlen, warmup, response)
+        _filtfilt_padded(ext, sos, zi, padlen, powers)
         for i in range(4):
-            out[chosen[i]] = filtered[i, padlen:padlen + n_samples]
+            out[chosen[i]] = ext[i, padlen:padlen + n_samples]
     else:
         for i in range(chosen.shape[0]):
-            _filtfilt_row(x[chosen[i]], out[chosen[i]], padlen, sos, zi, warmup, response, ext[i:i + 1],
-                          tmp[i:i + 1])
+            _filtfilt_row(x[chosen[i]], out[chosen[i]], sos, zi, padlen, powers, ext[i:i + 1])

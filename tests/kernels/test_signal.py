@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 
 from csfm_kernels.signal import bandpass, resample, zscore
 from csfm_kernels.signal.resample import support_half
-from csfm_kernels.signal.filters import (_EXACT_MAX, _LANE_MIN_EXACT, butter_sections, _pair_coefficients, _pair_pass,
-                                        _pair_steady_state, _pair_step)
+from csfm_kernels.signal.filters import (_LANES, _STRETCH_MAX, _STRETCH_MIN, _cascade_one, _pair_coefficients,
+                                        _pair_steady_state, _pair_step, _stretch_lengths, butter_sections)
 
 PHYSIONET = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "physionet"
 
@@ -280,40 +280,46 @@ def test_bandpass_matches_sosfiltfilt_on_real_records(name, band):
 @pytest.mark.parametrize("fs, band, order", [(250.0, (0.5, 40.0), 2), (250.0, (0.05, 100.0), 5),
                                             (500.0, (1.0, 30.0), 3), (360.0, (0.5, 8.0), 1)])
 def test_bandpass_matches_sosfiltfilt_on_long_runs(fs, band, order):
-    """Runs long enough to be filtered in interleaved lanes (each started warmup samples
-    early): a wandering baseline far from zero, runs of several lengths between gaps; in
-    place as well."""
-    x = 1e4 + np.cumsum(np.random.default_rng(order).standard_normal((2, 300_000)), axis=1)
-    x[1, 100_000:100_050] = np.nan
-    x[1, 160_000:160_001] = np.nan
+    """Runs long enough to be filtered in several chunks of lanes (one channel) and as four
+    interleaved channels: a wandering baseline far from zero, runs of several lengths
+    between gaps; in place as well."""
+    x = 1e4 + np.cumsum(np.random.default_rng(order).standard_normal((5, 300_000)), axis=1)
+    x[4, 100_000:100_050] = np.nan
+    x[4, 160_000:160_001] = np.nan
     y = bandpass(x, fs, *band, order)
     np.testing.assert_array_equal(np.isnan(y), np.isnan(x))
     in_place = x.astype(np.float32)
     np.testing.assert_array_equal(bandpass(in_place, fs, *band, order, out=in_place),
                                   bandpass(x.astype(np.float32), fs, *band, order))
-    _assert_relative(y[:1], _sosfiltfilt(x[:1], fs, *band, order))
+    _assert_relative(y[:4], _sosfiltfilt(x[:4], fs, *band, order))
     for run in (slice(0, 100_000), slice(100_050, 160_000), slice(160_001, None)):
-        _assert_relative(y[1, run], _sosfiltfilt(x[1, run], fs, *band, order))
+        _assert_relative(y[4, run], _sosfiltfilt(x[4, run], fs, *band, order))
 
 
-@pytest.mark.parametrize("n", [_LANE_MIN_EXACT - 1, _LANE_MIN_EXACT, _LANE_MIN_EXACT + 3, 2_554,
-                               4 * _EXACT_MAX + 3, 4 * _EXACT_MAX + 4, 4 * _EXACT_MAX + 9_000])
-@pytest.mark.parametrize("order", [2, 3])
-def test_one_pass_in_four_stretches_equals_one_recurrence(n, order):
-    """One channel's pass of a pair of sections, cut into four stretches run as lanes (exactly,
-    the true start states carried in, up to 4 x _EXACT_MAX samples; overlapping beyond), equals
-    the plain recurrence from the same start, forward and on a reversed view."""
-    sos, zi, _, warmup, response = butter_sections(250.0, 0.5, 40.0, order)
-    x = 50.0 + np.cumsum(np.random.default_rng(n).standard_normal(n))
-    for pair in range(response.shape[0]):
-        coef = _pair_coefficients(sos, 2 * pair)
-        for src in (x, x[::-1]):
-            expected, state = np.empty(n), _pair_steady_state(zi, 2 * pair, src[0])
+@pytest.mark.parametrize("n", [_LANES * _STRETCH_MIN - 1, _LANES * _STRETCH_MIN, _LANES * _STRETCH_MIN + 3, 2_554,
+                               _LANES * _STRETCH_MAX - 1, _LANES * _STRETCH_MAX, _LANES * _STRETCH_MAX + 300,
+                               3 * _LANES * _STRETCH_MAX + 9_001])
+@pytest.mark.parametrize("order", [2, 3, 5])
+def test_one_channel_cascade_in_lanes_equals_one_recurrence(n, order):
+    """One channel's pass through the cascade, its run cut into chunks of _LANES stretches
+    (each stretch from the true end state of the one before, A^m from the powers table),
+    then a tail, equals the plain recurrence of each pair from the same starts, forward in
+    time and on a reversed view; around the chunk boundaries and with a slow (0.05 Hz) pole."""
+    sos, zi, _, powers = butter_sections(250.0, 0.05 if order == 5 else 0.5, 40.0, order)
+    x = 1e3 + np.cumsum(np.random.default_rng(n).standard_normal(n))
+    lengths = _stretch_lengths(n)
+    assert 0 <= n - _LANES * lengths.sum() < (_LANES if len(lengths) else _LANES * _STRETCH_MIN)
+    for reverse in (False, True):
+        expected = (x[::-1] if reverse else x).copy()
+        x0 = expected[0]
+        for s in range(0, len(sos), 2):
+            coef, state = _pair_coefficients(sos, s), _pair_steady_state(zi, s, x0)
             for i in range(n):
-                expected[i], state = _pair_step(src[i], coef, state)
-            got = np.empty((1, n))
-            _pair_pass(src[None], got, sos, zi, 2 * pair, np.array([src[0]]), warmup, response[pair])
-            np.testing.assert_allclose(got[0], expected, rtol=0, atol=1e-9 * np.abs(expected).max())
+                expected[i], state = _pair_step(expected[i], coef, state)
+        got = x.copy()
+        _cascade_one(got[::-1] if reverse else got, sos, zi, powers)
+        np.testing.assert_allclose(got[::-1] if reverse else got, expected, rtol=0,
+                                   atol=1e-9 * np.abs(expected).max())
 
 
 def test_bandpass_filters_each_finite_run_alone():
