@@ -19,7 +19,7 @@ import numpy as np
 
 from csfm.data.record import PPG_TYPE, Record
 from csfm_kernels.signal import check_signal
-from csfm_kernels.signal.chain import ChainPlan, chain_plan, resample_bandpass_zscore
+from csfm_kernels.signal.chain import ChainPlan, chain_plan, run_chain
 from csfm_kernels.signal.resample import check_rate
 
 MODALITIES = ("both", "ecg", "ppg")
@@ -114,10 +114,12 @@ def preprocess_signal(signal: np.ndarray, fs: float, channel_types: Sequence[int
     """
     config = config or PreprocessConfig()
     signal = check_signal(signal, "signal")
-    plan, band_of_row = _chain_for(check_rate(fs, "fs"), _types_key(channel_types), config)
+    if not isinstance(fs, (int, float, np.number)):  # e.g. a 0-d array; the plan checks numbers
+        fs = check_rate(fs, "fs")
+    plan, band_of_row = _chain_for(fs, _types_key(channel_types), config)
     if band_of_row.shape[0] != signal.shape[0]:
         raise ValueError(f"channel_types has {band_of_row.shape[0]} entries for {signal.shape[0]} channels")
-    return resample_bandpass_zscore(signal, plan, band_of_row, config.std_floor)
+    return run_chain(signal, plan, band_of_row, config.std_floor)
 
 
 def make_windows(x: np.ndarray, valid: np.ndarray, config: PreprocessConfig | None = None,
@@ -277,8 +279,9 @@ def _types_key(channel_types: Sequence[int]) -> tuple[int, ...]:
 @lru_cache(maxsize=256)
 def _chain_for(fs: float, types: tuple[int, ...], config: PreprocessConfig) -> tuple[ChainPlan, np.ndarray]:
     """(plan, band_of_row [C] int64) of preprocessing channels of these types at fs Hz:
-    band 0 (ecg_band) for ECG channels, band 1 (ppg_band) for PPG; ValueError for a type
-    outside 0..PPG_TYPE."""
+    band 0 (ecg_band) for ECG channels, band 1 (ppg_band) for PPG; ValueError for a rate
+    that is not a positive number or a type outside 0..PPG_TYPE."""
+    fs = check_rate(fs, "fs")
     if types and not 0 <= min(types) <= max(types) <= PPG_TYPE:
         raise ValueError(f"channel_types must lie in 0..{PPG_TYPE}, got {list(types)}")
     is_ppg = np.array(types, np.int64) == PPG_TYPE

@@ -70,6 +70,15 @@ def resample_bandpass_zscore(x: np.ndarray, plan: ChainPlan, band_of_row: np.nda
             and band_of_row.dtype == np.int64):
         raise ValueError(f"band_of_row must be a [{x.shape[0]}] int64 array (one band per channel), got "
                          f"{getattr(band_of_row, 'dtype', type(band_of_row).__name__)} {np.shape(band_of_row)}")
+    return run_chain(x, plan, band_of_row, std_floor)
+
+
+def run_chain(x: np.ndarray, plan: ChainPlan, band_of_row: np.ndarray,
+              std_floor: float) -> tuple[np.ndarray, np.ndarray]:
+    """``resample_bandpass_zscore`` without its argument checks, for callers that made them
+    (each Python check costs microseconds when the caches are cold): x a [C, T] array as
+    ``check_signal`` returns it, band_of_row [C] int64, std_floor a positive float. A
+    band_of_row entry outside the plan's bands still raises ValueError."""
     n_out = round(x.shape[1] * plan.fs_out / plan.fs_in)
     if x.shape[1] == 0 or n_out == 0:
         return np.zeros((x.shape[0], n_out), np.float32), np.zeros((x.shape[0], n_out), np.bool_)
