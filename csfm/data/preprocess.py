@@ -11,8 +11,8 @@ left out; a record without a window of enough valid samples is unusable), shared
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
-from functools import lru_cache
+from dataclasses import astuple, dataclass, field, replace
+from functools import cached_property, lru_cache
 from typing import Sequence
 
 import numpy as np
@@ -67,6 +67,15 @@ class PreprocessConfig:
             raise ValueError(f"PreprocessConfig.std_floor must be positive, got {self.std_floor!r}")
         if not 0.0 <= self.min_valid_fraction <= 1.0:
             raise ValueError(f"PreprocessConfig.min_valid_fraction must lie in [0, 1], got {self.min_valid_fraction!r}")
+
+    def __hash__(self) -> int:
+        return self._fields_hash
+
+    @cached_property
+    def _fields_hash(self) -> int:
+        """The hash of the fields, made once: ``preprocess_signal`` looks its plan up by the
+        config at every call."""
+        return hash(astuple(self))
 
 
 @dataclass

@@ -1,9 +1,10 @@
 """A numba kernel written with ``prange``, compiled twice: parallel for large inputs, serial for
-small ones. Waking numba's worker threads costs 60-150 us per call after the process did other
-work (measured on a 2-core VM: parallel calls on inputs of up to 2.5 M samples, the band-pass of
-256 x 2,500 samples among them, took as long as serial ones, median of 15 calls each after 10 ms
-of other work), more than a 10 s window of twelve leads takes to preprocess: calls below
-PARALLEL_MIN_SAMPLES run in the calling thread.
+small ones. A parallel call wakes numba's worker threads, and with the fork-safe
+``workqueue`` threading layer this package selects that costs about 60 us even for an empty
+loop (OpenMP: 2 us, but it kills forked DataLoader workers). Measured on a 2-core VM, parallel
+builds of these kernels were no faster than serial ones up to 2.5 M samples when the process
+did other work between calls (the median of 15 calls after 10 ms of other work each), so
+calls below PARALLEL_MIN_SAMPLES run in the calling thread.
 """
 from __future__ import annotations
 

@@ -82,24 +82,24 @@ def run_chain(x: np.ndarray, plan: ChainPlan, band_of_row: np.ndarray,
     n_out = round(x.shape[1] * plan.fs_out / plan.fs_in)
     if x.shape[1] == 0 or n_out == 0:
         return np.zeros((x.shape[0], n_out), np.float32), np.zeros((x.shape[0], n_out), np.bool_)
-    out, valid = np.empty((x.shape[0], n_out), np.float32), np.empty((x.shape[0], n_out), np.bool_)
     rs = plan.resample
-    if not _chain(x.size, x, rs.mode, rs.half, rs.bank, rs.up, rs.down, rs.table, rs.scale, rs.step, band_of_row,
-                  plan.sos, plan.zi, plan.padlen, plan.powers, std_floor, out, valid):
+    known_bands, out, valid = _chain(x.size, x, rs.mode, rs.half, rs.bank, rs.up, rs.down, rs.table, rs.scale, rs.step,
+                                     band_of_row, plan.sos, plan.zi, plan.padlen, plan.powers, std_floor, n_out)
+    if not known_bands:
         raise ValueError(f"band_of_row must index the plan's {plan.sos.shape[0]} bands, got {band_of_row.tolist()}")
     return out, valid
 
 
 @serial_or_parallel()
-def _chain(x, mode, half, bank, up, down, table, scale, step, band_of_row, sos, zi, padlen, powers, std_floor, out,
-           valid):
-    """out [C, n_out], valid [C, n_out] = the chain of x [C, T]: the three kernels' parallel
-    tasks, one kernel after the other. Returns False (and does nothing) when a band_of_row
-    entry is not a band of sos [B, S, 6]."""
-    n_channels, n_out = out.shape
+def _chain(x, mode, half, bank, up, down, table, scale, step, band_of_row, sos, zi, padlen, powers, std_floor, n_out):
+    """(True, out [C, n_out] float32, valid [C, n_out] bool): the chain of x [C, T], the
+    three kernels' parallel tasks one kernel after the other; (False, ...) without doing
+    anything when a band_of_row entry is not a band of sos [B, S, 6]."""
+    n_channels = x.shape[0]
+    out, valid = np.empty((n_channels, n_out), np.float32), np.empty((n_channels, n_out), np.bool_)
     for c in range(n_channels):
         if not 0 <= band_of_row[c] < sos.shape[0]:
-            return False
+            return False, out, valid
     if mode == COPY:
         for c in prange(n_channels):
             for t in range(n_out):
@@ -117,4 +117,4 @@ def _chain(x, mode, half, bank, up, down, table, scale, step, band_of_row, sos, 
             filtfilt_group(out, rows, group, sos[b], zi[b], padlen[b], powers[b], out)
     for c in prange(n_channels):
         zscore_row(out, c, std_floor, 0.0, out, valid)
-    return True
+    return True, out, valid
