@@ -3,8 +3,11 @@ small ones. A parallel call wakes numba's worker threads, and with the fork-safe
 ``workqueue`` threading layer this package selects that costs about 60 us even for an empty
 loop (OpenMP: 2 us, but it kills forked DataLoader workers). Measured on a 2-core VM, parallel
 builds of these kernels were no faster than serial ones up to 2.5 M samples when the process
-did other work between calls (the median of 15 calls after 10 ms of other work each), so
-calls below PARALLEL_MIN_SAMPLES run in the calling thread.
+did other work between calls (the median of 15 calls after 10 ms of other work each; 16
+stacked 12-lead PTB windows, 1.92 M samples: serial 5.5 ms, parallel 5.9-8.1 ms), so calls
+below PARALLEL_MIN_SAMPLES run in the calling thread. Where the machine has cores to spare
+(several processes already share them when csfm.prepare or a DataLoader runs workers), the
+parallel build serves long records.
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ from typing import Callable
 
 from numba import njit
 
-PARALLEL_MIN_SAMPLES = 1 << 20
+PARALLEL_MIN_SAMPLES = 1 << 22
 """Input samples (all channels) from which a call runs on numba's threads."""
 
 
