@@ -102,7 +102,7 @@ def _official_window(x: np.ndarray, fs: float, types: list[int], config: Preproc
 
 @pytest.mark.parametrize("name", list(WINDOW_CASES))
 def test_pipeline_one_window(side_by_side, name):
-    """One 10 s window per call, as csfm.prepare and on-the-fly pretraining preprocess them."""
+    """One 10 s window per call, as on-the-fly pretraining reads and preprocesses them."""
     pytest.importorskip("neurokit2", reason="the official-style baseline needs neurokit2 (pip install neurokit2)")
     import wfdb
 
@@ -150,8 +150,8 @@ def test_pipeline_windows_batched(side_by_side, name):
 @pytest.mark.parametrize("seconds", [10, 30, 60])
 def test_bandpass_one_channel(side_by_side, seconds):
     """The zero-phase 0.5-40 Hz band-pass alone on one channel of a real record (MIT-BIH 100,
-    lead MLII at 360 Hz): ours (one channel's run cut into four stretches run as lanes) vs
-    scipy's sosfiltfilt of the same sections."""
+    lead MLII at 360 Hz): ours (the run cut into 16 stretches filtered at once in SIMD lanes)
+    vs scipy's sosfiltfilt of the same sections."""
     from csfm_kernels.signal import bandpass
     import wfdb
 
