@@ -1,9 +1,10 @@
 """Record -> model input: resample to 250 Hz, band-pass, z-score, cut 10 s windows (docs/design.md).
 
-``preprocess_signal`` runs the numba kernels of ``csfm_kernels.signal`` on a whole record:
-resample every channel to ``target_fs``, band-pass ECG and PPG channels each in its own
-band (zero-phase), z-score each channel, replace the NaN left by gaps with 0 and return
-where samples are valid (the last two in one pass). ``make_windows`` cuts fixed windows
+``preprocess_signal`` runs the numba kernels of ``csfm_kernels.signal`` on a whole record,
+in one compiled call (``csfm_kernels.signal.chain``, planned once per rate, channel types
+and config): resample every channel to ``target_fs``, band-pass ECG and PPG channels each
+in its own band (zero-phase), z-score each channel, replace the NaN left by gaps with 0 and
+return where samples are valid (the last two in one pass). ``make_windows`` cuts fixed windows
 with explicit validity; ``preprocess_record`` does both for a ``Record``. ``RecordCheck``
 is the one rule for what of a record the model can use (channels with no valid sample are
 left out; a record without a window of enough valid samples is unusable), shared by

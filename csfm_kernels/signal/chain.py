@@ -7,6 +7,12 @@ kernels (``polyphase_task`` or ``interpolated_chunk``, ``filtfilt_group``, ``zsc
 from one compiled function, with everything that depends only on the rates, bands and
 filter order planned once (``chain_plan``): its outputs are those of the three kernels
 called in turn, bit for bit.
+
+Numba's on-disk cache keys a compiled function by its own file: after editing
+``resample.py``, ``filters.py`` or ``normalize.py`` in a checkout, ``_chain`` would still run
+the cached code of the old ones until ``csfm_kernels/signal/__pycache__`` is cleared (the
+test of the chain against the kernels in turn fails until then). A fresh install compiles
+everything anew.
 """
 from __future__ import annotations
 

@@ -42,7 +42,7 @@ from csfm_kernels.signal._parallel import serial_or_parallel
 
 from csfm_kernels.signal.resample import FASTMATH, check_rate, check_signal, finite, output_array
 
-_LANES = 16  # stretches of a channel's run filtered at once (16 float64: one or two SIMD registers a state variable)
+_LANES = 16  # stretches of a channel's run filtered at once (16 float64 a state variable: 2 AVX-512 registers)
 _STRETCH_MAX = 1 << 10  # longest stretch, in samples (the powers of A kept: 1,025 x 4 x 4 per pair of sections)
 _STRETCH_MIN = 16  # runs shorter than _LANES x this run as one plain recurrence
 _TILE = 8  # rows of a chunk moved into or out of the lane layout at once
