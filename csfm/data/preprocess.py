@@ -297,9 +297,7 @@ def _chain_for(fs: float, types: tuple[int, ...], config: PreprocessConfig) -> t
     is_ppg = np.array(types, np.int64) == PPG_TYPE
     plan = chain_plan(fs, config.target_fs, (config.ecg_band, config.ppg_band), config.filter_order,
                       _resample_band_hz(is_ppg, config))
-    band_of_row = is_ppg.astype(np.int64)
-    band_of_row.setflags(write=False)
-    return plan, band_of_row
+    return plan, is_ppg.astype(np.int64)
 
 
 def _resample_band_hz(is_ppg: np.ndarray, config: PreprocessConfig) -> float:

@@ -156,6 +156,8 @@ def resample_plan(fs_in: float, fs_out: float, band_hz: float | None) -> Resampl
     rates already checked."""
     ratio, width, beta, half = _plan(fs_in, fs_out, band_hz)
     no_bank, no_table = np.zeros((1, 1), np.float32), np.zeros(1)
+    for placeholder in (no_bank, no_table):  # read-only like the real ones: one compiled signature for every mode
+        placeholder.setflags(write=False)
     if ratio == (1, 1):
         return ResamplePlan(COPY, 0, no_bank, 1, 1, no_table, 1.0, 1.0)
     if ratio is not None:
