@@ -316,13 +316,16 @@ def crop_starts(valid: np.ndarray, config: PreprocessConfig, record_id: str = ""
 
 
 def start_runs(row: PreparedRecord, config: PreprocessConfig) -> np.ndarray:
-    """``crop_starts`` of a prepared row as runs of consecutive starts: [R, 2] int64 (first,
-    last + 1), a few numbers per row however long (one run for a row without gaps)."""
+    """``crop_starts`` of a prepared row as runs of consecutive starts: [R, 2] int64 (the run's
+    first start, the number of starts in runs 0..r together), a few numbers per row however
+    long (one run for a row without gaps)."""
     if row.fully_valid and row.x.shape[1] >= config.window:
         return np.array([[0, row.x.shape[1] - config.window + 1]])
     starts = crop_starts(row.valid, config, row.record_id)
     breaks = np.flatnonzero(np.diff(starts) != 1) + 1
-    return np.stack([starts[np.r_[0, breaks]], starts[np.r_[breaks - 1, len(starts) - 1]] + 1], axis=1)
+    lasts = starts[np.r_[breaks - 1, len(starts) - 1]]
+    firsts = starts[np.r_[0, breaks]]
+    return np.stack([firsts, np.cumsum(lasts + 1 - firsts)], axis=1)
 
 
 def prepared_crop(stored_x: np.ndarray, fully_valid: bool, config: PreprocessConfig, rng: np.random.Generator,
@@ -331,10 +334,10 @@ def prepared_crop(stored_x: np.ndarray, fully_valid: bool, config: PreprocessCon
     fully_valid: it has no NaN): the same start for the same ``rng`` (the k-th of the row's
     ``start_runs``, k drawn as crop_start draws it); only the window is converted (x [C, window]
     float32, 0 where invalid; valid [C, window])."""
-    ends = np.cumsum(runs[:, 1] - runs[:, 0])
-    k = int(rng.integers(ends[-1]))
-    run = int(np.searchsorted(ends, k, side="right"))
-    s = int(runs[run, 0] + k - (ends[run - 1] if run else 0))
+    counts = runs[:, 1]
+    k = int(rng.integers(counts[-1]))
+    run = int(np.searchsorted(counts, k, side="right"))
+    s = int(runs[run, 0] + k - (counts[run - 1] if run else 0))
     x16 = np.ascontiguousarray(_padded(stored_x, np.nan, config.window)[:, s:s + config.window])
     x = torch.from_numpy(x16).float()  # torch: vectorised fp16 -> fp32
     if fully_valid and stored_x.shape[1] >= config.window:  # no NaN to look for
