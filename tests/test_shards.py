@@ -329,15 +329,20 @@ def test_crops_of_rows_with_gaps_and_short_rows_match_the_cached_path(tmp_path):
     write_wfdb(folder, "gappy", gappy, FS, ["II", "V5"])
     write_wfdb(folder, "short", ecg(8, seed=2), FS, ["II", "V5"])
     write_wfdb(folder, "whole", ecg(25, seed=3), FS, ["II", "V5"])
+    across = ecg(14, seed=4)
+    across[FS * 6:FS * 7] = np.nan  # a gap in every lead: zeroed by slices, not scanned for
+    write_wfdb(folder, "across", across, FS, ["II", "V5"])
     _prepare(tmp_path / "shards", f"wfdb:{folder}")
     raw = PretrainWindows(open_sources([f"wfdb:{folder}"]), None, subset_prob=0.5, cache_mb=64, seed=5)
     stored = PretrainWindows(open_sources([f"shards:{tmp_path / 'shards'}"]), None, subset_prob=0.5, seed=5)
-    assert [stored.records.record_ids[i] for i in range(3)] == [raw.records.record_ids[i] for i in range(3)]
+    assert [stored.records.record_ids[i] for i in range(4)] == [raw.records.record_ids[i] for i in range(4)]
     for epoch in range(6):
         raw.set_epoch(epoch), stored.set_epoch(epoch)
-        for i in range(3):
+        for i in range(4):
             a, b = raw[i], stored[i]
             np.testing.assert_array_equal(a.valid, b.valid)
             np.testing.assert_allclose(b.x, a.x, rtol=1e-3, atol=2e-3)
-    runs = [row.runs for row in stored._prepared.values()]
-    assert len(runs) == 3 and any(len(r) > 1 for r in runs)  # the gaps split the starts
+    rows = {stored.records.record_ids[i]: row for i, row in stored._prepared.items()}
+    assert len(rows) == 4 and any(len(row.runs) > 1 for row in rows.values())  # the gaps split the starts
+    assert rows["gappy"].gaps is None and len(rows["whole"].gaps) == 0  # a one-lead gap: scanned for NaN
+    assert len(rows["across"].gaps) >= 1 and rows["short"].gaps is not None  # all-lead gaps, the short row's end

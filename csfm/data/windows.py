@@ -42,6 +42,7 @@ LIMB_LEADS = (0, 1, 2, 3, 4, 5)  # I, II, III, aVR, aVL, aVF
 LEAD_II = 1
 CACHE_MAX_RECORD_S = 600.0  # longer records are read a window at a time, never cached
 _READ_TRIES = 8  # random windows read from a record before reading all of it for a usable one
+_GAP_SPANS = 8  # most all-channel gaps of a prepared row that its draws zero by slices, not by a NaN scan
 PART_WINDOWS = 60
 """Records longer than this many windows (10 min at the defaults) are read and preprocessed
 in parts of that length (``record_parts``), so memory does not grow with the record."""
@@ -112,13 +113,15 @@ class ItemRandom:
 class _StoredRow:
     """What a draw from a prepared row needs, kept per row and process: its header Record
     (``header_record``), crop starts (``start_runs``), report ids stored with the tokenizer's
-    vocabulary (else None), and the stored float16 view x [C, T] (NaN where invalid)."""
+    vocabulary (else None), the stored float16 view x [C, T] (NaN where invalid), whether it
+    has no gap, and its gaps when all are across every channel (``gap_spans``)."""
 
     header: Record
     runs: np.ndarray
     text_ids: np.ndarray | None
     x: np.ndarray
     fully_valid: bool
+    gaps: np.ndarray | None
 
 
 class PretrainWindows(torch.utils.data.Dataset):
@@ -202,9 +205,11 @@ class PretrainWindows(torch.utils.data.Dataset):
             row = self.records.prepared(index)
             same_vocab = self.tokenizer is not None and row.text_vocab == self.tokenizer.fingerprint
             stored = self._prepared[index] = _StoredRow(header_record(row), start_runs(row, self.preprocess),
-                                                        row.text_ids if same_vocab else None, row.x, row.fully_valid)
+                                                        row.text_ids if same_vocab else None, row.x, row.fully_valid,
+                                                        gap_spans(row))
         if stored is not None:
-            return stored.header, *prepared_crop(stored.x, stored.fully_valid, self.preprocess, rng, stored.runs)
+            return stored.header, *prepared_crop(stored.x, stored.fully_valid, self.preprocess, rng, stored.runs,
+                                                 stored.gaps)
         cached = self._preprocessed(index)
         if cached is not None:
             record, x, valid = cached
@@ -328,22 +333,49 @@ def start_runs(row: PreparedRecord, config: PreprocessConfig) -> np.ndarray:
     return np.stack([firsts, np.cumsum(lasts + 1 - firsts)], axis=1)
 
 
+def gap_spans(row: PreparedRecord) -> np.ndarray | None:
+    """[S, 2] int64 (start, stop) sample spans of a prepared row where every channel is
+    invalid, when those hold all its invalid samples and number at most _GAP_SPANS (a
+    tracing's zero-padded ends, a gap across all leads); None otherwise ([0, 2] for a row
+    without gaps)."""
+    if row.fully_valid:
+        return np.zeros((0, 2), np.int64)
+    valid = row.valid
+    all_valid = valid.all(axis=0)
+    if not np.array_equal(all_valid, valid.any(axis=0)):  # a gap in some channels only
+        return None
+    edges = np.flatnonzero(np.diff(np.r_[0, (~all_valid).view(np.int8), 0]))
+    return edges.reshape(-1, 2) if len(edges) <= 2 * _GAP_SPANS else None
+
+
 def prepared_crop(stored_x: np.ndarray, fully_valid: bool, config: PreprocessConfig, rng: np.random.Generator,
-                  runs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                  runs: np.ndarray, gaps: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     """``random_crop`` of a prepared row as stored (stored_x: float16 [C, T], NaN where invalid;
     fully_valid: it has no NaN): the same start for the same ``rng`` (the k-th of the row's
     ``start_runs``, k drawn as crop_start draws it); only the window is converted (x [C, window]
-    float32, 0 where invalid; valid [C, window])."""
+    float32, 0 where invalid; valid [C, window]). gaps (``gap_spans``): zeroed by slices, with
+    the samples past the row's end; None: the window is scanned for NaN."""
     counts = runs[:, 1]
     k = int(rng.integers(counts[-1]))
     run = int(np.searchsorted(counts, k, side="right"))
     s = int(runs[run, 0] + k - (counts[run - 1] if run else 0))
     x16 = np.ascontiguousarray(_padded(stored_x, np.nan, config.window)[:, s:s + config.window])
     x = torch.from_numpy(x16).float()  # torch: vectorised fp16 -> fp32
-    if fully_valid and stored_x.shape[1] >= config.window:  # no NaN to look for
+    long_enough = stored_x.shape[1] >= config.window
+    if fully_valid and long_enough:  # no NaN to look for
         return x.numpy(), np.ones(x16.shape, np.bool_)
-    valid = valid_mask(x16)
-    return x.nan_to_num_(0.0).numpy(), valid
+    if gaps is None:
+        valid = valid_mask(x16)
+        return x.nan_to_num_(0.0).numpy(), valid
+    x, valid = x.numpy(), np.ones(x16.shape, np.bool_)
+    end = s + config.window
+    spans = gaps.tolist() + ([] if long_enough else [[stored_x.shape[1], end]])
+    for first, stop in spans:
+        first, stop = max(first, s) - s, min(stop, end) - s
+        if first < stop:
+            x[:, first:stop] = 0.0
+            valid[:, first:stop] = False
+    return x, valid
 
 
 def read_part(records: WindowedSource, index: int, start_s: float, span_s: float) -> tuple[Record, float] | None:
