@@ -121,7 +121,7 @@ class _StoredRow:
     text_ids: np.ndarray | None
     x: np.ndarray
     fully_valid: bool
-    gaps: np.ndarray | None
+    gaps: tuple[tuple[int, int], ...] | None
 
 
 class PretrainWindows(torch.utils.data.Dataset):
@@ -333,23 +333,22 @@ def start_runs(row: PreparedRecord, config: PreprocessConfig) -> np.ndarray:
     return np.stack([firsts, np.cumsum(lasts + 1 - firsts)], axis=1)
 
 
-def gap_spans(row: PreparedRecord) -> np.ndarray | None:
-    """[S, 2] int64 (start, stop) sample spans of a prepared row where every channel is
-    invalid, when those hold all its invalid samples and number at most _GAP_SPANS (a
-    tracing's zero-padded ends, a gap across all leads); None otherwise ([0, 2] for a row
-    without gaps)."""
+def gap_spans(row: PreparedRecord) -> tuple[tuple[int, int], ...] | None:
+    """The (start, stop) sample spans of a prepared row where every channel is invalid, when
+    those hold all its invalid samples and number at most _GAP_SPANS (a tracing's zero-padded
+    ends, a gap across all leads); None otherwise (() for a row without gaps)."""
     if row.fully_valid:
-        return np.zeros((0, 2), np.int64)
+        return ()
     valid = row.valid
     all_valid = valid.all(axis=0)
     if not np.array_equal(all_valid, valid.any(axis=0)):  # a gap in some channels only
         return None
-    edges = np.flatnonzero(np.diff(np.r_[0, (~all_valid).view(np.int8), 0]))
-    return edges.reshape(-1, 2) if len(edges) <= 2 * _GAP_SPANS else None
+    edges = np.flatnonzero(np.diff(np.r_[0, (~all_valid).view(np.int8), 0])).tolist()
+    return tuple(zip(edges[::2], edges[1::2])) if len(edges) <= 2 * _GAP_SPANS else None
 
 
 def prepared_crop(stored_x: np.ndarray, fully_valid: bool, config: PreprocessConfig, rng: np.random.Generator,
-                  runs: np.ndarray, gaps: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+                  runs: np.ndarray, gaps: tuple[tuple[int, int], ...] | None) -> tuple[np.ndarray, np.ndarray]:
     """``random_crop`` of a prepared row as stored (stored_x: float16 [C, T], NaN where invalid;
     fully_valid: it has no NaN): the same start for the same ``rng`` (the k-th of the row's
     ``start_runs``, k drawn as crop_start draws it); only the window is converted (x [C, window]
@@ -369,7 +368,7 @@ def prepared_crop(stored_x: np.ndarray, fully_valid: bool, config: PreprocessCon
         return x.nan_to_num_(0.0).numpy(), valid
     x, valid = x.numpy(), np.ones(x16.shape, np.bool_)
     end = s + config.window
-    spans = gaps.tolist() + ([] if long_enough else [[stored_x.shape[1], end]])
+    spans = gaps if long_enough else gaps + ((stored_x.shape[1], end),)
     for first, stop in spans:
         first, stop = max(first, s) - s, min(stop, end) - s
         if first < stop:

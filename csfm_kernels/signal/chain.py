@@ -23,7 +23,7 @@ import numpy as np
 from numba import prange
 
 from csfm_kernels.signal._parallel import serial_or_parallel
-from csfm_kernels.signal.filters import _check_band, butter_sections, filter_groups, filtfilt_group
+from csfm_kernels.signal.filters import butter_sections, check_band, check_order, filter_groups, filtfilt_group
 from csfm_kernels.signal.normalize import check_std_floor, zscore_row
 from csfm_kernels.signal.resample import (COPY, POLYPHASE, ResamplePlan, check_rate, check_signal, interpolated_chunk,
                                           interpolated_chunks, polyphase_blocks, polyphase_task, resample_plan)
@@ -33,7 +33,7 @@ class ChainPlan(NamedTuple):
     """What ``resample_bandpass_zscore`` needs besides the signal: the rates (Hz), the
     ``ResamplePlan`` and, per band b of B (all of one order: S sections, P = ceil(S / 2)
     pairs), the band-pass of ``butter_sections`` stacked: sos [B, S, 6], zi [B, S, 2],
-    padlen [B], warmup [B] (samples), response [B, P, E, 4]."""
+    padlen [B] (samples), powers [B, P, K, 4, 4]."""
 
     fs_in: float
     fs_out: float
@@ -51,12 +51,10 @@ def chain_plan(fs_in: float, fs_out: float, bands: tuple[tuple[float, float], ..
     ``resample``), then band-passing in each of ``bands`` ((low_hz, high_hz) -3 dB edges at
     fs_out, Butterworth ``order`` per edge, as ``bandpass``). ValueError naming a bad argument."""
     fs_in, fs_out = check_rate(fs_in, "fs_in"), check_rate(fs_out, "fs_out")
-    band_hz = None if band_hz is None else check_rate(band_hz, "band_hz")
-    if not isinstance(order, (int, np.integer)) or isinstance(order, bool) or order < 1:
-        raise ValueError(f"order must be a positive integer, got {order!r}")
+    band_hz, order = None if band_hz is None else check_rate(band_hz, "band_hz"), check_order(order)
     if not bands:
         raise ValueError("bands must hold at least one (low_hz, high_hz) pair")
-    filters = [butter_sections(fs_out, *_check_band(*band, fs_out), int(order)) for band in bands]
+    filters = [butter_sections(fs_out, *check_band(*band, fs_out), order) for band in bands]
     sos, zi, padlen, powers = (np.stack([np.asarray(f[i]) for f in filters]) for i in range(4))
     return ChainPlan(fs_in, fs_out, resample_plan(fs_in, fs_out, band_hz), sos, zi, padlen.astype(np.int64), powers)
 

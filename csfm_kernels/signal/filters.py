@@ -63,15 +63,20 @@ def bandpass(x: np.ndarray, fs: float, low_hz: float, high_hz: float, order: int
     """
     x = check_signal(x)
     fs = check_rate(fs, "fs")
-    low_hz, high_hz = _check_band(low_hz, high_hz, fs)
-    if not isinstance(order, (int, np.integer)) or isinstance(order, bool) or order < 1:
-        raise ValueError(f"order must be a positive integer, got {order!r}")
+    low_hz, high_hz = check_band(low_hz, high_hz, fs)
     out = output_array(out, x.shape)
-    _filtfilt_runs(x.size, x, np.arange(x.shape[0]), *butter_sections(fs, low_hz, high_hz, int(order)), out)
+    _filtfilt_runs(x.size, x, np.arange(x.shape[0]), *butter_sections(fs, low_hz, high_hz, check_order(order)), out)
     return out
 
 
-def _check_band(low_hz: object, high_hz: object, fs: float) -> tuple[float, float]:
+def check_order(order: object) -> int:
+    """order (the Butterworth order per band edge) as a positive int; ValueError otherwise."""
+    if not isinstance(order, (int, np.integer)) or isinstance(order, bool) or order < 1:
+        raise ValueError(f"order must be a positive integer, got {order!r}")
+    return int(order)
+
+
+def check_band(low_hz: object, high_hz: object, fs: float) -> tuple[float, float]:
     """(low_hz, high_hz) as floats with 0 < low_hz < high_hz < fs / 2; ValueError naming the bad one."""
     low, high = check_rate(low_hz, "low_hz"), check_rate(high_hz, "high_hz")
     nyquist = fs / 2
